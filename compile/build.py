@@ -1,0 +1,344 @@
+"""`medc build`: plan, export, optimise, quantise, gate, and write the bundle atomically.
+
+The build is a plan of named stages (printed by `--dry-run`) run in order. Everything is written to a temporary
+directory beside OUT and renamed into place only when every stage passed, so a failed or interrupted build never
+leaves a half bundle at OUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from medc.errors import FidelityError, MedcError
+from medc.manifest import ComponentEntry, Manifest, hash_files
+from medc.specs import PRECISIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    out: Path
+    precision: str = "fp32"  # "int8", or per component: "image_encoder=int8,text_encoder=fp32"
+    target: str = "cpu"
+    calibration: Path | None = None
+    random_weights: bool = False
+    allow_degraded: bool = False
+    force: bool = False
+    pad_to_square: bool = False
+    optimizer: str = "xformers"
+    timing_runs: int = 3  # runs per candidate when choosing the faster int8 method
+
+
+@dataclass
+class ComponentPlan:
+    name: str
+    precision: str
+    methods: list[str]  # candidate conversions after export+optimise; several = measure and keep the fastest passing
+    file: str
+
+    def stages(self) -> list[str]:
+        conv = " | ".join(self.methods) if self.methods else "none (fp32)"
+        return ["export (torch.onnx dynamo, dynamic batch)", "optimise (transformer fusions)",
+                f"convert: {conv}", "fidelity gate vs PyTorch fp32 on held-out inputs"]
+
+
+@dataclass
+class Plan:
+    model: str
+    target: str
+    out: Path
+    components: list[ComponentPlan]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"medc build plan: {self.model} ({self.source}) -> {self.out}  [target {self.target}]"]
+        for c in self.components:
+            lines.append(f"  {c.name}: {c.precision} -> {c.file}")
+            lines += [f"    {i}. {s}" for i, s in enumerate(c.stages(), 1)]
+        lines += ["  bundle: tokenizer, preprocessor config, golden.npz (held-out inputs + reference outputs), "
+                  "manifest.json (sha256 of every file)", "  write: temp dir beside OUT, renamed into place on success"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def parse_precision(value: str, components: list[str]) -> dict[str, str]:
+    """'int8' -> every component int8; 'image_encoder=int8,text_encoder=fp32' -> per component (others fp32)."""
+    value = value.strip()
+    if "=" not in value:
+        if value not in PRECISIONS:
+            raise MedcError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)}.")
+        return {c: value for c in components}
+    chosen = {c: "fp32" for c in components}
+    for part in value.split(","):
+        name, _, prec = part.partition("=")
+        name, prec = name.strip(), prec.strip()
+        if name not in chosen:
+            raise MedcError(f"--precision names component {name!r}; this model has {', '.join(components)}.")
+        if prec not in PRECISIONS:
+            raise MedcError(f"unknown precision {prec!r} for {name}; choose one of {', '.join(PRECISIONS)}.")
+        chosen[name] = prec
+    return chosen
+
+
+def _methods(precision: str, target) -> list[str]:
+    if precision == "fp32":
+        return []
+    if precision == "fp16":
+        return ["fp16"]
+    return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
+
+
+def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
+    from medc.targets import get_target
+
+    target = get_target(opts.target)
+    comps = spec.family.components(hf_config)
+    precisions = parse_precision(opts.precision, [c.name for c in comps])
+    plans = []
+    for c in comps:
+        p = precisions[c.name]
+        if p not in c.precisions:
+            raise MedcError(f"{c.name} cannot be built in {p}; it allows {', '.join(c.precisions)}.")
+        if p not in target.precisions:
+            raise MedcError(f"target {target.name} does not offer {p} (it offers {', '.join(target.precisions)}). "
+                            + " ".join(target.notes))
+        plans.append(ComponentPlan(c.name, p, _methods(p, target), f"{c.name}.onnx"))
+    source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
+    notes = [] if source == "checkpoint" else ["random weights: the bundle is marked NOT FOR CLINICAL USE"]
+    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes)
+
+
+def plan_only(opts: BuildOptions) -> Plan:
+    """The plan without loading weights (for --dry-run): reads the registry or the checkpoint's config.json."""
+    import json
+
+    from medc.compile.registry import MODELS, family_for_model_type
+    from medc.compile.spec import ModelSpec
+
+    if opts.model in MODELS:
+        spec = MODELS[opts.model]
+        config = spec.config
+    else:
+        cfg = Path(opts.model) / "config.json"
+        if not cfg.is_file():
+            raise MedcError(f"unknown model {opts.model!r}: not a registered model ({', '.join(sorted(MODELS))}) "
+                            "and not a checkpoint directory with config.json.")
+        config = json.loads(cfg.read_text())
+        family = family_for_model_type(config.get("model_type"))
+        if family is None:
+            raise MedcError(f"{opts.model} holds a {config.get('model_type')!r} model, which medc cannot build.")
+        spec = ModelSpec(name=Path(opts.model).name, family=family, description="", config=config, preprocessor={})
+    from medc.compile.loader import _config_from_dict
+
+    return make_plan(opts, spec, _config_from_dict(spec.family, config))
+
+
+# -- the build ------------------------------------------------------------------------------------------------------
+def build(opts: BuildOptions, progress=None) -> Manifest:
+    from medc.compile import loader
+    from medc.targets import get_target
+
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    _check_out(out, opts.force)
+    plan_only(opts)  # validate precision/target before spending minutes loading weights
+    step = progress or (lambda msg: log.info(msg))
+    step(f"loading {opts.model}")
+    loaded = loader.load(opts.model, random_weights=opts.random_weights, pad_to_square=opts.pad_to_square)
+    plan = make_plan(opts, loaded.spec, loaded.hf_model.config)
+    target = get_target(opts.target)
+    comps = {c.name: c for c in loaded.family.components(loaded.hf_model.config)}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    try:
+        golden: dict[str, np.ndarray] = {}
+        entries = {}
+        for cp in plan.components:
+            entries[cp.name] = _build_component(cp, comps[cp.name], loaded, opts, target, stage, work, golden, step)
+        step("writing bundle")
+        assets = loaded.family.load_assets(loaded, stage)
+        np.savez_compressed(stage / "golden.npz", **golden)
+        manifest = Manifest(
+            model={"name": loaded.spec.name, "family": loaded.family.name, "hf_class": loaded.family.hf_class,
+                   "description": loaded.spec.description, "source": loaded.source,
+                   "clinical_use": loaded.clinical_use,
+                   **({} if loaded.clinical_use else
+                      {"warning": "built from random weights: NOT FOR CLINICAL USE (latency and pipeline work only)"})},
+            target=target.name, components=entries, extras=loaded.family.extras(loaded.hf_model),
+            toolchain=toolchain_versions(), golden="golden.npz",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            build={"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
+                   "precision": opts.precision, "allow_degraded": opts.allow_degraded,
+                   "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer},
+            **assets,
+        )
+        manifest.files = hash_files(stage)
+        manifest.write(stage)
+        os.chmod(stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and read
+        _replace(stage, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path, work: Path,
+                     golden: dict, step) -> ComponentEntry:
+    import torch
+
+    from medc.compile import export, optimize, quantize
+    from medc.runtime.verify import evaluate, golden_key
+
+    module = comp.extract(loaded.hf_model)
+    example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
+    step(f"{cp.name}: export")
+    raw = work / f"{cp.name}.raw.onnx"
+    export.export_component(module, comp, example, raw)
+    step(f"{cp.name}: optimise ({opts.optimizer})")
+    fp32 = work / f"{cp.name}.fp32.onnx"
+    optimizations = optimize.optimize(raw, fp32, opts.optimizer)
+
+    # Reference outputs of the PyTorch fp32 model on held-out inputs (other batch sizes, real images/prompts).
+    cases = comp.golden_inputs(loaded)
+    ref_cases = {}
+    with torch.no_grad():
+        for case, feeds in cases.items():
+            outs = module(*(torch.from_numpy(feeds[t.name]) for t in comp.inputs))
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            ref = {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}
+            ref_cases[case] = {"in": feeds, "ref": ref}
+            for kind, arrays in (("in", feeds), ("ref", ref)):
+                for name, arr in arrays.items():
+                    golden[golden_key(cp.name, case, kind, name)] = arr
+    tol = comp.tolerances[cp.precision]
+
+    calibration = None
+    if "int8-static-qdq" in cp.methods:
+        step(f"{cp.name}: calibration data")
+        calibration = comp.calibration(loaded, opts.calibration)
+
+    candidates = []  # (method, path, info, evaluation, seconds)
+    for method in cp.methods or ["fp32"]:
+        path = fp32 if method == "fp32" else work / f"{cp.name}.{method}.onnx"
+        info = {"method": "none"}
+        if method != "fp32":
+            step(f"{cp.name}: {method}")
+            info = quantize.convert(method, fp32, path, calibration)
+        step(f"{cp.name}: fidelity gate ({method})")
+        evaluation, seconds = _gate_and_time(path, target, ref_cases, tol, example,
+                                             opts.timing_runs if len(cp.methods) > 1 else 0)
+        evaluation["method"] = method
+        candidates.append((method, path, info, evaluation, seconds))
+        log.info("%s %s: worst cosine %.6f, max abs %.3g, %s", cp.name, method, evaluation["worst"]["cosine"],
+                 evaluation["worst"]["max_abs"], "pass" if evaluation["passed"] else "FAIL")
+
+    passing = [c for c in candidates if c[3]["passed"]]
+    if passing:
+        chosen = min(passing, key=lambda c: c[4] if c[4] is not None else 0.0)
+    elif opts.allow_degraded:
+        chosen = max(candidates, key=lambda c: c[3]["worst"]["cosine"])
+        log.warning("%s below its %s gate; kept because of --allow-degraded", cp.name, cp.precision)
+    else:
+        worst = max(candidates, key=lambda c: c[3]["worst"]["cosine"])[3]["worst"]
+        raise FidelityError(
+            f"{cp.name} at {cp.precision} fails the fidelity gate: worst cosine {worst['cosine']:.6f}, max abs error "
+            f"{worst['max_abs']:.3g}; required {tol.describe()}. Nothing was written. Try a higher precision for "
+            f"this component (--precision {cp.name}=fp32), more representative --calibration images, or "
+            "--allow-degraded to keep it anyway (recorded in the manifest).")
+    method, path, info, evaluation, seconds = chosen
+    if len(candidates) > 1:
+        info = {**info, "selected_by": "fastest passing on this machine",
+                "candidates": {c[0]: {"passed": c[3]["passed"], "worst_cosine": c[3]["worst"]["cosine"],
+                                      "seconds_batch2": c[4]} for c in candidates}}
+    export.save_onnx(__import__("onnx").load(str(path)), stage / cp.file)
+    evaluation["degraded"] = not evaluation["passed"]
+    return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
+                          quantization=info, optimizations=optimizations, fidelity=evaluation)
+
+
+def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
+    from medc.runtime.session import OrtSession
+    from medc.runtime.verify import evaluate
+
+    with OrtSession(path, target.available_providers()) as sess:
+        evaluation = evaluate(sess.run, ref_cases, tol)
+        if not runs:
+            return evaluation, None
+        sess.run(example)  # warm-up
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            sess.run(example)
+            times.append(time.perf_counter() - t)
+        return evaluation, float(np.median(times))
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MedcError(f"output {out} exists and is a file; choose a directory path for -o.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MedcError(f"output directory {out} is not empty; pass --force to replace it, or choose another -o.")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MedcError(f"cannot write to {probe}: permission denied; choose a writable -o.")
+
+
+def _replace(stage: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old OUT (allowed by --force) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_rss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def toolchain_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("medc", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    versions["git_commit"] = git_commit()
+    return versions

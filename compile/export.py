@@ -1,0 +1,65 @@
+"""PyTorch -> ONNX with the dynamo exporter, dynamic axes named as in the component spec."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from medc.compile.spec import ComponentSpec
+from medc.errors import MedcError
+
+log = logging.getLogger(__name__)
+
+OPSET = 20  # Gelu and LayerNormalization as standard ops; TensorRT 10 parses opset <= 20 (issue: TensorRT stage)
+# Graphs whose weights exceed this are saved with external data (protobuf cannot hold 2 GiB in one file).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path):
+    """Export `module` to `path` and return the onnx.ModelProto (weights loaded)."""
+    import onnx
+    import torch
+
+    dims = {}
+    dynamic_shapes = {}
+    for t in comp.inputs:
+        axes = {}
+        for i, d in t.dynamic_axes().items():
+            dims.setdefault(d, torch.export.Dim(d, min=1, max=4096))
+            axes[i] = dims[d]
+        dynamic_shapes[t.name] = axes
+    # The exporter logs missing torchvision ops and op-by-op progress at WARNING; none of it is actionable here.
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args = tuple(torch.from_numpy(example[t.name]) for t in comp.inputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                input_names=[t.name for t in comp.inputs], output_names=[t.name for t in comp.outputs],
+                dynamic_shapes=dynamic_shapes, report=False,
+            )
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types
+            raise MedcError(f"export of {comp.name} failed: {str(e).splitlines()[0][:400]}") from None
+    model = program.model_proto
+    save_onnx(model, path)
+    return onnx.load(str(path))
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save with weights inline, or as `<name>.data` beside it when too large for one protobuf."""
+    import onnx
+
+    path = Path(path)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))

@@ -1,0 +1,227 @@
+"""Turn the `MODEL` argument into a loaded PyTorch model: a registry name, or a local Hugging Face checkpoint.
+
+Real weights are read offline with safetensors only and never with trust_remote_code. Registry models without local
+weights fail with a message that says where medc looked and how to get them; `--random-weights` builds the real
+architecture with random weights instead (for latency work; such bundles are marked not for clinical use).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medc.compile.spec import Family, ModelSpec
+from medc.errors import MedcError
+from medc.runtime.preprocess import ImagePreprocessing
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    hf_model: Any  # torch.nn.Module, fp32, eval mode
+    source: dict  # {"kind": "tiny" | "random" | "checkpoint", ...}: goes into the manifest
+    tokenizer_file: Path
+    preprocessor_config: dict
+    pad_to_square: bool = False
+    text_length: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        return self.spec.family
+
+    @cached_property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing.from_hf_config(self.preprocessor_config, pad_to_square=self.pad_to_square)
+
+    @cached_property
+    def tokenizer(self):
+        from medc.runtime.tokenizer import SiglipTokenizer
+
+        return SiglipTokenizer(self.tokenizer_file, max_length=self.text_length)
+
+    @property
+    def clinical_use(self) -> bool:
+        return self.source["kind"] == "checkpoint"
+
+
+def model_search_dirs(spec: ModelSpec) -> list[Path]:
+    """Where a registry model's real weights are looked for, in order."""
+    dirs = []
+    if os.environ.get("MEDC_MODELS"):
+        dirs.append(Path(os.environ["MEDC_MODELS"]) / spec.name)
+    dirs.append(Path.home() / ".cache" / "medc" / "models" / spec.name)
+    return dirs
+
+
+def _hf_cache_snapshot(hf_id: str) -> Path | None:
+    """The locally cached snapshot of a hub repo, if any. Offline: never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hf_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or hub library missing
+        return None
+
+
+def tiny_spiece() -> Path:
+    return Path(str(resources.files("medc.compile").joinpath("data/tiny-spiece.model")))
+
+
+def randomize_(model, seed: int) -> None:
+    """Give *every* parameter a random value at a sane scale (std 1/sqrt(fan_in) for matrices).
+
+    HF's default init zeroes biases and sets norms to 1, so a parity test on such a model can pass while a bias or
+    a norm is dropped from the graph. Norm scales become 1 + N(0, 0.1) and biases N(0, 0.1) so every one matters.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+            elif name.endswith("logit_scale"):
+                p.copy_(torch.full(p.shape, float(np.log(10.0))) + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("logit_bias"):
+                p.copy_(torch.full(p.shape, -2.0) + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _hf_class(family: Family):
+    import transformers
+
+    return getattr(transformers, family.hf_class)
+
+
+def _config_from_dict(family: Family, config: dict):
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def build_random(spec: ModelSpec, seed: int | None = None):
+    import torch
+
+    seed = spec.seed if seed is None else seed
+    torch.manual_seed(seed)
+    model = _hf_class(spec.family)(_config_from_dict(spec.family, spec.config))
+    randomize_(model, seed)
+    return model.float().eval()
+
+
+def load(model: str, random_weights: bool = False, pad_to_square: bool = False) -> LoadedModel:
+    from medc.compile.registry import MODELS, family_for_model_type
+
+    if model in MODELS:
+        spec = MODELS[model]
+        if spec.tiny or random_weights:
+            kind = "tiny" if spec.tiny else "random"
+            return LoadedModel(spec=spec, hf_model=build_random(spec), tokenizer_file=tiny_spiece(),
+                               source={"kind": kind, "seed": spec.seed, "hf_id": spec.hf_id},
+                               preprocessor_config=dict(spec.preprocessor), pad_to_square=pad_to_square)
+        looked = model_search_dirs(spec)
+        found = next((d for d in looked if d.is_dir()), None)
+        if found is None and spec.hf_id:
+            found = _hf_cache_snapshot(spec.hf_id)
+            looked.append(Path(f"Hugging Face cache ({spec.hf_id}, offline)"))
+        if found is None:
+            raise MedcError(
+                f"no weights for {model}: looked in {', '.join(str(d) for d in looked)}.\n"
+                f"On a connected machine, accept the model's terms at huggingface.co/{spec.hf_id} and download it "
+                f"(huggingface-cli download {spec.hf_id} --local-dir DIR), copy DIR here, then run "
+                f"`medc build DIR ...` or put it at {looked[0]}. For latency work without weights: --random-weights.")
+        return load_checkpoint(found, spec=spec, pad_to_square=pad_to_square)
+
+    path = Path(model)
+    if path.exists():
+        if random_weights:
+            raise MedcError("--random-weights applies to registry names, not checkpoint directories.")
+        return load_checkpoint(path, spec=None, pad_to_square=pad_to_square)
+    known = ", ".join(sorted(MODELS))
+    raise MedcError(f"unknown model {model!r}: not a registered model ({known}) and not a local directory.")
+
+
+def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = False) -> LoadedModel:
+    from medc.compile.registry import family_for_model_type
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MedcError(f"{path} is not a directory; pass a Hugging Face checkpoint directory (config.json + *.safetensors).")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise MedcError(f"{path} is not a Hugging Face checkpoint: config.json is missing.")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise MedcError(f"{cfg_file} is not valid JSON ({e}).") from None
+    model_type = config.get("model_type")
+    family = family_for_model_type(model_type)
+    if family is None:
+        from medc.compile.registry import FAMILIES
+
+        kinds = ", ".join(f"{f.hf_class} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
+        raise MedcError(f"{path} holds a {model_type!r} model; medc builds {kinds}.")
+    if spec is not None and family is not spec.family:
+        raise MedcError(f"{path} holds a {model_type!r} model, but {spec.name} is a {spec.family.hf_class}.")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" It has {', '.join(other)}: medc loads safetensors only (pickle files can run code)." if other else ""
+        raise MedcError(f"{path} has no *.safetensors weights.{hint} Download the model's safetensors files into it.")
+    missing = [f for f in family.required_files if not (path / f).is_file()]
+    if missing:
+        raise MedcError(f"{path} lacks {', '.join(missing)}; copy the full model repository, not only the weights.")
+    _check_safetensors(weights)
+    try:
+        model = _hf_class(family).from_pretrained(
+            path, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype="float32")
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
+        raise MedcError(f"cannot load {path} as {family.hf_class}: {str(e).splitlines()[0][:300]}") from None
+    from medc.compile.registry import MODELS
+
+    spec = spec or ModelSpec(name=path.name, family=family, description=f"local {family.hf_class} checkpoint",
+                             config=config, preprocessor={})
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    source = {"kind": "checkpoint", "path": str(path.resolve()), "config_sha256": _sha(cfg_file),
+              "revision": _revision(path), "registered_as": spec.name if spec.name in MODELS else None}
+    return LoadedModel(spec=spec, hf_model=model.float().eval(), source=source, tokenizer_file=path / "spiece.model",
+                       preprocessor_config=pre, pad_to_square=pad_to_square)
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="np") as st:
+                keys = list(st.keys())
+                if keys:
+                    st.get_slice(keys[-1])
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError
+            raise MedcError(f"weights file {f.name} in {f.parent} is corrupt or truncated ({str(e)[:200]}); "
+                            "download it again.") from None
+
+
+def _sha(path: Path) -> str:
+    from medc.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def _revision(path: Path) -> str | None:
+    # A hub snapshot folder is named after its commit hash.
+    name = path.resolve().name
+    return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None

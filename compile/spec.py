@@ -1,0 +1,62 @@
+"""Build-time specs: what a model is made of and how to cut it into ONNX components.
+
+Frozen dataclasses filled in explicitly (see `medc.compile.registry.MODELS`). Callables here take torch objects, but
+nothing in this module imports torch, so `medc build --dry-run` and planning stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medc.specs import DEFAULT_TOLERANCES, TensorSpec, Tolerance
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported graph: the torch module cut from the HF model, its I/O and how it is tested and calibrated."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    extract: Callable[[Any], Any]  # HF model -> torch.nn.Module whose forward takes the inputs in order
+    # (loaded model, batch, rng) -> feeds; export uses batch 2, the gate other batch sizes
+    dummy_inputs: Callable[[Any, int, np.random.Generator], dict[str, np.ndarray]]
+    # (loaded model) -> {case name: feeds}: held-out inputs for the fidelity gate (real images, real prompts)
+    golden_inputs: Callable[[Any], dict[str, dict[str, np.ndarray]]]
+    # (loaded model, calibration dir or None) -> (list of feeds, description without file names)
+    calibration: Callable[[Any, Path | None], tuple[list[dict[str, np.ndarray]], dict]]
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    # ORT transformer-optimizer model type used for fusions (None: ORT's generic graph optimisations only)
+    fusion_model_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """An architecture medc knows: one HF class, its components and its runtime assets (tokenizer, processor)."""
+
+    name: str  # also the runtime pipeline key
+    hf_class: str  # transformers class name
+    model_types: tuple[str, ...]  # config.json "model_type" values this family accepts
+    components: Callable[[Any], tuple[ComponentSpec, ...]]  # (HF config) -> components
+    load_assets: Callable[[Any, Path], dict]  # (loaded model, bundle dir) -> manifest sections it wrote
+    extras: Callable[[Any], dict]  # (HF model) -> numbers the runtime needs (e.g. logit_scale)
+    required_files: tuple[str, ...]  # files a local checkpoint directory must have besides weights
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: a family plus the real architecture config, so random-weight builds work offline."""
+
+    name: str
+    family: Family
+    description: str
+    config: dict  # the HF config.json of the real model (architecture only)
+    preprocessor: dict  # the HF preprocessor_config.json
+    hf_id: str | None = None  # where the real weights live on the Hugging Face Hub
+    tiny: bool = False  # a built-in test model: random weights, always available
+    seed: int = 0

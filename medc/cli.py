@@ -1,0 +1,261 @@
+"""The `medc` command line. Heavy modules (torch, onnxruntime, transformers) are imported inside each command, so
+`medc --help` is instant and the runtime commands (run, verify, inspect, bench) work without torch."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from medc import __version__
+from medc.errors import MedcError
+
+
+def _friendly(fn):
+    """Turn MedcError into a one-paragraph message and an exit code; never a traceback for user errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedcError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="medc")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """medc: compile MedSigLIP / MedGemma to verified ONNX (and TensorRT) bundles for hospital edge devices."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    try:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, rich_tracebacks=False, console=_stderr_console())
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        logging.basicConfig(level=level, force=True)
+    for noisy in ("onnxscript", "torch", "transformers", "root", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=False,
+              help="Bundle directory to write (default: bundles/MODEL-PRECISION).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 | fp16 | int8, or per component: image_encoder=int8,text_encoder=fp32.")
+@click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Folder of PNG/JPEG images for int8 calibration.")
+@click.option("--random-weights", is_flag=True, help="Real architecture, random weights (latency work; not clinical).")
+@click.option("--allow-degraded", is_flag=True, help="Keep components that fail the fidelity gate (recorded).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--pad-to-square", is_flag=True, help="Zero-pad images to square before resizing (Google's MedSigLIP eval).")
+@click.option("--optimizer", type=click.Choice(["xformers", "none"]), default="xformers", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@_friendly
+def build(model, out, precision, target, calibration, random_weights, allow_degraded, force, pad_to_square,
+          optimizer, dry_run):
+    """Build a bundle from MODEL: a registry name (see `medc models`) or a local Hugging Face checkpoint directory."""
+    from medc.compile.build import BuildOptions, build as run_build, plan_only
+
+    out = out or Path("bundles") / f"{Path(model).name}-{precision.replace('=', '-').replace(',', '_')}"
+    opts = BuildOptions(model=model, out=out, precision=precision, target=target, calibration=calibration,
+                        random_weights=random_weights, allow_degraded=allow_degraded, force=force,
+                        pad_to_square=pad_to_square, optimizer=optimizer)
+    if dry_run:
+        click.echo(plan_only(opts).render())
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _stderr_console()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("building", total=None)
+
+        def step(msg: str) -> None:
+            logging.getLogger("medc.build").info(msg)
+            bar.update(task, description=msg)
+
+        manifest = run_build(opts, progress=step)
+    click.echo(f"built {out}")
+    click.echo(_summary(manifest))
+
+
+def _summary(manifest) -> str:
+    lines = []
+    for name, c in manifest.components.items():
+        w = c.fidelity["worst"]
+        method = c.quantization.get("method", "none")
+        gate = "PASS" if c.fidelity["passed"] else "DEGRADED"
+        lines.append(f"  {name:<16} {c.precision:<5} {method:<16} cosine {w['cosine']:.6f}  "
+                     f"max abs {w['max_abs']:.2e}  {gate}")
+    if not manifest.model.get("clinical_use"):
+        lines.append(f"  WARNING: {manifest.model.get('warning')}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@_friendly
+def inspect(bundle, as_json):
+    """Print a bundle's manifest readably."""
+    from medc.manifest import Manifest
+
+    m = Manifest.read(bundle)
+    if as_json:
+        click.echo(json.dumps(m.to_json(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    src = m.model.get("source", {})
+    console.print(f"[bold]{m.model['name']}[/] ({m.model['hf_class']}, source: {src.get('kind')}) "
+                  f"target [bold]{m.target}[/], format {m.format_version}, built {m.created}")
+    if not m.model.get("clinical_use"):
+        console.print(f"[bold red]{m.model.get('warning')}[/]")
+    table = Table("component", "precision", "method", "worst cosine", "max abs", "gate")
+    for name, c in m.components.items():
+        w = c.fidelity["worst"]
+        table.add_row(name, c.precision, c.quantization.get("method", "none"), f"{w['cosine']:.6f}",
+                      f"{w['max_abs']:.2e}", "pass" if c.fidelity["passed"] else "DEGRADED")
+    console.print(table)
+    for name, c in m.components.items():
+        sig = lambda ts: ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in ts)  # noqa: E731
+        fused = ", ".join(f"{k} {v}" for k, v in c.optimizations.get("fused", {}).items()) or "nothing"
+        console.print(f"[bold]{name}[/] {c.file}: {sig(c.inputs)} -> {sig(c.outputs)}")
+        console.print(f"  fused ({c.optimizations.get('optimizer')}): {fused}")
+        calib = c.quantization.get("calibration")
+        if calib:
+            console.print(f"  calibration: {calib['source']}, {calib['count']} samples, digest {calib['digest'][:16]}")
+    console.print("toolchain: " + ", ".join(f"{k} {v}" for k, v in m.toolchain.items()))
+    console.print(f"build: {m.build}")
+    console.print(f"files ({len(m.files)}): " + ", ".join(f"{f} {h[:12]}" for f, h in m.files.items()))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_friendly
+def verify(bundle):
+    """Re-run the fidelity gate from the bundle's golden inputs, without torch (on the device it runs on)."""
+    from medc.runtime.verify import verify_bundle
+
+    report = verify_bundle(bundle)
+    ok = True
+    for name, r in report.items():
+        w = r["worst"]
+        ok &= r["passed"]
+        click.echo(f"{name:<16} cosine {w['cosine']:.6f}  max abs {w['max_abs']:.2e}  "
+                   f"{'PASS' if r['passed'] else 'FAIL'}")
+    if not ok:
+        raise MedcError("the bundle no longer meets its fidelity gate on this machine.")
+    click.echo("verified: files intact, fidelity gate passed.")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
+@click.option("--labels", help="Comma-separated labels for zero-shot classification.")
+@click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
+@click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the embedding vectors).")
+@_friendly
+def run(bundle, images, labels, texts, target, threads, as_json):
+    """Run a bundle: zero-shot scores (--image + --labels), or embeddings (--image or --text)."""
+    from medc import runtime
+
+    if not images and not texts:
+        raise MedcError("nothing to run: pass --image FILE (with --labels for zero-shot) and/or --text TEXT.")
+    result = {}
+    with runtime.load(bundle, target=target, threads=threads) as model:
+        if images and labels:
+            label_list = [l.strip() for l in labels.split(",") if l.strip()]
+            probs = model.zero_shot(images, label_list)
+            result["zero_shot"] = [{"image": Path(p).name, "scores": dict(zip(label_list, map(float, row)))}
+                                   for p, row in zip(images, probs)]
+        elif images:
+            emb = model.embed_images(images)
+            result["image_embeds"] = [{"image": Path(p).name, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
+                                       **({"vector": e.tolist()} if as_json else {})} for p, e in zip(images, emb)]
+        if texts:
+            emb = model.embed_texts(texts)
+            result["text_embeds"] = [{"text": t, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
+                                      **({"vector": e.tolist()} if as_json else {})} for t, e in zip(texts, emb)]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for r in result.get("zero_shot", []):
+        click.echo(r["image"] + ":")
+        for label, p in sorted(r["scores"].items(), key=lambda kv: -kv[1]):
+            click.echo(f"  {p:7.4f}  {label}")
+    for key in ("image_embeds", "text_embeds"):
+        for r in result.get(key, []):
+            click.echo(f"{r.get('image', r.get('text'))}: {key[:-1]} shape {r['shape']} norm {r['norm']:.6f}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--repeat", default=10, show_default=True, help="Timed runs per component and batch size.")
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime / torch intra-op threads.")
+@click.option("--component", "components", multiple=True, help="Only these components.")
+@click.option("--baseline", type=click.Choice(["torch"]), default=None,
+              help="Also time the HF PyTorch eager fp32 model (needs medc[build]).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write results as JSON.")
+@_friendly
+def bench(bundle, batch, repeat, warmup, threads, components, baseline, json_out):
+    """Latency and throughput of a bundle's components (Markdown on stdout, JSON with --json)."""
+    from medc.benchmarks.bench import bench_bundle, to_json, to_markdown
+
+    sizes = [int(b) for b in batch.split(",") if b.strip()]
+    if not sizes or min(sizes) < 1:
+        raise MedcError("--batch takes positive integers, e.g. --batch 1,4.")
+    results = bench_bundle(bundle, batches=sizes, repeat=repeat, warmup=warmup, threads=threads,
+                           components=list(components) or None, baseline=baseline)
+    click.echo(to_markdown(results))
+    if json_out:
+        Path(json_out).write_text(to_json(results))
+        click.echo(f"wrote {json_out}")
+
+
+@main.command()
+def models():
+    """List registered models."""
+    from medc.compile.registry import MODELS
+
+    for name, spec in MODELS.items():
+        click.echo(f"{name:<18} {spec.family.hf_class:<20} {spec.description}")
+
+
+@main.command()
+def targets():
+    """List deployment targets."""
+    from medc.targets import TARGETS
+
+    for name, t in TARGETS.items():
+        click.echo(f"{name:<10} {t.kind:<4} precisions {','.join(t.precisions):<15} {t.description}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,56 @@
+"""Small typed specs shared by the compiler and the runtime: tensors, tolerances, precisions.
+
+Model specs (which need torch to *use*) live in `medc.compile.registry`; these types are plain data so the runtime can
+read them from a manifest without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. A `str` in `shape` is a named dynamic axis (as in optimum's export configs)."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[int | str, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Worst-case closeness to the fp32 PyTorch reference that a built component must reach."""
+
+    min_cosine: float
+    max_abs: float | None = None  # None: not gated on absolute error (quantised graphs)
+
+    def check(self, cosine: float, max_abs: float) -> bool:
+        return cosine >= self.min_cosine and (self.max_abs is None or max_abs <= self.max_abs)
+
+    def describe(self) -> str:
+        s = f"cosine >= {self.min_cosine}"
+        return s if self.max_abs is None else f"{s} and max abs error <= {self.max_abs:g}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# The gate thresholds of the project (worst case over all held-out inputs).
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-4),
+    "fp16": Tolerance(min_cosine=0.999),
+    "int8": Tolerance(min_cosine=0.99),
+}

@@ -1,0 +1,55 @@
+"""SigLIP's text tokenizer without transformers.
+
+SigLIP (and MedSigLIP) ship a SentencePiece model (`spiece.model`). Hugging Face's `SiglipTokenizer` lower-cases,
+strips ASCII punctuation, collapses whitespace, encodes with SentencePiece, appends `</s>` and pads with `</s>` to 64
+tokens. We do the same with the `sentencepiece` package, which is the library HF itself calls, so ids are equal
+(tested against `SiglipTokenizer`). `tokenizers` cannot load a `.model` file without transformers' converter, which
+is why this one component uses sentencepiece directly.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+class SiglipTokenizer:
+    def __init__(self, spiece_model: str | Path, max_length: int = 64, do_lower_case: bool = True,
+                 eos_token: str = "</s>", pad_token: str = "</s>", unk_token: str = "<unk>"):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.Load(str(spiece_model))
+        self.max_length = max_length
+        self.do_lower_case = do_lower_case
+        self.eos_id = self.sp.piece_to_id(eos_token)
+        self.pad_id = self.sp.piece_to_id(pad_token)
+        self._unk = unk_token
+        self._unk_len = len(self.sp.encode(unk_token, out_type=str))
+
+    def canonicalize(self, text: str) -> str:
+        if self.do_lower_case:
+            text = text.lower()
+        text = text.translate(_PUNCT)
+        return re.sub(r"\s+", " ", text).strip()
+
+    def encode(self, text: str) -> list[int]:
+        text = self.canonicalize(text)
+        # As HF: encode "<unk>" + text and drop the unk pieces, so no dummy-prefix piece is added at the start.
+        pieces = self.sp.encode(self._unk + text, out_type=str)
+        pieces = pieces[self._unk_len:] if len(pieces) >= self._unk_len else pieces
+        ids = [self.sp.piece_to_id(p) for p in pieces][: self.max_length - 1]
+        return ids + [self.eos_id]
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Texts -> int64 [N, max_length], padded with the pad id (SigLIP was trained with max-length padding)."""
+        out = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int64)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)
+            out[i, : len(ids)] = ids
+        return out

@@ -1,0 +1,86 @@
+"""Closeness metrics and the torch-free re-run of a bundle's fidelity gate from its golden inputs.
+
+`medc verify BUNDLE` runs here, on the device the bundle is deployed to: same inputs, same reference outputs (saved
+at build time from the PyTorch fp32 model), same thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medc.specs import Tolerance
+
+
+@dataclass
+class Closeness:
+    cosine: float  # worst (lowest) per-sample cosine similarity
+    max_abs: float  # largest absolute difference anywhere
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def closeness(reference: np.ndarray, output: np.ndarray) -> Closeness:
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    out = np.asarray(output, dtype=np.float64).reshape(len(output), -1)
+    if ref.shape != out.shape:
+        return Closeness(cosine=-1.0, max_abs=float("inf"))
+    if not np.all(np.isfinite(out)):
+        return Closeness(cosine=-1.0, max_abs=float("inf"))
+    num = (ref * out).sum(axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.abs(ref - out).max(axis=1) == 0, 1.0, 0.0))
+    return Closeness(cosine=float(cos.min()), max_abs=float(np.abs(ref - out).max()))
+
+
+def golden_key(component: str, case: str, kind: str, name: str) -> str:
+    return f"{component}/{case}/{kind}/{name}"
+
+
+def golden_cases(golden: dict[str, np.ndarray], component: str) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{case: {"in": {name: array}, "ref": {name: array}}} for one component."""
+    cases: dict = {}
+    for key, arr in golden.items():
+        comp, case, kind, name = key.split("/", 3)
+        if comp == component:
+            cases.setdefault(case, {"in": {}, "ref": {}})[kind][name] = arr
+    return cases
+
+
+def evaluate(run, cases: dict, tolerance: Tolerance) -> dict:
+    """Run every golden case through `run(feeds) -> outputs` and judge the worst case against `tolerance`."""
+    results = {}
+    for case, io in cases.items():
+        outputs = run(io["in"])
+        per_output = {name: closeness(ref, outputs[name]) for name, ref in io["ref"].items()}
+        results[case] = {
+            "batch": int(next(iter(io["in"].values())).shape[0]),
+            "cosine": min(c.cosine for c in per_output.values()),
+            "max_abs": max(c.max_abs for c in per_output.values()),
+        }
+    worst_cos = min(r["cosine"] for r in results.values())
+    worst_abs = max(r["max_abs"] for r in results.values())
+    return {
+        "tolerance": tolerance.to_json(),
+        "cases": results,
+        "worst": {"cosine": worst_cos, "max_abs": worst_abs},
+        "passed": bool(tolerance.check(worst_cos, worst_abs)),
+    }
+
+
+def verify_bundle(bundle_dir: Path, providers: list[str] | None = None) -> dict[str, dict]:
+    """Re-run every component's gate from the bundle's golden file. Returns {component: evaluation}."""
+    from medc.runtime.bundle import open_bundle
+    from medc.runtime.session import OrtSession
+
+    bundle = open_bundle(bundle_dir)
+    golden = dict(np.load(bundle.path / bundle.manifest.golden))
+    report = {}
+    for name, comp in bundle.manifest.components.items():
+        tol = Tolerance(**comp.fidelity["tolerance"])
+        with OrtSession(bundle.path / comp.file, providers or bundle.providers) as sess:
+            report[name] = evaluate(sess.run, golden_cases(golden, name), tol)
+    return report
