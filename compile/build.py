@@ -156,6 +156,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     t0 = time.perf_counter()
     out = Path(opts.out)
     _check_out(out, opts.force)
+    if opts.calibration is not None:
+        _check_calibration(Path(opts.calibration))
     plan_only(opts)  # validate precision/target before spending minutes loading weights
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
@@ -213,9 +215,14 @@ def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path,
     step(f"{cp.name}: export")
     raw = work / f"{cp.name}.raw.onnx"
     export.export_component(module, comp, example, raw)
-    step(f"{cp.name}: optimise ({opts.optimizer})")
-    fp32 = work / f"{cp.name}.fp32.onnx"
-    optimizations = optimize.optimize(raw, fp32, opts.optimizer)
+    graphs: dict[str, tuple[Path, dict]] = {}  # optimiser -> (optimised fp32 graph, manifest record)
+
+    def optimised(optimizer: str) -> tuple[Path, dict]:
+        if optimizer not in graphs:
+            step(f"{cp.name}: optimise ({optimizer})")
+            path = work / f"{cp.name}.{optimizer}.onnx"
+            graphs[optimizer] = (path, optimize.optimize(raw, path, optimizer))
+        return graphs[optimizer]
 
     # Reference outputs of the PyTorch fp32 model on held-out inputs (other batch sizes, real images/prompts).
     cases = comp.golden_inputs(loaded)
@@ -236,18 +243,19 @@ def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path,
         step(f"{cp.name}: calibration data")
         calibration = comp.calibration(loaded, opts.calibration)
 
-    candidates = []  # (method, path, info, evaluation, seconds)
+    candidates = []  # (method, path, info, evaluation, seconds, optimisations)
     for method in cp.methods or ["fp32"]:
-        path = fp32 if method == "fp32" else work / f"{cp.name}.{method}.onnx"
+        src, optimizations = optimised(quantize.SOURCE_OPTIMIZER.get(method, opts.optimizer))
+        path = src if method == "fp32" else work / f"{cp.name}.{method}.onnx"
         info = {"method": "none"}
         if method != "fp32":
             step(f"{cp.name}: {method}")
-            info = quantize.convert(method, fp32, path, calibration)
+            info = quantize.convert(method, src, path, calibration)
         step(f"{cp.name}: fidelity gate ({method})")
         evaluation, seconds = _gate_and_time(path, target, ref_cases, tol, example,
                                              opts.timing_runs if len(cp.methods) > 1 else 0)
         evaluation["method"] = method
-        candidates.append((method, path, info, evaluation, seconds))
+        candidates.append((method, path, info, evaluation, seconds, optimizations))
         log.info("%s %s: worst cosine %.6f, max abs %.3g, %s", cp.name, method, evaluation["worst"]["cosine"],
                  evaluation["worst"]["max_abs"], "pass" if evaluation["passed"] else "FAIL")
 
@@ -264,7 +272,7 @@ def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path,
             f"{worst['max_abs']:.3g}; required {tol.describe()}. Nothing was written. Try a higher precision for "
             f"this component (--precision {cp.name}=fp32), more representative --calibration images, or "
             "--allow-degraded to keep it anyway (recorded in the manifest).")
-    method, path, info, evaluation, seconds = chosen
+    method, path, info, evaluation, seconds, optimizations = chosen
     if len(candidates) > 1:
         info = {**info, "selected_by": "fastest passing on this machine",
                 "candidates": {c[0]: {"passed": c[3]["passed"], "worst_cosine": c[3]["worst"]["cosine"],
@@ -303,6 +311,19 @@ def _check_out(out: Path, force: bool) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise MedcError(f"cannot write to {probe}: permission denied; choose a writable -o.")
+
+
+def _check_calibration(folder: Path) -> None:
+    """Fail before minutes of export if the calibration folder cannot be used. Messages name files, never content."""
+    from medc.runtime.preprocess import load_image
+
+    if not folder.is_dir():
+        raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG/JPEG images.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise MedcError(f"calibration folder {folder} holds no PNG or JPEG images; add 16-64 representative images.")
+    for f in files:
+        load_image(f)
 
 
 def _replace(stage: Path, out: Path) -> None:

@@ -1,11 +1,15 @@
-"""Graph optimisation before quantisation: transformer fusions, with a count of what was fused.
+"""Graph optimisation before precision conversion: transformer fusions, with a count of what was fused.
 
-Two well-kept optimisers exist and each is a registry entry:
-- `xformers`: onnxscript's `fuse_xformers` (the rewriter ORT's own dynamo helper uses): SkipLayerNormalization,
-  fused Attention (SDPA -> MHA -> Attention with packed QKV), Gelu. Parity ~1e-7.
-- `none`: the exported graph as is (ONNX Runtime still applies its own level-3 optimisations at load time).
-We deliberately do not run onnxscript's `optimize_for_ort` (its extra MatMul fusions break the SigLIP graph) and the
-result is always re-checked by the fidelity gate.
+Well-kept optimisers, each a registry entry `(src, dst) -> fused counts`:
+- `xformers`: onnxscript's `fuse_xformers` (the rewriter behind ORT's dynamo helper): SkipLayerNormalization, fused
+  Attention (SDPA -> MultiHeadAttention -> Attention with packed QKV), Gelu; then constant folding with no size limit
+  so the packed QKV weight is one initializer instead of a Concat evaluated on every call. Parity ~1e-7.
+- `ort-transformers`: ONNX Runtime's transformer optimizer (model type "vit"): LayerNorm and BiasGelu fusions but
+  attention left as plain MatMuls. Used for dynamic int8, where those MatMuls are quantised; inside a fused Attention
+  op they would stay fp32 (measured: 1.5x slower than quantising them, benchmarks/).
+- `none`: the exported graph (ONNX Runtime still applies its own level-3 optimisations at load time).
+We do not run onnxscript's `optimize_for_ort`: its extra MatMul fusions break the SigLIP graph. Whatever is chosen,
+the fidelity gate re-checks the result.
 """
 
 from __future__ import annotations
@@ -19,38 +23,46 @@ log = logging.getLogger(__name__)
 
 def _fuse_xformers(src: Path, dst: Path) -> dict[str, int]:
     import onnx_ir as ir
+    import onnxscript.optimizer
     from onnxscript.rewriter.ort_fusions._core import fuse_xformers  # public API exports only optimize_for_ort
 
     model = ir.load(str(src))
     model, counts = fuse_xformers(model)
-    _save_ir(model, dst)
+    onnxscript.optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+    _save(ir.serde.serialize_model(model), dst)
     return {k: int(v) for k, v in counts.items() if v}
+
+
+def _ort_transformers(src: Path, dst: Path) -> dict[str, int]:
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimize_model(str(src), model_type="vit", num_heads=0, hidden_size=0, opt_level=0)
+    if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # it adds contrib ops but not always
+        opt.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # their opset
+    _save(opt.model, dst)
+    return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
 def _none(src: Path, dst: Path) -> dict[str, int]:
     import onnx
 
-    from medc.compile.export import save_onnx
-
-    save_onnx(onnx.load(str(src)), dst)
+    _save(onnx.load(str(src)), dst)
     return {}
 
 
-def _save_ir(model, dst: Path) -> None:
-    import onnx_ir as ir
-
+def _save(model, dst: Path) -> None:
     from medc.compile.export import save_onnx
 
-    save_onnx(ir.serde.serialize_model(model), dst)
+    save_onnx(model, dst)
 
 
-OPTIMIZERS = {"xformers": _fuse_xformers, "none": _none}
+OPTIMIZERS = {"xformers": _fuse_xformers, "ort-transformers": _ort_transformers, "none": _none}
 
 
 def optimize(src: Path, dst: Path, optimizer: str = "xformers") -> dict:
     """Optimise `src` into `dst`; returns the manifest record (optimiser, fused counts, node counts before/after)."""
-    import onnx
-
     before = _op_counts(src)
     fused = OPTIMIZERS[optimizer](src, dst)
     after = _op_counts(dst)

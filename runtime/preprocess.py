@@ -83,7 +83,7 @@ class ImagePreprocessing:
 
         arr = np.asarray(image)
         bits = 16 if image.mode.startswith("I;16") else max(8, int(np.ceil(np.log2(float(arr.max()) + 1))))
-        grey = Image.fromarray((arr.astype(np.float32) / float(2**bits - 1)), mode="F")
+        grey = Image.fromarray(arr.astype(np.float32) / float(2**bits - 1))  # mode "F"
         if self.pad_to_square:
             grey = _pad_square(grey)
         grey = grey.resize((self.width, self.height), resample=Image.Resampling(self.resample))
@@ -120,7 +120,7 @@ def _array_to_pil(arr: np.ndarray):
     from PIL import Image
 
     if arr.dtype == np.uint16 and arr.ndim == 2:
-        return Image.fromarray(arr, mode="I;16")
+        return Image.fromarray(arr)  # mode "I;16"
     if arr.dtype != np.uint8:
         raise MedcError(f"image array of dtype {arr.dtype}: pass uint8 (H, W[, 3]) or uint16 (H, W) pixels.")
     return Image.fromarray(arr)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 _PUNCT = str.maketrans("", "", string.punctuation)
+_WORD = "\u2581"  # SentencePiece's word-start marker
 
 
 class SiglipTokenizer:
@@ -39,8 +40,9 @@ class SiglipTokenizer:
         return re.sub(r"\s+", " ", text).strip()
 
     def encode(self, text: str) -> list[int]:
-        text = self.canonicalize(text)
-        # As HF: encode "<unk>" + text and drop the unk pieces, so no dummy-prefix piece is added at the start.
+        # As HF: prefix the SentencePiece word marker, canonicalise, then encode "<unk>" + text and drop the unk
+        # pieces (so SentencePiece adds no dummy prefix of its own).
+        text = self.canonicalize(_WORD + text.replace(_WORD, " "))
         pieces = self.sp.encode(self._unk + text, out_type=str)
         pieces = pieces[self._unk_len:] if len(pieces) >= self._unk_len else pieces
         ids = [self.sp.piece_to_id(p) for p in pieces][: self.max_length - 1]

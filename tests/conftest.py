@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny bundles are built once per session with the real pipeline (torch -> ONNX -> ORT)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = False
+    try:
+        import onnxruntime as ort
+
+        has_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        pass
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with onnxruntime-gpu (none here)"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT (not installable on this machine)"))
+
+
+def _build(tmp_path_factory, name: str, **kw):
+    from medc.compile.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("bundles") / name
+    build(BuildOptions(model="medsiglip-tiny", out=out, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "fp32", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def bundle_int8(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory, "int8", precision="int8")
+
+
+@pytest.fixture(scope="session")
+def bundle_fp16(tmp_path_factory) -> Path:
+    # fp16 is a GPU-target precision; the same graph runs on ORT's CPU provider for the gate.
+    return _build(tmp_path_factory, "fp16", precision="fp16", target="cuda")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from medc.compile import loader
+
+    return loader.load("medsiglip-tiny")
+
+
+@pytest.fixture
+def copy_bundle(tmp_path):
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+@pytest.fixture(scope="session")
+def real_images() -> list[Path]:
+    return [SKIMAGE_DATA / "retina.jpg", SKIMAGE_DATA / "ihc.png", SKIMAGE_DATA / "microaneurysms.png"]
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -1,0 +1,121 @@
+"""Export parity per component and precision against the PyTorch fp32 reference, and the fidelity gate itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from medc.compile.build import BuildOptions, build
+from medc.errors import FidelityError
+from medc.manifest import Manifest
+from medc.runtime.session import OrtSession
+from medc.specs import DEFAULT_TOLERANCES
+
+from conftest import cosine_rows
+
+BUNDLES = {"fp32": "bundle_fp32", "fp16": "bundle_fp16", "int8": "bundle_int8"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("component", ["image_encoder", "text_encoder"])
+def test_component_parity(request, tiny, precision, component):
+    """Fresh inputs at batch 5 (export used 2, the gate 1 and 3) against the torch fp32 module."""
+    bundle = request.getfixturevalue(BUNDLES[precision])
+    comp = {c.name: c for c in tiny.family.components(tiny.hf_model.config)}[component]
+    feeds = comp.dummy_inputs(tiny, 5, np.random.default_rng(2024))
+    with torch.no_grad():
+        ref = comp.extract(tiny.hf_model)(*(torch.from_numpy(feeds[t.name]) for t in comp.inputs)).numpy()
+    with OrtSession(bundle / f"{component}.onnx") as sess:
+        out = sess.run(feeds)[comp.outputs[0].name]
+    tol = DEFAULT_TOLERANCES[precision]
+    cos, max_abs = cosine_rows(ref, out).min(), np.abs(ref - out).max()
+    assert tol.check(cos, max_abs), f"{component} {precision}: cosine {cos}, max abs {max_abs}"
+    if precision == "fp32":
+        assert max_abs < 1e-5
+    else:  # really converted: not bit-identical to fp32
+        assert max_abs > 1e-6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_manifest_records_gate(request, precision):
+    m = Manifest.read(request.getfixturevalue(BUNDLES[precision]))
+    for name, c in m.components.items():
+        assert c.precision == precision
+        f = c.fidelity
+        assert f["passed"] and not f["degraded"]
+        assert set(f["cases"]) >= {"random_b1"} and {v["batch"] for v in f["cases"].values()} == {1, 3}
+        assert f["worst"]["cosine"] >= DEFAULT_TOLERANCES[precision].min_cosine
+        # int8 starts from a graph with attention left as MatMuls, so those MatMuls are quantised too
+        assert c.optimizations["optimizer"] == ("ort-transformers" if precision == "int8" else "xformers")
+        assert c.optimizations["fused"], "no fusion recorded"
+
+
+def test_fp32_gate_uses_real_images(bundle_fp32):
+    m = Manifest.read(bundle_fp32)
+    cases = m.components["image_encoder"].fidelity["cases"]
+    assert "real_images_b3" in cases and cases["real_images_b3"]["max_abs"] <= 1e-4
+
+
+def test_int8_is_real_int8(bundle_int8):
+    m = Manifest.read(bundle_int8)
+    for name, c in m.components.items():
+        ops = {n.op_type for n in onnx.load(str(bundle_int8 / c.file)).graph.node}
+        q = c.quantization
+        assert q["method"] in ("int8-static-qdq", "int8-dynamic")
+        assert set(q["candidates"]) == {"int8-static-qdq", "int8-dynamic"}  # both measured on the CPU target
+        if q["method"] == "int8-static-qdq":
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+            assert len(q["calibration"]["digest"]) == 64
+        else:
+            assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+def test_static_qdq_is_symmetric_for_tensorrt(tmp_path, real_images):
+    """Static Q/DQ (the form TensorRT consumes): int8, zero point 0 everywhere, calibration digest, no file names."""
+    import shutil
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, p in enumerate(real_images):
+        shutil.copy(p, calib / f"patient-{i}{p.suffix}")
+    out = tmp_path / "b"
+    m = build(BuildOptions(model="medsiglip-tiny", out=out, precision="image_encoder=int8", target="cuda",
+                           calibration=calib))
+    q = m.components["image_encoder"].quantization
+    assert q["method"] == "int8-static-qdq" and q["calibration"]["source"] == "user" and q["calibration"]["count"] == 3
+    assert m.components["text_encoder"].precision == "fp32"
+    model = onnx.load(str(out / "image_encoder.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+    assert "patient" not in (out / "manifest.json").read_text()
+
+
+def _damage(src, dst, calibration=None):
+    """A deliberately broken conversion: one weight matrix scrambled."""
+    model = onnx.load(str(src))
+    biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    arr = onnx.numpy_helper.to_array(biggest)
+    biggest.CopyFrom(onnx.numpy_helper.from_array(arr[..., ::-1].copy() * 3, biggest.name))
+    onnx.save(model, str(dst))
+    return {"method": "damaged"}
+
+
+def test_gate_fails_on_damaged_graph(tmp_path, monkeypatch):
+    from medc.compile import quantize
+
+    monkeypatch.setitem(quantize.METHODS, "fp16", _damage)
+    out = tmp_path / "damaged"
+    with pytest.raises(FidelityError, match="fails the fidelity gate"):
+        build(BuildOptions(model="medsiglip-tiny", out=out, precision="image_encoder=fp16", target="cuda"))
+    assert not out.exists() and not list(tmp_path.iterdir()), "a failed build left files behind"
+
+    m = build(BuildOptions(model="medsiglip-tiny", out=out, precision="image_encoder=fp16", target="cuda",
+                           allow_degraded=True))
+    f = m.components["image_encoder"].fidelity
+    assert not f["passed"] and f["degraded"] and f["worst"]["cosine"] < 0.999
+    assert json.loads((out / "manifest.json").read_text())["components"]["image_encoder"]["fidelity"]["degraded"]
