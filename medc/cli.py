@@ -43,10 +43,13 @@ def main(verbose: int, quiet: bool) -> None:
         from rich.logging import RichHandler
 
         handler = RichHandler(show_path=False, rich_tracebacks=False, console=_stderr_console())
-        logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     except ImportError:  # pragma: no cover - rich is a dependency
-        logging.basicConfig(level=level, force=True)
-    for noisy in ("onnxscript", "torch", "transformers", "root", "onnx_ir"):
+        handler = logging.StreamHandler()
+    # Libraries that log through the root logger directly (onnxruntime.quantization's "consider pre-processing")
+    # say nothing a medc user can act on: keep only their errors.
+    handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.ERROR)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("onnxscript", "torch", "transformers", "onnx_ir", "onnxruntime"):
         logging.getLogger(noisy).setLevel(max(level, logging.ERROR))
 
 
