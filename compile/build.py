@@ -309,6 +309,8 @@ def _check_out(out: Path, force: bool) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise MedcError(f"cannot write {out}: {probe} is a file, not a directory; choose another -o.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise MedcError(f"cannot write to {probe}: permission denied; choose a writable -o.")
 

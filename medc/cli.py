@@ -86,8 +86,14 @@ def build(model, out, precision, target, calibration, random_weights, allow_degr
     if dry_run:
         click.echo(plan_only(opts).render())
         return
+    import signal
+
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    def _terminate(signum, frame):  # SIGTERM (a killed job) cleans up like Ctrl-C: no half bundle, no temp dirs
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     console = _stderr_console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=not console.is_terminal) as bar:
