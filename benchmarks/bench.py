@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
+from medc.system import cpu_info, git_commit, peak_rss_mib
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BenchResult:
         return cls(batch=batch, repeat=len(ms), mean_ms=float(ms.mean()), std_ms=float(ms.std()),
                    p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
                    p99_ms=float(np.percentile(ms, 99)), items_per_s=float(batch * 1e3 / ms.mean()),
-                   peak_rss_mib=_peak_rss_mib(), speedup=None, samples_ms=[round(float(v), 3) for v in ms], **kw)
+                   peak_rss_mib=peak_rss_mib(), speedup=None, samples_ms=[round(float(v), 3) for v in ms], **kw)
 
 
 _COLUMNS = ("component", "backend", "precision", "method", "batch", "mean_ms", "std_ms", "p50_ms", "p90_ms",
@@ -79,23 +79,6 @@ def to_json(results: list[BenchResult]) -> str:
 def from_json(text: str) -> list[BenchResult]:
     names = {f.name for f in fields(BenchResult)}
     return [BenchResult(**{k: v for k, v in row.items() if k in names}) for row in json.loads(text)]
-
-
-def _peak_rss_mib() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
-
-
-def cpu_info() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def _feeds_for_batch(cases: dict, batch: int) -> dict[str, np.ndarray]:
@@ -142,7 +125,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], repeat: int = 10, warmup:
         if threads:
             torch.set_num_threads(threads)
     common = dict(model=m.model["name"], ort_version=ort.__version__, cpu=cpu_info(),
-                  commit=m.toolchain.get("git_commit"))
+                  commit=git_commit())
     results: list[BenchResult] = []
     for name in names:
         comp = m.components[name]

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from medc.compile import loader
-    from medc.benchmarks.bench import cpu_info
+    from medc.system import cpu_info
     from medc.runtime.session import OrtSession
 
     torch.set_num_threads(args.threads)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import resource
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ import numpy as np
 from medc.errors import FidelityError, MedcError
 from medc.manifest import ComponentEntry, Manifest, hash_files
 from medc.specs import PRECISIONS
+from medc.system import peak_rss_mib, toolchain_versions
 
 log = logging.getLogger(__name__)
 
@@ -337,31 +335,3 @@ def _replace(stage: Path, out: Path) -> None:
     os.replace(stage, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def peak_rss_mib() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def toolchain_versions() -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for pkg in ("medc", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            continue
-    versions["python"] = platform.python_version()
-    versions["git_commit"] = git_commit()
-    return versions

@@ -1,0 +1,50 @@
+"""Facts about this machine and this medc that builds and benchmarks record: versions, commit, CPU, peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
+
+
+def git_commit() -> str | None:
+    """The commit of the medc source in use (None for an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def toolchain_versions() -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("medc", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    versions["git_commit"] = git_commit()
+    return versions
+
+
+def cpu_info() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
