@@ -7,6 +7,7 @@ leaves a half bundle at OUT.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -168,10 +169,17 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     try:
+        # Phase 1, torch: export every component and record the fp32 reference on held-out inputs.
         golden: dict[str, np.ndarray] = {}
-        entries = {}
-        for cp in plan.components:
-            entries[cp.name] = _build_component(cp, comps[cp.name], loaded, opts, target, stage, work, golden, step)
+        prepared = {cp.name: _export_and_reference(cp, comps[cp.name], loaded, opts, work, golden, step)
+                    for cp in plan.components}
+        extras = loaded.family.extras(loaded.hf_model)
+        # Phase 2, ONNX only: free the PyTorch model first (3.5 GB at MedSigLIP's size) so that ONNX Runtime's
+        # optimisers and quantisers, which hold whole graphs in memory, have the room.
+        loaded.hf_model = None
+        gc.collect()
+        entries = {cp.name: _convert_and_gate(cp, comps[cp.name], prepared[cp.name], opts, target, stage, work, step)
+                   for cp in plan.components}
         step("writing bundle")
         assets = loaded.family.load_assets(loaded, stage)
         np.savez_compressed(stage / "golden.npz", **golden)
@@ -181,7 +189,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                    "clinical_use": loaded.clinical_use,
                    **({} if loaded.clinical_use else
                       {"warning": "built from random weights: NOT FOR CLINICAL USE (latency and pipeline work only)"})},
-            target=target.name, components=entries, extras=loaded.family.extras(loaded.hf_model),
+            target=target.name, components=entries, extras=extras,
             toolchain=toolchain_versions(), golden="golden.npz",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             build={"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
@@ -201,32 +209,32 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path, work: Path,
-                     golden: dict, step) -> ComponentEntry:
+@dataclass
+class _Prepared:
+    """A component after the torch phase: its raw ONNX export, reference outputs and calibration data."""
+
+    raw: Path
+    example: dict[str, np.ndarray]
+    ref_cases: dict
+    calibration: tuple | None
+
+
+def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, golden: dict, step) -> _Prepared:
     import torch
 
-    from medc.compile import export, optimize, quantize
-    from medc.runtime.verify import evaluate, golden_key
+    from medc.compile import export
+    from medc.runtime.verify import golden_key
 
     module = comp.extract(loaded.hf_model)
     example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
     step(f"{cp.name}: export")
     raw = work / f"{cp.name}.raw.onnx"
     export.export_component(module, comp, example, raw)
-    graphs: dict[str, tuple[Path, dict]] = {}  # optimiser -> (optimised fp32 graph, manifest record)
 
-    def optimised(optimizer: str) -> tuple[Path, dict]:
-        if optimizer not in graphs:
-            step(f"{cp.name}: optimise ({optimizer})")
-            path = work / f"{cp.name}.{optimizer}.onnx"
-            graphs[optimizer] = (path, optimize.optimize(raw, path, optimizer))
-        return graphs[optimizer]
-
-    # Reference outputs of the PyTorch fp32 model on held-out inputs (other batch sizes, real images/prompts).
-    cases = comp.golden_inputs(loaded)
+    step(f"{cp.name}: reference outputs")
     ref_cases = {}
     with torch.no_grad():
-        for case, feeds in cases.items():
+        for case, feeds in comp.golden_inputs(loaded).items():
             outs = module(*(torch.from_numpy(feeds[t.name]) for t in comp.inputs))
             outs = outs if isinstance(outs, tuple) else (outs,)
             ref = {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}
@@ -234,13 +242,28 @@ def _build_component(cp: ComponentPlan, comp, loaded, opts, target, stage: Path,
             for kind, arrays in (("in", feeds), ("ref", ref)):
                 for name, arr in arrays.items():
                     golden[golden_key(cp.name, case, kind, name)] = arr
-    tol = comp.tolerances[cp.precision]
-
     calibration = None
     if "int8-static-qdq" in cp.methods:
         step(f"{cp.name}: calibration data")
         calibration = comp.calibration(loaded, opts.calibration)
+    return _Prepared(raw, example, ref_cases, calibration)
 
+
+def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, stage: Path, work: Path,
+                      step) -> ComponentEntry:
+    from medc.compile import export, optimize, quantize
+
+    graphs: dict[str, tuple[Path, dict]] = {}  # optimiser -> (optimised fp32 graph, manifest record)
+
+    def optimised(optimizer: str) -> tuple[Path, dict]:
+        if optimizer not in graphs:
+            step(f"{cp.name}: optimise ({optimizer})")
+            path = work / f"{cp.name}.{optimizer}.onnx"
+            graphs[optimizer] = (path, optimize.optimize(prep.raw, path, optimizer))
+        return graphs[optimizer]
+
+    tol = comp.tolerances[cp.precision]
+    ref_cases, example, calibration = prep.ref_cases, prep.example, prep.calibration
     candidates = []  # (method, path, info, evaluation, seconds, optimisations)
     for method in cp.methods or ["fp32"]:
         src, optimizations = optimised(quantize.SOURCE_OPTIMIZER.get(method, opts.optimizer))

@@ -19,8 +19,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path):
-    """Export `module` to `path` and return the onnx.ModelProto (weights loaded)."""
-    import onnx
+    """Export `module` to `path`."""
     import torch
 
     dims = {}
@@ -45,9 +44,7 @@ def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray]
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise MedcError(f"export of {comp.name} failed: {str(e).splitlines()[0][:400]}") from None
-    model = program.model_proto
-    save_onnx(model, path)
-    return onnx.load(str(path))
+    save_onnx(program.model_proto, path)
 
 
 def save_onnx(model, path: Path) -> None:

@@ -61,10 +61,12 @@ def _save(model, dst: Path) -> None:
 OPTIMIZERS = {"xformers": _fuse_xformers, "ort-transformers": _ort_transformers, "none": _none}
 
 
-def optimize(src: Path, dst: Path, optimizer: str = "xformers") -> dict:
+def optimize(src: Path, dst: Path, optimizer: str = "xformers", isolate: bool | None = None) -> dict:
     """Optimise `src` into `dst`; returns the manifest record (optimiser, fused counts, node counts before/after)."""
+    from medc.compile import isolate as iso
+
     before = _op_counts(src)
-    fused = OPTIMIZERS[optimizer](src, dst)
+    fused = iso.run(OPTIMIZERS[optimizer], Path(src), Path(dst), isolate=isolate)
     after = _op_counts(dst)
     log.info("optimised %s with %s: %s", src.name, optimizer, fused or "nothing fused")
     return {"optimizer": optimizer, "fused": fused, "nodes_before": sum(before.values()),

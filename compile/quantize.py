@@ -100,5 +100,7 @@ METHODS = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static-qdq": _int
 SOURCE_OPTIMIZER = {"int8-dynamic": "ort-transformers", "int8-static-qdq": "ort-transformers"}
 
 
-def convert(method: str, src: Path, dst: Path, calibration=None) -> dict:
-    return METHODS[method](Path(src), Path(dst), calibration)
+def convert(method: str, src: Path, dst: Path, calibration=None, isolate: bool | None = None) -> dict:
+    from medc.compile import isolate as iso
+
+    return iso.run(METHODS[method], Path(src), Path(dst), calibration, isolate=isolate)

@@ -119,3 +119,17 @@ def test_gate_fails_on_damaged_graph(tmp_path, monkeypatch):
     f = m.components["image_encoder"].fidelity
     assert not f["passed"] and f["degraded"] and f["worst"]["cosine"] < 0.999
     assert json.loads((out / "manifest.json").read_text())["components"]["image_encoder"]["fidelity"]["degraded"]
+
+
+def test_isolated_conversion_equals_in_process(bundle_fp32, tmp_path):
+    """Large graphs are optimised/quantised in a child process (memory); the result must be the same."""
+    from medc.compile import optimize, quantize
+
+    src = bundle_fp32 / "image_encoder.onnx"
+    rec_a = optimize.optimize(src, tmp_path / "a.onnx", "none", isolate=False)
+    rec_b = optimize.optimize(src, tmp_path / "b.onnx", "none", isolate=True)
+    assert rec_a == rec_b
+    quantize.convert("int8-dynamic", src, tmp_path / "qa.onnx", isolate=False)
+    info = quantize.convert("int8-dynamic", src, tmp_path / "qb.onnx", isolate=True)
+    assert info["method"] == "int8-dynamic"
+    assert (tmp_path / "qa.onnx").read_bytes() == (tmp_path / "qb.onnx").read_bytes()
