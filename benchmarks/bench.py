@@ -171,7 +171,9 @@ def bench_bundle(bundle_dir: Path, batches: list[int], repeat: int = 10, warmup:
 def _torch_runner(module, comp, feeds):
     import torch
 
-    args = tuple(torch.from_numpy(feeds[t.name]) for t in comp.inputs)
+    from medc.compile.export import module_args
+
+    args = module_args(module, comp, feeds)
 
     def run():
         with torch.inference_mode():

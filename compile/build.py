@@ -94,11 +94,13 @@ def parse_precision(value: str, components: list[str]) -> dict[str, str]:
     return chosen
 
 
-def _methods(precision: str, target) -> list[str]:
+def _methods(precision: str, target, comp) -> list[str]:
     if precision == "fp32":
         return []
     if precision == "fp16":
         return ["fp16"]
+    if not comp.static_int8:  # decoders: masks, outliers and prefill/decode shapes break static activation ranges
+        return ["int8-dynamic"]
     return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
 
 
@@ -108,17 +110,22 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
     target = get_target(opts.target)
     comps = spec.family.components(hf_config)
     precisions = parse_precision(opts.precision, [c.name for c in comps])
-    plans = []
+    per_component = "=" in opts.precision
+    plans, notes = [], []
     for c in comps:
         p = precisions[c.name]
+        if p not in c.precisions and not per_component:  # a global precision: components that lack it stay fp32
+            notes.append(f"{c.name} has no {p} form; built in fp32")
+            p = "fp32"
         if p not in c.precisions:
             raise MedcError(f"{c.name} cannot be built in {p}; it allows {', '.join(c.precisions)}.")
         if p not in target.precisions:
             raise MedcError(f"target {target.name} does not offer {p} (it offers {', '.join(target.precisions)}). "
                             + " ".join(target.notes))
-        plans.append(ComponentPlan(c.name, p, _methods(p, target), f"{c.name}.onnx"))
+        plans.append(ComponentPlan(c.name, p, _methods(p, target, c), f"{c.name}.onnx"))
     source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
-    notes = [] if source == "checkpoint" else ["random weights: the bundle is marked NOT FOR CLINICAL USE"]
+    if source != "checkpoint":
+        notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")
     return Plan(spec.name, target.name, Path(opts.out), plans, source, notes)
 
 
@@ -161,9 +168,9 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
     loaded = loader.load(opts.model, random_weights=opts.random_weights, pad_to_square=opts.pad_to_square)
-    plan = make_plan(opts, loaded.spec, loaded.hf_model.config)
+    plan = make_plan(opts, loaded.spec, loaded.config)
     target = get_target(opts.target)
-    comps = {c.name: c for c in loaded.family.components(loaded.hf_model.config)}
+    comps = {c.name: c for c in loaded.family.components(loaded.config)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -235,7 +242,7 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
     ref_cases = {}
     with torch.no_grad():
         for case, feeds in comp.golden_inputs(loaded).items():
-            outs = module(*(torch.from_numpy(feeds[t.name]) for t in comp.inputs))
+            outs = module(*export.module_args(module, comp, feeds))
             outs = outs if isinstance(outs, tuple) else (outs,)
             ref = {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}
             ref_cases[case] = {"in": feeds, "ref": ref}

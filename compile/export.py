@@ -22,29 +22,45 @@ def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray]
     """Export `module` to `path`."""
     import torch
 
-    dims = {}
-    dynamic_shapes = {}
-    for t in comp.inputs:
+    dims: dict = {}
+
+    def shape_of(t):
         axes = {}
         for i, d in t.dynamic_axes().items():
-            dims.setdefault(d, torch.export.Dim(d, min=1, max=4096))
+            dims.setdefault(d, torch.export.Dim(d, min=1, max=1 << 20))
             axes[i] = dims[d]
-        dynamic_shapes[t.name] = axes
+        return axes
+
+    # Positional, matching forward(): components with a variable number of inputs (a decoder's past key/values)
+    # take the first `fixed_inputs` one by one and the rest as one tuple.
+    shapes = [shape_of(t) for t in comp.inputs]
+    fixed = getattr(module, "fixed_inputs", None)
+    if fixed is not None:
+        shapes = [*shapes[:fixed], tuple(shapes[fixed:])]
     # The exporter logs missing torchvision ops and op-by-op progress at WARNING; none of it is actionable here.
     for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    args = tuple(torch.from_numpy(example[t.name]) for t in comp.inputs)
+    args = module_args(module, comp, example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                module, tuple(args), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
                 input_names=[t.name for t in comp.inputs], output_names=[t.name for t in comp.outputs],
-                dynamic_shapes=dynamic_shapes, report=False,
+                dynamic_shapes=tuple(shapes), report=False,
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise MedcError(f"export of {comp.name} failed: {str(e).splitlines()[0][:400]}") from None
     save_onnx(program.model_proto, path)
+
+
+def module_args(module, comp: ComponentSpec, feeds: dict[str, np.ndarray]) -> list:
+    """numpy feeds -> the positional torch arguments of the component's module (see `fixed_inputs`)."""
+    import torch
+
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in comp.inputs]
+    fixed = getattr(module, "fixed_inputs", None)
+    return args if fixed is None else [*args[:fixed], tuple(args[fixed:])]
 
 
 def save_onnx(model, path: Path) -> None:

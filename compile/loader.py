@@ -25,13 +25,19 @@ from medc.runtime.preprocess import ImagePreprocessing
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    hf_model: Any  # torch.nn.Module, fp32, eval mode
+    hf_model: Any  # torch.nn.Module, fp32, eval mode; released (None) once the torch phase of a build is over
     source: dict  # {"kind": "tiny" | "random" | "checkpoint", ...}: goes into the manifest
-    tokenizer_file: Path
+    config: Any  # the HF config (kept after hf_model is released)
     preprocessor_config: dict
+    checkpoint: Path | None = None
     pad_to_square: bool = False
     text_length: int = 64
-    extra: dict = field(default_factory=dict)
+    # Filled by the family's `prepare`: tokenizer file, and for generative models the chat template and special ids.
+    tokenizer_file: Path | None = None
+    chat_template: str | None = None
+    special_tokens: dict = field(default_factory=dict)
+    special_ids: dict = field(default_factory=dict)
+    eos_token_ids: list = field(default_factory=list)
 
     @property
     def family(self) -> Family:
@@ -46,6 +52,16 @@ class LoadedModel:
         from medc.runtime.tokenizer import SiglipTokenizer
 
         return SiglipTokenizer(self.tokenizer_file, max_length=self.text_length)
+
+    def prompt_assets(self):
+        """The runtime's prompt builder inputs (generative models)."""
+        from tokenizers import Tokenizer
+
+        from medc.runtime.gemma import PromptAssets
+
+        return PromptAssets(tokenizer=Tokenizer.from_file(str(self.tokenizer_file)), chat_template=self.chat_template,
+                            special_ids=self.special_ids, special_tokens=self.special_tokens,
+                            mm_tokens_per_image=getattr(self.config, "mm_tokens_per_image", 0) or 0)
 
     @property
     def clinical_use(self) -> bool:
@@ -71,8 +87,9 @@ def _hf_cache_snapshot(hf_id: str) -> Path | None:
         return None
 
 
-def tiny_spiece() -> Path:
-    return Path(str(resources.files("medc.compile").joinpath("data/tiny-spiece.model")))
+def builtin_data(name: str) -> Path:
+    """A file shipped in medc/compile/data (tiny tokenizers)."""
+    return Path(str(resources.files("medc.compile").joinpath(f"data/{name}")))
 
 
 def randomize_(model, seed: int) -> None:
@@ -129,9 +146,12 @@ def load(model: str, random_weights: bool = False, pad_to_square: bool = False) 
         spec = MODELS[model]
         if spec.tiny or random_weights:
             kind = "tiny" if spec.tiny else "random"
-            return LoadedModel(spec=spec, hf_model=build_random(spec), tokenizer_file=tiny_spiece(),
-                               source={"kind": kind, "seed": spec.seed, "hf_id": spec.hf_id},
-                               preprocessor_config=dict(spec.preprocessor), pad_to_square=pad_to_square)
+            model = build_random(spec)
+            loaded = LoadedModel(spec=spec, hf_model=model, config=model.config,
+                                 source={"kind": kind, "seed": spec.seed, "hf_id": spec.hf_id},
+                                 preprocessor_config=dict(spec.preprocessor), pad_to_square=pad_to_square)
+            spec.family.prepare(loaded, None)
+            return loaded
         looked = model_search_dirs(spec)
         found = next((d for d in looked if d.is_dir()), None)
         if found is None and spec.hf_id:
@@ -194,11 +214,14 @@ def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = Fa
 
     spec = spec or ModelSpec(name=path.name, family=family, description=f"local {family.hf_class} checkpoint",
                              config=config, preprocessor={})
-    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre_file = path / "preprocessor_config.json"
+    pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
     source = {"kind": "checkpoint", "path": str(path.resolve()), "config_sha256": _sha(cfg_file),
               "revision": _revision(path), "registered_as": spec.name if spec.name in MODELS else None}
-    return LoadedModel(spec=spec, hf_model=model.float().eval(), source=source, tokenizer_file=path / "spiece.model",
-                       preprocessor_config=pre, pad_to_square=pad_to_square)
+    loaded = LoadedModel(spec=spec, hf_model=model.float().eval(), config=model.config, source=source,
+                         preprocessor_config=pre, checkpoint=path, pad_to_square=pad_to_square)
+    family.prepare(loaded, path)
+    return loaded
 
 
 def _check_safetensors(files: list[Path]) -> None:

@@ -33,6 +33,8 @@ class ComponentSpec:
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     # ORT transformer-optimizer model type used for fusions (None: ORT's generic graph optimisations only)
     fusion_model_type: str | None = None
+    # Static (calibrated) int8 activations: for encoders. Decoders and embeddings get dynamic / weight-only int8.
+    static_int8: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Family:
     load_assets: Callable[[Any, Path], dict]  # (loaded model, bundle dir) -> manifest sections it wrote
     extras: Callable[[Any], dict]  # (HF model) -> numbers the runtime needs (e.g. logit_scale)
     required_files: tuple[str, ...]  # files a local checkpoint directory must have besides weights
+    # (loaded model, checkpoint dir or None for built-in/random) -> fills tokenizer file, chat template, special ids
+    prepare: Callable[[Any, Path | None], None]
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,6 @@ class ModelSpec:
     hf_id: str | None = None  # where the real weights live on the Hugging Face Hub
     tiny: bool = False  # a built-in test model: random weights, always available
     seed: int = 0
+    # Tokenizer used for tiny and --random-weights builds (a file in medc/compile/data), and its chat template
+    builtin_tokenizer: str | None = None
+    chat_template: str | None = None

@@ -52,6 +52,7 @@ class Manifest:
     preprocessing: dict = field(default_factory=dict)
     tokenizer: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)  # e.g. SigLIP logit_scale / logit_bias
+    generation: dict = field(default_factory=dict)  # decoders: KV layout (sliding/global), sizes, context limit
     toolchain: dict = field(default_factory=dict)
     build: dict = field(default_factory=dict)  # time taken, peak memory, options
     golden: str | None = None  # npz with held-out inputs and reference outputs for `medc verify`

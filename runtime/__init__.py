@@ -13,8 +13,14 @@ def _siglip(bundle, threads):
     return SiglipPipeline(bundle, threads=threads)
 
 
-# Model family (manifest["model"]["family"]) -> pipeline factory. MedGemma adds its generator here.
-PIPELINES = {"siglip": _siglip}
+def _gemma3(bundle, threads):
+    from medc.runtime.gemma import GemmaPipeline
+
+    return GemmaPipeline(bundle, threads=threads)
+
+
+# Model family (manifest["model"]["family"]) -> pipeline factory.
+PIPELINES = {"siglip": _siglip, "gemma3": _gemma3}
 
 
 def load(path: str | Path, target: str | None = None, threads: int | None = None, providers: list[str] | None = None):

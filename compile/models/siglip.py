@@ -109,7 +109,7 @@ def _image_calibration(loaded, folder: Path | None):
 
 
 def _text_dummy(loaded, batch, rng):
-    vocab = loaded.hf_model.config.text_config.vocab_size
+    vocab = loaded.config.text_config.vocab_size
     ids = rng.integers(2, vocab, (batch, loaded.text_length), dtype=np.int64)
     return {"input_ids": ids}
 
@@ -169,7 +169,14 @@ def extras(model) -> dict:
             "logit_bias": float(model.logit_bias.detach().reshape(-1)[0])}
 
 
+def prepare(loaded, checkpoint: Path | None) -> None:
+    from medc.compile.loader import builtin_data
+
+    loaded.tokenizer_file = checkpoint / "spiece.model" if checkpoint else builtin_data(loaded.spec.builtin_tokenizer)
+
+
 SIGLIP = Family(
     name="siglip", hf_class="SiglipModel", model_types=("siglip",), components=components,
     load_assets=write_assets, extras=extras, required_files=("spiece.model", "preprocessor_config.json"),
+    prepare=prepare,
 )

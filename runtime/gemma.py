@@ -1,0 +1,266 @@
+"""MedGemma / Gemma 3 at run time: prompts (chat template, image tokens), then prefill and cached decode.
+
+numpy + onnxruntime + tokenizers + jinja2; no torch. The KV cache stays in ONNX Runtime values between steps (the
+present outputs of one step are bound as the past inputs of the next), so a decode step does not copy the cache
+through numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from medc.errors import MedcError
+
+
+@dataclass
+class PromptAssets:
+    """What turning text (and images) into decoder inputs needs; built from a bundle manifest or at build time."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    chat_template: str | None
+    special_ids: dict[str, int]  # bos, eos, pad, boi, eoi, image, start_of_turn, end_of_turn
+    special_tokens: dict[str, str]  # the same, as strings
+    mm_tokens_per_image: int = 0
+    max_positions: int = 131072
+
+
+@dataclass
+class PromptBatch:
+    input_ids: np.ndarray  # int64 [B, S], left-padded
+    attention_mask: np.ndarray  # int64 [B, S], 0 on padding
+    position_ids: np.ndarray  # int64 [B, S]
+    token_type_ids: np.ndarray  # int64 [B, S], 1 on image soft tokens
+    lengths: list[int] = field(default_factory=list)
+
+
+def render_prompt(assets: PromptAssets, prompt: str, n_images: int) -> tuple[str, bool]:
+    """(text, add_special_tokens): the chat template for instruction models, plain completion for base models."""
+    boi = assets.special_tokens["boi"] if n_images else ""
+    if assets.chat_template:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise MedcError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        env.globals["raise_exception"] = raise_exception
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        text = env.from_string(assets.chat_template).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+            bos_token=assets.special_tokens["bos"], eos_token=assets.special_tokens["eos"])
+        return text, False  # the template writes <bos> itself
+    return boi * n_images + prompt, True
+
+
+def expand_images(assets: PromptAssets, text: str) -> str:
+    """Each <start_of_image> becomes the full image sequence, as Gemma3Processor does."""
+    t = assets.special_tokens
+    full = f"\n\n{t['boi']}{t['image'] * assets.mm_tokens_per_image}{t['eoi']}\n\n"
+    return text.replace(t["boi"], full)
+
+
+def encode_prompt(assets: PromptAssets, prompt: str, n_images: int = 0) -> list[int]:
+    if n_images and not assets.mm_tokens_per_image:
+        raise MedcError("this model is text-only: it takes no images.")
+    text, add_special = render_prompt(assets, prompt, n_images)
+    ids = assets.tokenizer.encode(expand_images(assets, text), add_special_tokens=add_special).ids
+    found = sum(1 for i in ids if i == assets.special_ids.get("image")) // max(assets.mm_tokens_per_image, 1)
+    if found != n_images:
+        raise MedcError(f"the prompt holds {found} image slots but {n_images} images were given.")
+    return ids
+
+
+def build_prompt_batch(assets: PromptAssets, prompts: list[str], images: list[list] | None = None) -> PromptBatch:
+    seqs = [encode_prompt(assets, p, len(images[i]) if images else 0) for i, p in enumerate(prompts)]
+    longest = max(len(s) for s in seqs)
+    b = len(seqs)
+    ids = np.full((b, longest), assets.special_ids["pad"], np.int64)
+    mask = np.zeros((b, longest), np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, longest - len(s):] = s
+        mask[i, longest - len(s):] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    types = (ids == assets.special_ids.get("image", -1)).astype(np.int64)
+    return PromptBatch(ids, mask, positions, types, [len(s) for s in seqs])
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise MedcError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens}).")
+        if self.temperature < 0:
+            raise MedcError(f"temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
+        if self.top_k < 0:
+            raise MedcError(f"top_k must be >= 0 (got {self.top_k}); 0 turns it off.")
+        if not 0 < self.top_p <= 1:
+            raise MedcError(f"top_p must be in (0, 1] (got {self.top_p}).")
+
+
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of [B, V] logits: greedy, or temperature / top-k / top-p sampling."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    x = logits.astype(np.float64) / params.temperature
+    if params.top_k:
+        kth = np.sort(x, axis=-1)[:, -min(params.top_k, x.shape[-1])][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if params.top_p < 1:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep = np.cumsum(sorted_p, -1) - sorted_p < params.top_p  # always keeps the top token
+        mask = np.zeros_like(p, bool)
+        np.put_along_axis(mask, order, keep, -1)
+        p = np.where(mask, p, 0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+class GemmaPipeline:
+    """`with medc.runtime.load(bundle) as m: print(m.generate("Is there a pneumothorax?", images=["cxr.png"]))`."""
+
+    def __init__(self, bundle, threads: int | None = None):
+        from medc.runtime.session import OrtSession
+
+        self.bundle = bundle
+        m = bundle.manifest
+        self.gen = m.generation
+        self._sessions = {name: OrtSession(bundle.file(c.file), bundle.providers, threads)
+                          for name, c in m.components.items()}
+        self.preprocess = None
+        if "image" in m.preprocessing:
+            from medc.runtime.preprocess import ImagePreprocessing
+
+            self.preprocess = ImagePreprocessing.from_json(m.preprocessing["image"])
+        self._assets = None
+
+    def __enter__(self) -> "GemmaPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+
+    @property
+    def assets(self) -> PromptAssets:
+        if self._assets is None:
+            from tokenizers import Tokenizer
+
+            t = self.bundle.manifest.tokenizer
+            self._assets = PromptAssets(
+                tokenizer=Tokenizer.from_file(str(self.bundle.file(t["file"]))), chat_template=t.get("chat_template"),
+                special_ids=t["special_ids"], special_tokens=t["special_tokens"],
+                mm_tokens_per_image=int(self.bundle.manifest.preprocessing.get("mm_tokens_per_image", 0)),
+                max_positions=int(self.gen["max_positions"]))
+        return self._assets
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return set(self.bundle.manifest.tokenizer["eos_token_ids"])
+
+    # -- generation -------------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], images=None, params: SamplingParams | None = None, **kw) -> str | list[str]:
+        """Whole answers. `prompt` may be a list (batched, left-padded); `images` a list of images for one prompt or a
+        list of lists for a batch."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        out = [[] for _ in prompts]
+        for step in self.stream(prompts, images, params, **kw):
+            for i, tok in enumerate(step):
+                if tok is not None:
+                    out[i].append(tok)
+        texts = [self.assets.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+        return texts[0] if single else texts
+
+    def generate_ids(self, prompts: list[str], images=None, params: SamplingParams | None = None, **kw) -> list[list[int]]:
+        out = [[] for _ in prompts]
+        for step in self.stream(prompts, images, params, **kw):
+            for i, tok in enumerate(step):
+                if tok is not None:
+                    out[i].append(tok)
+        return out
+
+    def stream(self, prompts: list[str], images=None, params: SamplingParams | None = None,
+               callback: Callable[[list[int | None]], None] | None = None, **kw) -> Iterator[list[int | None]]:
+        """Yields, per decode step, the new token of each prompt (None once that prompt has stopped)."""
+        params = params or SamplingParams(**kw)
+        params.validate()
+        if images is not None and prompts and images and not isinstance(images[0], (list, tuple)):
+            images = [list(images)] * len(prompts) if len(prompts) == 1 else [[im] for im in images]
+        batch = build_prompt_batch(self.assets, prompts, images)
+        b, s = batch.input_ids.shape
+        if s + params.max_new_tokens > self.assets.max_positions:
+            raise MedcError(f"prompt of {s} tokens + {params.max_new_tokens} new tokens exceeds this build's context "
+                            f"limit of {self.assets.max_positions} tokens; shorten the prompt or max_new_tokens.")
+        embeds = self._embed(batch.input_ids)
+        if images:
+            flat = [im for row in images for im in row]
+            feats = self._sessions["vision_encoder"].run({"pixel_values": self.preprocess(flat)})["image_features"]
+            embeds[batch.input_ids == self.assets.special_ids["image"]] = feats.reshape(-1, embeds.shape[-1])
+        rng = np.random.default_rng(params.seed)
+        decoder = self._sessions["decoder"].open()
+        past = self._empty_past(b)
+        feeds = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids,
+                 "token_type_ids": batch.token_type_ids, "logits_positions": np.array([s - 1], np.int64)}
+        mask, pos = batch.attention_mask, batch.position_ids[:, -1:]
+        done = np.zeros(b, bool)
+        for _ in range(params.max_new_tokens):
+            logits, past = self._step(decoder, feeds, past)
+            tokens = choose(logits[:, -1], params, rng)
+            step = [None if done[i] else int(t) for i, t in enumerate(tokens)]
+            done |= np.isin(tokens, list(self.eos_ids))
+            step = [None if (t is not None and t in self.eos_ids) else t for t in step]
+            if callback:
+                callback(step)
+            yield step
+            if done.all():
+                return
+            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+            pos = pos + 1
+            feeds = {"inputs_embeds": self._embed(tokens[:, None].astype(np.int64)), "attention_mask": mask,
+                     "position_ids": pos, "token_type_ids": np.zeros((b, 1), np.int64),
+                     "logits_positions": np.zeros(1, np.int64)}
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._sessions["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
+
+    def _empty_past(self, batch: int) -> dict:
+        import onnxruntime as ort
+
+        g = self.gen
+        shape = lambda: (batch, g["num_kv_heads"], 0, g["head_dim"])  # noqa: E731
+        return {f"past_{kv}.{i}": ort.OrtValue.ortvalue_from_numpy(np.zeros(shape(), np.float32))
+                for i in range(g["num_layers"]) for kv in ("key", "value")}
+
+    def _step(self, session, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:
+        """One decoder call with IOBinding: past KV goes in as the OrtValues the previous step produced."""
+        sess = session._sess
+        binding = sess.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        names = [o.name for o in sess.get_outputs()]
+        for name in names:
+            binding.bind_output(name, "cpu")
+        sess.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        logits = values[0].numpy()
+        present = {n.replace("present_", "past_"): v for n, v in zip(names[1:], values[1:])}
+        return logits, present
