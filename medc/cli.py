@@ -183,33 +183,71 @@ def verify(bundle):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable).")
-@click.option("--labels", help="Comma-separated labels for zero-shot classification.")
-@click.option("--text", "texts", multiple=True, help="Text to embed (repeatable).")
+@click.option("--labels", help="MedSigLIP: comma-separated labels for zero-shot classification.")
+@click.option("--text", "texts", multiple=True, help="MedSigLIP: text to embed (repeatable).")
+@click.option("--prompt", help="MedGemma: the question or text to continue (with --image for image questions).")
+@click.option("--max-new-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int, help="Sampling seed (reproducible answers).")
 @click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the embedding vectors).")
 @_friendly
-def run(bundle, images, labels, texts, target, threads, as_json):
-    """Run a bundle: zero-shot scores (--image + --labels), or embeddings (--image or --text)."""
+def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_k, top_p, seed, target, threads,
+        as_json):
+    """Run a bundle: MedSigLIP zero-shot scores or embeddings; MedGemma answers (streamed)."""
     from medc import runtime
 
+    with runtime.load(bundle, target=target, threads=threads) as model:
+        if hasattr(model, "generate"):
+            if not prompt:
+                raise MedcError("a MedGemma bundle needs --prompt TEXT (and --image FILE for image questions).")
+            _generate(model, prompt, list(images), dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                         top_k=top_k, top_p=top_p, seed=seed), as_json)
+            return
+        if prompt:
+            raise MedcError("--prompt is for MedGemma bundles; this bundle embeds images and texts (--image, --text).")
+        _siglip_run(model, images, labels, texts, as_json)
+
+
+def _generate(model, prompt, images, params, as_json):
+    """Stream the answer as it is decoded; --json prints it whole at the end."""
+    tokenizer = model.assets.tokenizer
+    ids: list[int] = []
+    shown = ""
+    for step in model.stream([prompt], images=[images] if images else None, **params):
+        if step[0] is None:
+            continue
+        ids.append(step[0])
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not as_json:
+            click.echo(text[len(shown):], nl=False)
+        shown = text
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "answer": shown, "tokens": len(ids)}))
+    else:
+        click.echo()
+
+
+def _siglip_run(model, images, labels, texts, as_json):
     if not images and not texts:
         raise MedcError("nothing to run: pass --image FILE (with --labels for zero-shot) and/or --text TEXT.")
     result = {}
-    with runtime.load(bundle, target=target, threads=threads) as model:
-        if images and labels:
-            label_list = [l.strip() for l in labels.split(",") if l.strip()]
-            probs = model.zero_shot(images, label_list)
-            result["zero_shot"] = [{"image": Path(p).name, "scores": dict(zip(label_list, map(float, row)))}
-                                   for p, row in zip(images, probs)]
-        elif images:
-            emb = model.embed_images(images)
-            result["image_embeds"] = [{"image": Path(p).name, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
-                                       **({"vector": e.tolist()} if as_json else {})} for p, e in zip(images, emb)]
-        if texts:
-            emb = model.embed_texts(texts)
-            result["text_embeds"] = [{"text": t, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
-                                      **({"vector": e.tolist()} if as_json else {})} for t, e in zip(texts, emb)]
+    if images and labels:
+        label_list = [l.strip() for l in labels.split(",") if l.strip()]
+        probs = model.zero_shot(images, label_list)
+        result["zero_shot"] = [{"image": Path(p).name, "scores": dict(zip(label_list, map(float, row)))}
+                               for p, row in zip(images, probs)]
+    elif images:
+        emb = model.embed_images(images)
+        result["image_embeds"] = [{"image": Path(p).name, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
+                                   **({"vector": e.tolist()} if as_json else {})} for p, e in zip(images, emb)]
+    if texts:
+        emb = model.embed_texts(texts)
+        result["text_embeds"] = [{"text": t, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
+                                  **({"vector": e.tolist()} if as_json else {})} for t, e in zip(texts, emb)]
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

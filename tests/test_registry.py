@@ -12,7 +12,12 @@ from medc.compile.registry import MODELS
 # Each registered model and the tests that cover it. The guard below fails when a model is added without tests.
 TESTED = {
     "medsiglip-448": "test_medsiglip_448_architecture, test_registry_model_without_weights (test_bad_input)",
-    "medsiglip-tiny": "every test that builds a bundle",
+    "medsiglip-tiny": "every test that builds a MedSigLIP bundle",
+    "medgemma-4b-it": "test_real_configs (test_gemma), test_dry_run_plan",
+    "medgemma-4b-pt": "test_dry_run_plan (no chat template: plain completion), test_real_configs",
+    "medgemma-1.5-4b-it": "test_dry_run_plan",
+    "medgemma-27b-text-it": "test_real_configs, test_27b_attention_shapes_on_a_2_layer_model (test_gemma)",
+    "medgemma-tiny": "test_gemma: export parity, generation vs HF generate, sampling, bad input",
 }
 
 
@@ -71,6 +76,16 @@ def test_dry_run_plan(name):
     from medc.compile.build import BuildOptions, plan_only
 
     plan = plan_only(BuildOptions(model=name, out="x", precision="int8", random_weights=True))
-    assert [c.name for c in plan.components] == ["image_encoder", "text_encoder"]
-    assert all(c.methods == ["int8-static-qdq", "int8-dynamic"] for c in plan.components)
+    spec = MODELS[name]
+    comps = spec.family.components(loader._config_from_dict(spec.family, spec.config))
+    assert [c.name for c in plan.components] == [c.name for c in comps]
+    for c, p in zip(comps, plan.components):
+        if "int8" not in c.precisions:
+            assert p.precision == "fp32" and any(c.name in n for n in plan.notes)
+        elif c.static_int8:  # encoders: calibrated Q/DQ and dynamic int8 both built, the faster passing one kept
+            assert p.methods == ["int8-static-qdq", "int8-dynamic"]
+        else:  # decoders: dynamic activations only
+            assert p.methods == ["int8-dynamic"]
     assert "fidelity gate" in plan.render()
+    if name == "medgemma-4b-pt":
+        assert spec.chat_template is None
