@@ -200,6 +200,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             toolchain=toolchain_versions(), golden="golden.npz",
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             build={"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
+                   "peak_rss_isolated_steps_mib": peak_rss_mib(children=True),
                    "precision": opts.precision, "allow_degraded": opts.allow_degraded,
                    "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer},
             **assets,

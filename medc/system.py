@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB."""
+def peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory so far, MiB: of this process, or of the largest finished child (isolated steps)."""
     import resource
 
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
 
 
