@@ -139,6 +139,17 @@ def plan_only(opts: BuildOptions) -> Plan:
     if opts.model in MODELS:
         spec = MODELS[opts.model]
         config = spec.config
+    elif opts.model.endswith(".gguf") and Path(opts.model).is_file():
+        from transformers import AutoConfig
+
+        from medc.compile.loader import gguf_architecture
+
+        if gguf_architecture(Path(opts.model)) != "gemma3":
+            raise MedcError(f"{opts.model} is not a Gemma 3 GGUF file.")
+        model_path = Path(opts.model)
+        config = AutoConfig.from_pretrained(model_path.parent, gguf_file=model_path.name).to_dict()
+        spec = ModelSpec(name=model_path.stem, family=family_for_model_type("gemma3_text"), description="",
+                         config=config, preprocessor={})
     else:
         cfg = Path(opts.model) / "config.json"
         if not cfg.is_file():
@@ -181,6 +192,10 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         prepared = {cp.name: _export_and_reference(cp, comps[cp.name], loaded, opts, work, golden, step)
                     for cp in plan.components}
         extras = loaded.family.extras(loaded.hf_model)
+        gate_ref = None
+        if loaded.family.gate_reference:
+            step("whole-model reference (greedy tokens, perplexity)")
+            gate_ref = loaded.family.gate_reference(loaded)
         # Phase 2, ONNX only: free the PyTorch model first (3.5 GB at MedSigLIP's size) so that ONNX Runtime's
         # optimisers and quantisers, which hold whole graphs in memory, have the room.
         loaded.hf_model = None
@@ -205,6 +220,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                    "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer},
             **assets,
         )
+        if gate_ref is not None:
+            manifest.build["generation_gate"] = _whole_model_gate(loaded.family, manifest, stage, gate_ref, opts, step)
         manifest.files = hash_files(stage)
         manifest.write(stage)
         os.chmod(stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and read
@@ -296,10 +313,14 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         log.warning("%s below its %s gate; kept because of --allow-degraded", cp.name, cp.precision)
     else:
         worst = max(candidates, key=lambda c: c[3]["worst"]["cosine"])[3]["worst"]
+        if cp.precision == "fp32":
+            fix = "at fp32 this points to the graph optimiser: try --optimizer none, or"
+        else:
+            fix = (f"try a higher precision for this component (--precision {cp.name}=fp32)"
+                   + (", more representative --calibration images" if "int8-static-qdq" in cp.methods else "") + ", or")
         raise FidelityError(
             f"{cp.name} at {cp.precision} fails the fidelity gate: worst cosine {worst['cosine']:.6f}, max abs error "
-            f"{worst['max_abs']:.3g}; required {tol.describe()}. Nothing was written. Try a higher precision for "
-            f"this component (--precision {cp.name}=fp32), more representative --calibration images, or "
+            f"{worst['max_abs']:.3g}; required {tol.describe()}. Nothing was written. To fix: {fix} "
             "--allow-degraded to keep it anyway (recorded in the manifest).")
     method, path, info, evaluation, seconds, optimizations = chosen
     if len(candidates) > 1:
@@ -327,6 +348,25 @@ def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
             sess.run(example)
             times.append(time.perf_counter() - t)
         return evaluation, float(np.median(times))
+
+
+def _whole_model_gate(family, manifest: Manifest, stage: Path, reference: dict, opts, step) -> dict:
+    """Generative models: run the finished bundle through the runtime (greedy tokens, perplexity) vs the reference."""
+    from medc.runtime import PIPELINES
+    from medc.runtime.bundle import open_bundle
+
+    step("whole-model gate through the runtime")
+    manifest.write(stage)  # provisional: the runtime reads the manifest
+    with PIPELINES[family.name](open_bundle(stage, verify=False), None) as pipeline:
+        result = family.gate_check(pipeline, reference, {n: c.precision for n, c in manifest.components.items()})
+    log.info("whole-model gate: %s", {k: v for k, v in result.items() if k != "text"})
+    if not result["passed"] and not opts.allow_degraded:
+        raise FidelityError(
+            f"the bundle fails the whole-model gate ({result['rule']}): greedy prefix agreement "
+            f"{result['greedy_prefix_agreement']} of {result['greedy_new_tokens']}, perplexity {result['perplexity']:.3f} "
+            f"vs {result['reference_perplexity']:.3f} ({result['perplexity_increase']:+.2%}). Nothing was written. "
+            "Use a higher decoder precision, or --allow-degraded to keep it (recorded in the manifest).")
+    return result
 
 
 def _check_out(out: Path, force: bool) -> None:

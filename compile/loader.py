@@ -169,6 +169,8 @@ def load(model: str, random_weights: bool = False, pad_to_square: bool = False) 
     if path.exists():
         if random_weights:
             raise MedcError("--random-weights applies to registry names, not checkpoint directories.")
+        if path.suffix == ".gguf":
+            return load_gguf(path)
         return load_checkpoint(path, spec=None, pad_to_square=pad_to_square)
     known = ", ".join(sorted(MODELS))
     raise MedcError(f"unknown model {model!r}: not a registered model ({known}) and not a local directory.")
@@ -221,6 +223,65 @@ def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = Fa
     loaded = LoadedModel(spec=spec, hf_model=model.float().eval(), config=model.config, source=source,
                          preprocessor_config=pre, checkpoint=path, pad_to_square=pad_to_square)
     family.prepare(loaded, path)
+    return loaded
+
+
+def gguf_architecture(path: Path) -> str:
+    """The `general.architecture` of a GGUF file, read from its header (memory-mapped, no weights loaded)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise MedcError("reading GGUF files needs the `gguf` package: pip install 'medc[build]'.") from None
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise ValueError, KeyError, struct errors...
+        raise MedcError(f"{path.name} is not a readable GGUF file ({type(e).__name__}); download it again.") from None
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    """A Gemma 3 GGUF file (e.g. Gemma 3 270M Q4_K_M): dequantised to fp32 by transformers, as Gemma3ForCausalLM.
+
+    The tokenizer is converted from the GGUF once and cached (with the config) under ~/.cache/medc/gguf/<sha256>/,
+    which then serves as the checkpoint folder for the tokenizer and chat template.
+    """
+    import shutil
+
+    from medc.compile.registry import FAMILIES
+    from medc.manifest import sha256_file
+
+    path = Path(path).resolve()
+    arch = gguf_architecture(path)
+    if arch != "gemma3":
+        raise MedcError(f"{path.name} is a GGUF of a {arch!r} model; medc builds Gemma 3 GGUF files (gemma3).")
+    digest = sha256_file(path)
+    cache = Path.home() / ".cache" / "medc" / "gguf" / digest[:16]
+    try:
+        from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+        model = Gemma3ForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32",
+                                                  trust_remote_code=False)
+        if not (cache / "tokenizer.json").is_file():
+            tmp = cache.with_name(cache.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+            shutil.rmtree(cache, ignore_errors=True)
+            tmp.rename(cache)
+    except MedcError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise MedcError(f"cannot load {path.name} as Gemma3ForCausalLM: {str(e).splitlines()[0][:300]}") from None
+    # transformers keeps the GGUF quantizer on the model and then refuses save_pretrained; the weights are fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    family = FAMILIES["Gemma3ForCausalLM"]
+    spec = ModelSpec(name=path.stem, family=family, description=f"Gemma 3 GGUF ({path.name}), dequantised to fp32",
+                     config=model.config.to_dict(), preprocessor={})
+    loaded = LoadedModel(spec=spec, hf_model=model.eval(), config=model.config,  # already fp32 (dtype above)
+                         source={"kind": "checkpoint", "format": "gguf", "path": str(path), "sha256": digest},
+                         preprocessor_config={}, checkpoint=cache)
+    family.prepare(loaded, cache)
     return loaded
 
 

@@ -50,6 +50,10 @@ class Family:
     required_files: tuple[str, ...]  # files a local checkpoint directory must have besides weights
     # (loaded model, checkpoint dir or None for built-in/random) -> fills tokenizer file, chat template, special ids
     prepare: Callable[[Any, Path | None], None]
+    # Generative models, real weights: a whole-model gate run through the runtime on the finished bundle.
+    # gate_reference(loaded) -> reference (torch phase); gate_check(pipeline, reference, precisions) -> result
+    gate_reference: Callable[[Any], dict] | None = None
+    gate_check: Callable[[Any, dict, dict], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def render_prompt(assets: PromptAssets, prompt: str, n_images: int) -> tuple[str
 def expand_images(assets: PromptAssets, text: str) -> str:
     """Each <start_of_image> becomes the full image sequence, as Gemma3Processor does."""
     t = assets.special_tokens
+    if not assets.mm_tokens_per_image or "boi" not in t:  # text-only model
+        return text
     full = f"\n\n{t['boi']}{t['image'] * assets.mm_tokens_per_image}{t['eoi']}\n\n"
     return text.replace(t["boi"], full)
 
@@ -96,6 +98,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # run exactly max_new_tokens (benchmarks and fidelity gates)
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -224,8 +227,9 @@ class GemmaPipeline:
             logits, past = self._step(decoder, feeds, past)
             tokens = choose(logits[:, -1], params, rng)
             step = [None if done[i] else int(t) for i, t in enumerate(tokens)]
-            done |= np.isin(tokens, list(self.eos_ids))
-            step = [None if (t is not None and t in self.eos_ids) else t for t in step]
+            if not params.ignore_eos:
+                done |= np.isin(tokens, list(self.eos_ids))
+                step = [None if (t is not None and t in self.eos_ids) else t for t in step]
             if callback:
                 callback(step)
             yield step
