@@ -99,8 +99,8 @@ def _methods(precision: str, target, comp) -> list[str]:
         return []
     if precision == "fp16":
         return ["fp16"]
-    if not comp.static_int8:  # decoders: masks, outliers and prefill/decode shapes break static activation ranges
-        return ["int8-dynamic"]
+    if not comp.static_int8:  # decoders: outliers, masks and prefill/decode shapes break activation ranges
+        return ["int8-weight-only"]
     return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
 
 

@@ -26,5 +26,13 @@ def run(fn, src: Path, *args, isolate: bool | None = None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_quiet) as pool:
         return pool.submit(fn, src, *args).result()
+
+
+def _quiet() -> None:
+    """In the child: onnxruntime.quantization logs advice to the root logger that a medc user cannot act on."""
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)

@@ -6,6 +6,7 @@ Methods, each a registry entry that writes `dst` from an fp32 graph:
   0), per-channel weights, activation ranges from calibration data. This is the form TensorRT consumes (implicit
   calibrators are deprecated since TensorRT 10.1). Only MatMuls with a constant weight are quantised: the attention
   score products stay in float, where the softmax range would waste half of a symmetric int8 scale.
+- `int8-weight-only`: decoders; blockwise int8 weights (MatMulNBits), blockwise dynamic activations.
 - `int8-dynamic`: per-channel int8 weights, activations quantised per call (MatMulInteger); ONNX Runtime CPU's fast
   path. Dynamic ranges are exact per call, so the attention products can be quantised here too.
 """
@@ -41,6 +42,26 @@ def _int8_dynamic(src: Path, dst: Path, calibration=None) -> dict:
                      op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": False},
                      use_external_data_format=_external(src))
     return {"method": "int8-dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per call"}
+
+
+def _int8_weight_only(src: Path, dst: Path, calibration=None) -> dict:
+    """Decoders: int8 weights in blocks of 16 (MatMulNBits), activations quantised per block of 16 at run time
+    (accuracy level 4, MLAS's int8 kernels). Measured on Gemma 3 270M, perplexity (GPL-3, 4 x 512) vs fp32 and
+    decode speed (2 threads): per-tensor dynamic int8 +20% (Gemma's activation outliers), 62 tok/s; blocks of 32
+    +0.49%, 52 tok/s; blocks of 16 +0.15%, 52 tok/s; fp32 arithmetic (level 1) +0.04% but 1 tok/s (no fast
+    kernel: it dequantises every call); fp32 27 tok/s."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from medc.compile.export import save_onnx
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
+    config = DefaultWeightOnlyQuantConfig(block_size=16, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quantizer.process()
+    save_onnx(quantizer.model.model, dst)
+    return {"method": "int8-weight-only", "weights": "int8 symmetric, blocks of 16 (MatMulNBits)",
+            "activations": "int8 per block of 16, at run time", "accuracy_level": 4}
 
 
 class _Reader:
@@ -93,7 +114,8 @@ def calibration_digest(feeds: list[dict[str, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
-METHODS = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static-qdq": _int8_static_qdq}
+METHODS = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static-qdq": _int8_static_qdq,
+           "int8-weight-only": _int8_weight_only}
 
 # The graph each int8 method starts from. Both quantise MatMul/Gemm nodes, so attention must not be fused into one
 # Attention op (its QKV projection would stay fp32); other methods use the build's optimiser (default: xformers).

@@ -286,6 +286,41 @@ def bench(bundle, batch, repeat, warmup, threads, components, baseline, json_out
         click.echo(f"wrote {json_out}")
 
 
+@main.command(name="eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--perplexity", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Text file to score (default: a real English text found on this machine, e.g. GPL-3).")
+@click.option("--window", default=512, show_default=True, help="Tokens per window, [BOS] included.")
+@click.option("--max-windows", default=None, type=int, help="Score at most N windows.")
+@click.option("--reference", is_flag=True, help="Also score the source checkpoint with HF PyTorch fp32 (medc[build]).")
+@click.option("--threads", type=int, default=None)
+@_friendly
+def eval_(bundle, text_file, window, max_windows, reference, threads):
+    """Perplexity of a MedGemma / Gemma 3 bundle on a text file (as llama-perplexity computes it)."""
+    from medc import runtime
+    from medc.runtime import evaluate
+
+    text_file = text_file or evaluate.default_text()
+    try:
+        text = Path(text_file).read_text(errors="strict")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MedcError(f"cannot read {text_file} as UTF-8 text ({type(e).__name__}).") from None
+    with runtime.load(bundle, threads=threads) as model:
+        if not hasattr(model, "generate"):
+            raise MedcError("perplexity needs a generative (MedGemma / Gemma 3) bundle.")
+        wins = evaluate.windows(model.assets.tokenizer, model.assets.special_ids["bos"], text, window, max_windows)
+        ours = evaluate.perplexity(evaluate.bundle_logits_fn(model), wins)
+        source = model.bundle.manifest.model["source"]
+    click.echo(f"{Path(text_file).name}: {ours['windows']} windows x {window} tokens")
+    click.echo(f"bundle     perplexity {ours['perplexity']:.4f}")
+    if reference:
+        from medc.compile.gates import reference_logits_fn
+
+        ref = evaluate.perplexity(reference_logits_fn(source), wins)
+        click.echo(f"reference  perplexity {ref['perplexity']:.4f}  (HF PyTorch fp32)")
+        click.echo(f"difference {ours['perplexity'] / ref['perplexity'] - 1:+.3%}")
+
+
 @main.command()
 def models():
     """List registered models."""

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.session import Pipeline
 
 
 @dataclass
@@ -132,33 +133,19 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
-class GemmaPipeline:
+class GemmaPipeline(Pipeline):
     """`with medc.runtime.load(bundle) as m: print(m.generate("Is there a pneumothorax?", images=["cxr.png"]))`."""
 
     def __init__(self, bundle, threads: int | None = None):
-        from medc.runtime.session import OrtSession
-
-        self.bundle = bundle
+        super().__init__(bundle, threads)
         m = bundle.manifest
         self.gen = m.generation
-        self._sessions = {name: OrtSession(bundle.file(c.file), bundle.providers, threads)
-                          for name, c in m.components.items()}
         self.preprocess = None
         if "image" in m.preprocessing:
             from medc.runtime.preprocess import ImagePreprocessing
 
             self.preprocess = ImagePreprocessing.from_json(m.preprocessing["image"])
         self._assets = None
-
-    def __enter__(self) -> "GemmaPipeline":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for s in self._sessions.values():
-            s.close()
 
     @property
     def assets(self) -> PromptAssets:

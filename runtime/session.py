@@ -52,3 +52,22 @@ class OrtSession:
         sess = self.open()._sess
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds)))
+
+
+class Pipeline:
+    """Base of the model pipelines: one lazily opened session per bundle component; a context manager."""
+
+    def __init__(self, bundle, threads: int | None = None):
+        self.bundle = bundle
+        self._sessions = {name: OrtSession(bundle.file(c.file), bundle.providers, threads)
+                          for name, c in bundle.manifest.components.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()

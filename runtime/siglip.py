@@ -9,7 +9,7 @@ import numpy as np
 from medc.errors import MedcError
 from medc.runtime.bundle import Bundle
 from medc.runtime.preprocess import ImagePreprocessing
-from medc.runtime.session import OrtSession
+from medc.runtime.session import Pipeline
 from medc.runtime.tokenizer import SiglipTokenizer
 
 
@@ -17,29 +17,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-class SiglipPipeline:
+class SiglipPipeline(Pipeline):
     """`with medc.runtime.load(bundle) as m: m.zero_shot(["cxr.png"], ["pneumothorax", "normal"])`."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
-        self.bundle = bundle
+        super().__init__(bundle, threads)
         m = bundle.manifest
         self.preprocess = ImagePreprocessing.from_json(m.preprocessing["image"])
         self.logit_scale = float(m.extras["logit_scale"])
         self.logit_bias = float(m.extras["logit_bias"])
-        self._sessions = {name: OrtSession(bundle.file(c.file), bundle.providers, threads)
-                          for name, c in m.components.items()}
         self._tokenizer = None
-
-    # -- lifecycle --
-    def __enter__(self) -> "SiglipPipeline":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for s in self._sessions.values():
-            s.close()
 
     @property
     def tokenizer(self) -> SiglipTokenizer:

@@ -184,7 +184,7 @@ def test_streaming_sampling_and_stop(gemma_fp32):
 
 def test_int8_decoder_gate(gemma_int8):
     m = Manifest.read(gemma_int8)
-    assert m.components["decoder"].quantization["method"] == "int8-dynamic"
+    assert m.components["decoder"].quantization["method"] == "int8-weight-only"
     assert m.components["embed_tokens"].precision == "fp32"  # no int8 form: stays fp32 under a global int8
     for c in m.components.values():
         assert c.fidelity["passed"]

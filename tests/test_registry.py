@@ -84,8 +84,8 @@ def test_dry_run_plan(name):
             assert p.precision == "fp32" and any(c.name in n for n in plan.notes)
         elif c.static_int8:  # encoders: calibrated Q/DQ and dynamic int8 both built, the faster passing one kept
             assert p.methods == ["int8-static-qdq", "int8-dynamic"]
-        else:  # decoders: dynamic activations only
-            assert p.methods == ["int8-dynamic"]
+        else:  # decoders: weight-only int8 (activation outliers)
+            assert p.methods == ["int8-weight-only"]
     assert "fidelity gate" in plan.render()
     if name == "medgemma-4b-pt":
         assert spec.chat_template is None

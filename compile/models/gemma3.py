@@ -424,11 +424,15 @@ def gate_reference(loaded) -> dict:
     """HF fp32 greedy tokens and perplexity (real weights only; tiny/random weights are gated on logits)."""
     import torch
 
+    from medc.compile.gates import hf_logits_fn
     from medc.runtime import evaluate
     from medc.runtime.gemma import build_prompt_batch
 
     if loaded.source["kind"] != "checkpoint":
         return {"applied": "teacher-forced logits (random weights: greedy text is fragile at near-ties)"}
+    cached = _reference_cache(loaded)
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text(), object_hook=_unjson)
     assets = loaded.prompt_assets()
     model = loaded.hf_model
     greedy = []
@@ -441,15 +445,31 @@ def gate_reference(loaded) -> dict:
             greedy.append(out[0, batch.input_ids.shape[1]:].tolist())
         text_path = evaluate.default_text()
         wins = evaluate.windows(assets.tokenizer, loaded.special_ids["bos"], text_path.read_text(), 512, GATE_WINDOWS)
-
-        def logits_fn(ids):
-            return model(input_ids=torch.from_numpy(ids[None]), logits_to_keep=0).logits[0].numpy()
-
-        ppl = evaluate.perplexity(logits_fn, wins)
+        ppl = evaluate.perplexity(hf_logits_fn(model), wins)
     from medc.manifest import sha256_file
 
-    return {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
-            "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
+    reference = {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
+                 "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist()}))
+    return reference
+
+
+def _reference_cache(loaded) -> Path | None:
+    """Where the HF reference of an identified source file (a GGUF's sha256) is kept between builds: it is a pure
+    function of the weights, the gate settings and the transformers version, and costs minutes on big models."""
+    from importlib import metadata
+
+    digest = loaded.source.get("sha256")
+    if not digest:
+        return None
+    key = f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
+    return Path.home() / ".cache" / "medc" / "gate-reference" / f"{key}.json"
+
+
+def _unjson(d: dict):
+    return np.asarray(d["__array__"], np.int64) if "__array__" in d else d
 
 
 def gate_check(pipeline, reference: dict, precisions: dict) -> dict:

