@@ -142,11 +142,10 @@ def plan_only(opts: BuildOptions) -> Plan:
     elif opts.model.endswith(".gguf") and Path(opts.model).is_file():
         from transformers import AutoConfig
 
-        from medc.compile.loader import gguf_architecture
+        from medc.compile.loader import check_gguf
 
-        if gguf_architecture(Path(opts.model)) != "gemma3":
-            raise MedcError(f"{opts.model} is not a Gemma 3 GGUF file.")
         model_path = Path(opts.model)
+        check_gguf(model_path)
         config = AutoConfig.from_pretrained(model_path.parent, gguf_file=model_path.name).to_dict()
         spec = ModelSpec(name=model_path.stem, family=family_for_model_type("gemma3_text"), description="",
                          config=config, preprocessor={})

@@ -239,6 +239,12 @@ def gguf_architecture(path: Path) -> str:
         raise MedcError(f"{path.name} is not a readable GGUF file ({type(e).__name__}); download it again.") from None
 
 
+def check_gguf(path: Path) -> None:
+    arch = gguf_architecture(path)
+    if arch != "gemma3":
+        raise MedcError(f"{path.name} is a GGUF of a {arch!r} model; medc builds Gemma 3 GGUF files (gemma3).")
+
+
 def load_gguf(path: Path) -> LoadedModel:
     """A Gemma 3 GGUF file (e.g. Gemma 3 270M Q4_K_M): dequantised to fp32 by transformers, as Gemma3ForCausalLM.
 
@@ -251,9 +257,7 @@ def load_gguf(path: Path) -> LoadedModel:
     from medc.manifest import sha256_file
 
     path = Path(path).resolve()
-    arch = gguf_architecture(path)
-    if arch != "gemma3":
-        raise MedcError(f"{path.name} is a GGUF of a {arch!r} model; medc builds Gemma 3 GGUF files (gemma3).")
+    check_gguf(path)
     digest = sha256_file(path)
     cache = Path.home() / ".cache" / "medc" / "gguf" / digest[:16]
     try:
