@@ -140,7 +140,7 @@ def build_random(spec: ModelSpec, seed: int | None = None):
 
 
 def load(model: str, random_weights: bool = False, pad_to_square: bool = False) -> LoadedModel:
-    from medc.compile.registry import MODELS, family_for_model_type
+    from medc.compile.registry import MODELS
 
     if model in MODELS:
         spec = MODELS[model]

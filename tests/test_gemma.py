@@ -17,8 +17,6 @@ from medc.errors import MedcError
 from medc.manifest import Manifest
 from medc.runtime.gemma import build_prompt_batch
 
-from conftest import cosine_rows
-
 PROMPTS = ["Is there a pneumothorax?", "List three causes of pleural effusion in an adult patient."]
 
 
