@@ -7,12 +7,14 @@ leaves a half bundle at OUT.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +23,6 @@ import numpy as np
 
 from medc.errors import FidelityError, MedcError
 from medc.manifest import ComponentEntry, Manifest, hash_files
-from medc.specs import PRECISIONS
 from medc.system import peak_rss_mib, toolchain_versions
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 class BuildOptions:
     model: str
     out: Path
-    precision: str = "fp32"  # "int8", or per component: "image_encoder=int8,text_encoder=fp32"
+    precision: str = "fp32"  # a preset (compile/recipes.py) or per component: "image_encoder=int8,text_encoder=fp32"
     target: str = "cpu"
+    recipe: Path | None = None  # a recipe file (JSON/TOML); replaces --precision
+    flavour: str | None = None  # decoder graph form, "ort" | "portable"; None: the target's
     calibration: Path | None = None
     random_weights: bool = False
     allow_degraded: bool = False
@@ -40,6 +43,7 @@ class BuildOptions:
     pad_to_square: bool = False
     optimizer: str = "xformers"
     timing_runs: int = 3  # runs per candidate when choosing the faster int8 method
+    stream: bool = False  # force the streamed path (compile/stream.py); otherwise chosen by model size
 
 
 @dataclass
@@ -48,10 +52,15 @@ class ComponentPlan:
     precision: str
     methods: list[str]  # candidate conversions after export+optimise; several = measure and keep the fastest passing
     file: str
+    options: dict = field(default_factory=dict)  # passed to the conversion (weight-only: lm_head precision, format)
+    optimizer: str | None = None  # None: the build's --optimizer
 
     def stages(self) -> list[str]:
         conv = " | ".join(self.methods) if self.methods else "none (fp32)"
-        return ["export (torch.onnx dynamo, dynamic batch)", "optimise (transformer fusions)",
+        if self.methods and "lm_head" in self.options:
+            conv += f" (lm_head {self.options['lm_head']}, {self.options.get('format', 'nbits')})"
+        opt = "standard ONNX ops only (portable)" if self.optimizer == "none" else "transformer fusions"
+        return ["export (torch.onnx dynamo, dynamic batch)", f"optimise ({opt})",
                 f"convert: {conv}", "fidelity gate vs PyTorch fp32 on held-out inputs"]
 
 
@@ -63,9 +72,13 @@ class Plan:
     components: list[ComponentPlan]
     source: str
     notes: list[str] = field(default_factory=list)
+    recipe: dict = field(default_factory=dict)
 
     def render(self) -> str:
         lines = [f"medc build plan: {self.model} ({self.source}) -> {self.out}  [target {self.target}]"]
+        if self.recipe:
+            lines.append(f"  recipe ({self.recipe['source']}): "
+                         + ", ".join(f"{k}={v}" for k, v in self.recipe["precisions"].items()))
         for c in self.components:
             lines.append(f"  {c.name}: {c.precision} -> {c.file}")
             lines += [f"    {i}. {s}" for i, s in enumerate(c.stages(), 1)]
@@ -75,58 +88,45 @@ class Plan:
         return "\n".join(lines)
 
 
-def parse_precision(value: str, components: list[str]) -> dict[str, str]:
-    """'int8' -> every component int8; 'image_encoder=int8,text_encoder=fp32' -> per component (others fp32)."""
-    value = value.strip()
-    if "=" not in value:
-        if value not in PRECISIONS:
-            raise MedcError(f"unknown precision {value!r}; choose one of {', '.join(PRECISIONS)}.")
-        return {c: value for c in components}
-    chosen = {c: "fp32" for c in components}
-    for part in value.split(","):
-        name, _, prec = part.partition("=")
-        name, prec = name.strip(), prec.strip()
-        if name not in chosen:
-            raise MedcError(f"--precision names component {name!r}; this model has {', '.join(components)}.")
-        if prec not in PRECISIONS:
-            raise MedcError(f"unknown precision {prec!r} for {name}; choose one of {', '.join(PRECISIONS)}.")
-        chosen[name] = prec
-    return chosen
-
-
 def _methods(precision: str, target, comp) -> list[str]:
     if precision == "fp32":
         return []
     if precision == "fp16":
         return ["fp16"]
     if not comp.static_int8:  # decoders: outliers, masks and prefill/decode shapes break activation ranges
-        return ["int8-weight-only"]
+        return ["weight-only"]
     return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
 
 
+FLAVOURS = ("ort", "portable")
+
+
 def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
+    from medc.compile import recipes
     from medc.targets import get_target
 
     target = get_target(opts.target)
+    flavour = opts.flavour or target.graph_flavour
+    if flavour not in FLAVOURS:
+        raise MedcError(f"unknown graph flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}.")
     comps = spec.family.components(hf_config)
-    precisions = parse_precision(opts.precision, [c.name for c in comps])
-    per_component = "=" in opts.precision
-    plans, notes = [], []
+    recipe = recipes.resolve(opts.precision, opts.recipe, comps, target)
+    plans, notes = [], list(recipe.notes)
     for c in comps:
-        p = precisions[c.name]
-        if p not in c.precisions and not per_component:  # a global precision: components that lack it stay fp32
-            notes.append(f"{c.name} has no {p} form; built in fp32")
-            p = "fp32"
-        if p not in c.precisions:
-            raise MedcError(f"{c.name} cannot be built in {p}; it allows {', '.join(c.precisions)}.")
-        if p not in target.precisions:
-            raise MedcError(f"target {target.name} does not offer {p} (it offers {', '.join(target.precisions)}). "
-                            + " ".join(target.notes))
-        plans.append(ComponentPlan(c.name, p, _methods(p, target, c), f"{c.name}.onnx"))
+        p = recipe.precisions[c.name]
+        options = {}
+        if c.parts:  # weight-only conversion of a decoder: its lm_head's precision and the weight format
+            options = {"precision": p, **{part: recipe.precisions[part] for part in c.parts},
+                       "format": "qdq" if flavour == "portable" else "nbits", **recipe.options}
+        methods = _methods(p, target, c)
+        if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
+            methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
+        optimizer = "none" if (flavour == "portable" and c.parts) else None
+        plans.append(ComponentPlan(c.name, p, methods, f"{c.name}.onnx", options, optimizer))
     source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
     if source != "checkpoint":
         notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")
-    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes)
+    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes, {**recipe.to_json(), "flavour": flavour})
 
 
 def plan_only(opts: BuildOptions) -> Plan:
@@ -166,7 +166,7 @@ def plan_only(opts: BuildOptions) -> Plan:
 
 # -- the build ------------------------------------------------------------------------------------------------------
 def build(opts: BuildOptions, progress=None) -> Manifest:
-    from medc.compile import loader
+    from medc.compile import loader, stream
     from medc.targets import get_target
 
     t0 = time.perf_counter()
@@ -177,7 +177,9 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     plan_only(opts)  # validate precision/target before spending minutes loading weights
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
-    loaded = loader.load(opts.model, random_weights=opts.random_weights, pad_to_square=opts.pad_to_square)
+    streamed = stream.reason(opts)  # None: the whole fp32 model fits in memory
+    loaded = loader.load(opts.model, random_weights=opts.random_weights, pad_to_square=opts.pad_to_square,
+                         empty=streamed is not None)
     plan = make_plan(opts, loaded.spec, loaded.config)
     target = get_target(opts.target)
     comps = {c.name: c for c in loaded.family.components(loaded.config)}
@@ -188,13 +190,22 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     try:
         # Phase 1, torch: export every component and record the fp32 reference on held-out inputs.
         golden: dict[str, np.ndarray] = {}
-        prepared = {cp.name: _export_and_reference(cp, comps[cp.name], loaded, opts, work, golden, step)
-                    for cp in plan.components}
-        extras = loaded.family.extras(loaded.hf_model)
+        if streamed:  # -- streamed path (compile/stream.py): the model is empty, weights come one at a time --
+            step(f"streamed build: {streamed}")
+            streamer = stream.StreamedBuild(loaded, streamed)
+            prepared = {cp.name: streamer.prepare(cp, comps[cp.name], opts, work, golden, step)
+                        for cp in plan.components}
+            extras, weights = streamer.extras(), streamer.on_demand()
+        else:
+            prepared = {cp.name: _export_and_reference(cp, comps[cp.name], loaded, opts, work, golden, step)
+                        for cp in plan.components}
+            extras, weights = loaded.family.extras(loaded.hf_model), contextlib.nullcontext()
         gate_ref = None
         if loaded.family.gate_reference:
             step("whole-model reference (greedy tokens, perplexity)")
-            gate_ref = loaded.family.gate_reference(loaded)
+            with weights:
+                gate_ref = loaded.family.gate_reference(loaded)
+        streamer = weights = None
         # Phase 2, ONNX only: free the PyTorch model first (3.5 GB at MedSigLIP's size) so that ONNX Runtime's
         # optimisers and quantisers, which hold whole graphs in memory, have the room.
         loaded.hf_model = None
@@ -215,8 +226,9 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             build={"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
                    "peak_rss_isolated_steps_mib": peak_rss_mib(children=True),
-                   "precision": opts.precision, "allow_degraded": opts.allow_degraded,
-                   "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer},
+                   "precision": opts.precision, "recipe": plan.recipe, "allow_degraded": opts.allow_degraded,
+                   "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer,
+                   **({"streamed": streamed} if streamed else {})},
             **assets,
         )
         if gate_ref is not None:
@@ -241,6 +253,9 @@ class _Prepared:
     example: dict[str, np.ndarray]
     ref_cases: dict
     calibration: tuple | None
+    # Streamed components (compile/stream.py): (method, work) -> (graph, quantization record, optimisations),
+    # optimised and converted while the weights are read; None: optimise + convert the raw export.
+    produce: Callable | None = None
 
 
 def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, golden: dict, step) -> _Prepared:
@@ -253,7 +268,8 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
     example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
     step(f"{cp.name}: export")
     raw = work / f"{cp.name}.raw.onnx"
-    export.export_component(module, comp, example, raw)
+    if export.export_cached(module, comp, example, raw, export.cache_key(loaded, comp)):
+        log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
 
     step(f"{cp.name}: reference outputs")
     ref_cases = {}
@@ -275,7 +291,7 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
 
 def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, stage: Path, work: Path,
                       step) -> ComponentEntry:
-    from medc.compile import export, optimize, quantize
+    from medc.compile import export, optimize, quantize, stream
 
     graphs: dict[str, tuple[Path, dict]] = {}  # optimiser -> (optimised fp32 graph, manifest record)
 
@@ -290,14 +306,25 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
     ref_cases, example, calibration = prep.ref_cases, prep.example, prep.calibration
     candidates = []  # (method, path, info, evaluation, seconds, optimisations)
     for method in cp.methods or ["fp32"]:
-        src, optimizations = optimised(quantize.SOURCE_OPTIMIZER.get(method, opts.optimizer))
-        path = src if method == "fp32" else work / f"{cp.name}.{method}.onnx"
-        info = {"method": "none"}
-        if method != "fp32":
-            step(f"{cp.name}: {method}")
-            info = quantize.convert(method, src, path, calibration)
+        if prep.produce is not None:
+            step(f"{cp.name}: {method}, weights streamed")
+            path, info, optimizations = prep.produce(method, work)
+        else:
+            src, optimizations = optimised(quantize.SOURCE_OPTIMIZER.get(method, cp.optimizer or opts.optimizer))
+            path = src if method == "fp32" else work / f"{cp.name}.{method}.onnx"
+            info = {"method": "none"}
+            if method != "fp32":
+                step(f"{cp.name}: {method}")
+                options = cp.options
+                if method == "fp16" and cp.options:  # decoders: fp32 islands where held-out inputs overflow fp16
+                    options = {**cp.options, "feeds": [case["in"] for case in ref_cases.values()]}
+                info = quantize.convert(method, src, path, calibration, options)
         step(f"{cp.name}: fidelity gate ({method})")
-        evaluation, seconds = _gate_and_time(path, target, ref_cases, tol, example,
+        gated = path
+        if method == "fp16" and "CPUExecutionProvider" == target.available_providers()[0]:
+            gated = _cpu_fp16_emulation(path, work)
+            info = {**info, "gated_on": "CPU with fp16 rounding emulated (no GPU here; medc verify re-runs it on one)"}
+        evaluation, seconds = _gate_and_time(gated, target, ref_cases, tol, example,
                                              opts.timing_runs if len(cp.methods) > 1 else 0)
         evaluation["method"] = method
         candidates.append((method, path, info, evaluation, seconds, optimizations))
@@ -326,10 +353,26 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         info = {**info, "selected_by": "fastest passing on this machine",
                 "candidates": {c[0]: {"passed": c[3]["passed"], "worst_cosine": c[3]["worst"]["cosine"],
                                       "seconds_batch2": c[4]} for c in candidates}}
-    export.save_onnx(__import__("onnx").load(str(path)), stage / cp.file)
+    if prep.produce is not None:
+        stream.install(path, stage / cp.file)  # written under its bundle name, its weights already external
+    else:
+        export.save_onnx(__import__("onnx").load(str(path)), stage / cp.file)
     evaluation["degraded"] = not evaluation["passed"]
     return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
                           quantization=info, optimizations=optimizations, fidelity=evaluation)
+
+
+def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
+    """ONNX Runtime's CPU provider has no fp16 MatMul/Add/Mul/Softmax kernels on x86: it computes them in fp32 and
+    would hide exactly the overflow the fp16 gate must catch. Gate an fp32 copy that rounds every fp16 tensor
+    through fp16 instead (medc.compile.fp16.cpu_emulation)."""
+    import onnx
+
+    from medc.compile import export, fp16
+
+    out = work / f"{path.stem}.fp16-emulated.onnx"
+    export.save_onnx(fp16.cpu_emulation(onnx.load(str(path))), out)
+    return out
 
 
 def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
@@ -357,7 +400,9 @@ def _whole_model_gate(family, manifest: Manifest, stage: Path, reference: dict, 
     step("whole-model gate through the runtime")
     manifest.write(stage)  # provisional: the runtime reads the manifest
     with PIPELINES[family.name](open_bundle(stage, verify=False), None) as pipeline:
-        result = family.gate_check(pipeline, reference, {n: c.precision for n, c in manifest.components.items()})
+        precisions = {**{n: c.precision for n, c in manifest.components.items()},
+                      **manifest.build.get("recipe", {}).get("precisions", {})}
+        result = family.gate_check(pipeline, reference, precisions)
     log.info("whole-model gate: %s", {k: v for k, v in result.items() if k != "text"})
     if not result["passed"] and not opts.allow_degraded:
         raise FidelityError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,12 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path):
     """Export `module` to `path`."""
+    save_onnx(trace(module, comp, example).model_proto, path)
+
+
+def trace(module, comp: ComponentSpec, example: dict[str, np.ndarray], optimize: bool = True):
+    """The torch.onnx ONNXProgram of `module` (its `.model` is the onnx_ir graph, weights not yet serialised).
+    `optimize=False` leaves the weights unread (no constant folding): streamed builds (stream.py) rely on it."""
     import torch
 
     dims: dict = {}
@@ -45,13 +52,68 @@ def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray]
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, tuple(args), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                module, tuple(args), dynamo=True, opset_version=OPSET, optimize=optimize, verbose=False,
                 input_names=[t.name for t in comp.inputs], output_names=[t.name for t in comp.outputs],
                 dynamic_shapes=tuple(shapes), report=False,
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types
             raise MedcError(f"export of {comp.name} failed: {str(e).splitlines()[0][:400]}") from None
-    save_onnx(program.model_proto, path)
+    return program
+
+
+def cache_key(loaded, comp: ComponentSpec) -> str | None:
+    """Identity of an export: same weights, same component code, same exporter -> same graph. None when the weights
+    have no stable identity (tiny and random models are rebuilt each time; they export in seconds)."""
+    import hashlib
+    import inspect
+    import json
+    from importlib import metadata
+
+    source = loaded.source
+    if source.get("kind") != "checkpoint":
+        return None
+    weights = source.get("sha256") or _fingerprint(Path(source["path"]))
+    code = [Path(__file__), Path(inspect.getsourcefile(comp.extract))]
+    h = hashlib.sha256(json.dumps({
+        "weights": weights, "component": comp.name, "opset": OPSET,
+        "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)],
+        "versions": [metadata.version(p) for p in ("torch", "transformers", "onnxscript", "onnx")],
+    }, sort_keys=True).encode())
+    for f in code:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _fingerprint(path: Path) -> list:
+    """Name, size and modification time of each weights file (what make and ccache trust), not a multi-GB hash."""
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*.safetensors"))]
+
+
+def export_cached(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path, key: str | None) -> bool:
+    """`export_component`, reusing ~/.cache/medc/exports/KEY when a previous build exported the same thing (a
+    build of another precision from the same checkpoint skips the minute-long export). True on a cache hit."""
+    import shutil
+
+    if key is None:
+        export_component(module, comp, example, path)
+        return False
+    cache = Path.home() / ".cache" / "medc" / "exports" / key
+    # Files keep the exported names: a graph with external data refers to its .data file by name.
+    names = [path.name, path.name + ".data"]
+    if (cache / names[0]).is_file():
+        for n in names:
+            if (cache / n).is_file():
+                shutil.copyfile(cache / n, path.with_name(n))
+        return True
+    export_component(module, comp, example, path)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        if path.with_name(n).is_file():
+            shutil.copyfile(path.with_name(n), tmp / n)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    return False
 
 
 def module_args(module, comp: ComponentSpec, feeds: dict[str, np.ndarray]) -> list:

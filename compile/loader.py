@@ -92,28 +92,41 @@ def builtin_data(name: str) -> Path:
     return Path(str(resources.files("medc.compile").joinpath(f"data/{name}")))
 
 
-def randomize_(model, seed: int) -> None:
-    """Give *every* parameter a random value at a sane scale (std 1/sqrt(fan_in) for matrices).
+def random_parameter(name: str, shape, seed: int):
+    """The random value of parameter `name` (fp32 torch tensor): a pure function of (seed, name, shape), so a model
+    randomised whole (`randomize_`) and one streamed a parameter at a time (compile/stream.py) get the same weights.
 
-    HF's default init zeroes biases and sets norms to 1, so a parity test on such a model can pass while a bias or
-    a norm is dropped from the graph. Norm scales become 1 + N(0, 0.1) and biases N(0, 0.1) so every one matters.
+    Every parameter gets a value at a sane scale (std 1/sqrt(fan_in) for matrices). HF's default init zeroes biases
+    and sets norms to 1, so a parity test on such a model can pass while a bias or a norm is dropped from the graph:
+    norm scales become 1 + N(0, 0.1) and biases N(0, 0.1) so every one matters.
     """
+    import hashlib
+
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(int(d) for d in shape)
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    x = np.random.default_rng(key).standard_normal(shape, dtype=np.float32)  # float32 ziggurat: ~5x torch.randn
+    if len(shape) >= 2:
+        x /= float(np.sqrt(np.prod(shape[1:])))
+    elif name.endswith("logit_scale"):
+        x = x * 0.1 + float(np.log(10.0))
+    elif name.endswith("logit_bias"):
+        x = x * 0.1 - 2.0
+    elif "norm" in name and name.endswith("weight"):
+        x = x * 0.1 + 1.0
+    else:
+        x *= 0.1
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def randomize_(model, seed: int) -> None:
+    """Give *every* parameter its `random_parameter` value (tied parameters once, under their first name)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
-            elif name.endswith("logit_scale"):
-                p.copy_(torch.full(p.shape, float(np.log(10.0))) + 0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("logit_bias"):
-                p.copy_(torch.full(p.shape, -2.0) + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            p.copy_(random_parameter(name, p.shape, seed))
 
 
 def _hf_class(family: Family):
@@ -139,14 +152,21 @@ def build_random(spec: ModelSpec, seed: int | None = None):
     return model.float().eval()
 
 
-def load(model: str, random_weights: bool = False, pad_to_square: bool = False) -> LoadedModel:
+def _empty_model(family: Family, config: dict):
+    from medc.compile import stream
+
+    return stream.empty_model(family, config)
+
+
+def load(model: str, random_weights: bool = False, pad_to_square: bool = False, empty: bool = False) -> LoadedModel:
+    """`empty`: parameters without values, filled on demand from the weight source (streamed builds, stream.py)."""
     from medc.compile.registry import MODELS
 
     if model in MODELS:
         spec = MODELS[model]
         if spec.tiny or random_weights:
             kind = "tiny" if spec.tiny else "random"
-            model = build_random(spec)
+            model = _empty_model(spec.family, spec.config) if empty else build_random(spec)
             loaded = LoadedModel(spec=spec, hf_model=model, config=model.config,
                                  source={"kind": kind, "seed": spec.seed, "hf_id": spec.hf_id},
                                  preprocessor_config=dict(spec.preprocessor), pad_to_square=pad_to_square)
@@ -163,20 +183,22 @@ def load(model: str, random_weights: bool = False, pad_to_square: bool = False) 
                 f"On a connected machine, accept the model's terms at huggingface.co/{spec.hf_id} and download it "
                 f"(huggingface-cli download {spec.hf_id} --local-dir DIR), copy DIR here, then run "
                 f"`medc build DIR ...` or put it at {looked[0]}. For latency work without weights: --random-weights.")
-        return load_checkpoint(found, spec=spec, pad_to_square=pad_to_square)
+        return load_checkpoint(found, spec=spec, pad_to_square=pad_to_square, empty=empty)
 
     path = Path(model)
     if path.exists():
         if random_weights:
             raise MedcError("--random-weights applies to registry names, not checkpoint directories.")
         if path.suffix == ".gguf":
+            if empty:
+                raise MedcError("streamed builds read safetensors checkpoints (or random weights), not GGUF files.")
             return load_gguf(path)
-        return load_checkpoint(path, spec=None, pad_to_square=pad_to_square)
+        return load_checkpoint(path, spec=None, pad_to_square=pad_to_square, empty=empty)
     known = ", ".join(sorted(MODELS))
     raise MedcError(f"unknown model {model!r}: not a registered model ({known}) and not a local directory.")
 
 
-def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = False) -> LoadedModel:
+def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = False, empty: bool = False) -> LoadedModel:
     from medc.compile.registry import family_for_model_type
 
     path = Path(path)
@@ -208,7 +230,7 @@ def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = Fa
         raise MedcError(f"{path} lacks {', '.join(missing)}; copy the full model repository, not only the weights.")
     _check_safetensors(weights)
     try:
-        model = _hf_class(family).from_pretrained(
+        model = _empty_model(family, config) if empty else _hf_class(family).from_pretrained(
             path, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype="float32")
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
         raise MedcError(f"cannot load {path} as {family.hf_class}: {str(e).splitlines()[0][:300]}") from None

@@ -6,15 +6,18 @@ Methods, each a registry entry that writes `dst` from an fp32 graph:
   0), per-channel weights, activation ranges from calibration data. This is the form TensorRT consumes (implicit
   calibrators are deprecated since TensorRT 10.1). Only MatMuls with a constant weight are quantised: the attention
   score products stay in float, where the softmax range would waste half of a symmetric int8 scale.
-- `int8-weight-only`: decoders; blockwise int8 weights (MatMulNBits), blockwise dynamic activations.
+- `weight-only`: decoders; blockwise int8 or int4 weights (MatMulNBits, or blocked DequantizeLinear for TensorRT),
+  the lm_head at its own precision.
 - `int8-dynamic`: per-channel int8 weights, activations quantised per call (MatMulInteger); ONNX Runtime CPU's fast
   path. Dynamic ranges are exact per call, so the attention products can be quantised here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +25,24 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _fp16(src: Path, dst: Path, calibration=None) -> dict:
+def _fp16(src: Path, dst: Path, calibration=None, options=None) -> dict:
+    """Whole graph in fp16. Decoders (their options name an "lm_head") keep fp32 islands where Gemma 3 overflows
+    fp16, found by structure and by measuring the fp32 graph on `options["feeds"]` (medc.compile.fp16)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from medc.compile.export import save_onnx
 
+    if options and "lm_head" in options:
+        from medc.compile.fp16 import convert_fp16
+
+        return convert_fp16(src, dst, options.get("feeds"), {k: v for k, v in options.items() if k != "feeds"})
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
     save_onnx(model, dst)
     return {"method": "fp16", "io_types": "float32"}
 
 
-def _int8_dynamic(src: Path, dst: Path, calibration=None) -> dict:
+def _int8_dynamic(src: Path, dst: Path, calibration=None, options=None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
@@ -44,24 +53,160 @@ def _int8_dynamic(src: Path, dst: Path, calibration=None) -> dict:
     return {"method": "int8-dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per call"}
 
 
-def _int8_weight_only(src: Path, dst: Path, calibration=None) -> dict:
-    """Decoders: int8 weights in blocks of 16 (MatMulNBits), activations quantised per block of 16 at run time
-    (accuracy level 4, MLAS's int8 kernels). Measured on Gemma 3 270M, perplexity (GPL-3, 4 x 512) vs fp32 and
-    decode speed (2 threads): per-tensor dynamic int8 +20% (Gemma's activation outliers), 62 tok/s; blocks of 32
-    +0.49%, 52 tok/s; blocks of 16 +0.15%, 52 tok/s; fp32 arithmetic (level 1) +0.04% but 1 tok/s (no fast
-    kernel: it dequantises every call); fp32 27 tok/s."""
+# Weight-only blocks, by precision: (bits, block size). int8 blocks of 16 and int4 blocks of 32 are the measured
+# choices on Gemma 3 270M (perplexity on GPL-3 vs fp32, decode tokens/s at 2 threads; benchmarks/):
+# int8: per-tensor dynamic +20% (Gemma's activation outliers); blocks of 32 +0.49%; blocks of 16 +0.15%.
+# int4: see WEIGHT_ONLY_NOTES in the README's precision table.
+WEIGHT_ONLY = {"int8": (8, 16), "int4": (4, 32)}
+
+
+def lm_head_node(model, vocab_size: int | None = None) -> str | None:
+    """The MatMul that projects to the vocabulary: the one whose constant weight has the most columns."""
+    inits = {t.name: t for t in model.graph.initializer}
+    best, cols = None, 0
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            dims = inits[node.input[1]].dims
+            if len(dims) == 2 and dims[1] > cols and (vocab_size is None or dims[1] == vocab_size):
+                best, cols = node.name, dims[1]
+    return best
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def module_path(node) -> str:
+    """The torch module a node was exported from (the dynamo exporter's name scopes), e.g.
+    'lm.layers.3.mlp.down_proj'; '' when the graph carries no such metadata."""
+    import ast
+
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(p.value)
+            return scopes[-2] if len(scopes) >= 2 else ""
+    return ""
+
+
+def _weight_only(src: Path, dst: Path, calibration=None, options=None) -> dict:
+    """Decoders: block-wise weights, activations left in float (portable) or quantised per block at run time.
+
+    ORT flavour (MatMulNBits, accuracy level 4 = MLAS's int8 kernels; level 1 is fp32 arithmetic: exact but
+    1 token/s, as it dequantises every call): int8 symmetric in blocks of 16; int4 in blocks of 32 with HQQ
+    (half-quadratic optimised scale and zero point per block, no calibration data). Measured on Gemma 3 270M,
+    perplexity vs fp32, lm_head int8: every projection int4 with plain symmetric rounding +40%, with HQQ +22%.
+    Portable flavour (`options["format"] == "qdq"`, for TensorRT): int4 symmetric (zero point 0) as
+    DequantizeLinear with a block size (opset 21), int8 per output channel, feeding standard MatMuls.
+
+    Options: `lm_head` (the vocabulary projection's precision, default the decoder's: on small models it is most of
+    the bytes read per token), `int4_projections` (which projections are int4 under an int4 decoder, the rest
+    int8; default all), `int4_block_size`, `int8_block_size`."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     from medc.compile.export import save_onnx
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
-    config = DefaultWeightOnlyQuantConfig(block_size=16, is_symmetric=True, accuracy_level=4, bits=8)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
-    quantizer.process()
-    save_onnx(quantizer.model.model, dst)
-    return {"method": "int8-weight-only", "weights": "int8 symmetric, blocks of 16 (MatMulNBits)",
-            "activations": "int8 per block of 16, at run time", "accuracy_level": 4}
+    options = dict(options or {})
+    precision = options.get("precision", "int8")
+    head_precision = options.get("lm_head", precision)
+    int4_projections = tuple(options.get("int4_projections", PROJECTIONS))
+    qdq = options.get("format") == "qdq"
+    # Quiet: a line per node, and for the Q/DQ form a warning that it raises the opset to 21 (int4 types). Between
+    # opsets 20 and 21 the ops this graph uses only gained int4/uint4 types, so the raise changes no semantics;
+    # the fidelity gate runs the result either way.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    model = onnx.load(str(src))
+    head = lm_head_node(model, options.get("vocab_size"))
+    inits = {t.name for t in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
+    chosen: dict[str, str] = {}  # node -> precision
+    for n in weighted:
+        if n.name == head:
+            chosen[n.name] = head_precision
+        elif precision == "int4" and module_path(n).rsplit(".", 1)[-1] not in int4_projections:
+            chosen[n.name] = "int8"
+        else:
+            chosen[n.name] = precision
+    record = {"method": "weight-only", "format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
+              "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"}
+    for prec in ("int4", "int8"):
+        nodes = {n for n, p in chosen.items() if p == prec}
+        if not nodes:
+            continue
+        # ORT's quantizer takes every MatMul not excluded (its nodes_to_include *adds* to the op types).
+        exclude = [n.name for n in weighted if n.name not in nodes]
+        bits, block = WEIGHT_ONLY[prec]
+        block = int(options.get(f"{prec}_block_size", block))
+        if qdq and bits == 8:  # ORT's quantizer writes Q/DQ for 4 bits only; TensorRT takes int8 weights per channel
+            model = _int8_per_channel_dq(model, nodes_to_exclude=exclude)
+            form = "int8 symmetric, per output channel"
+        elif bits == 4 and not qdq:
+            quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+                                             nodes_to_exclude=exclude)
+            with warnings.catch_warnings():  # HQQ wraps read-only numpy weights in torch tensors (it only reads)
+                warnings.simplefilter("ignore", UserWarning)
+                quantizer.process()
+            model = quantizer.model.model
+            for n in model.graph.node:  # HQQ leaves accuracy level 0 (fp32 arithmetic, dequantised every call)
+                if n.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in n.attribute):
+                    n.attribute.append(onnx.helper.make_attribute("accuracy_level", 4))
+            form = f"int4 asymmetric (HQQ), blocks of {block}"
+        else:
+            config = DefaultWeightOnlyQuantConfig(
+                block_size=block, is_symmetric=True, accuracy_level=None if qdq else 4, bits=bits,
+                quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
+            quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
+            quantizer.process()
+            model = quantizer.model.model
+            form = f"int{bits} symmetric, blocks of {block}"
+        if head in nodes:
+            record["lm_head"] = form
+        if nodes - {head}:
+            record["weights" if prec == precision else "weights_" + prec] = form
+    if precision == "int4" and int4_projections != PROJECTIONS:
+        record["int4_projections"] = list(int4_projections)
+    record.setdefault("lm_head", head_precision)
+    save_onnx(model, dst)
+    return record
+
+
+def _int8_per_channel_dq(model, nodes_to_include=None, nodes_to_exclude=None):
+    """MatMul(x, W) -> MatMul(x, DequantizeLinear(W_int8, scale[N], axis=1)): symmetric int8 per output channel,
+    zero point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    new_inits, done = [], set()
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if (nodes_to_include and node.name not in nodes_to_include) or node.name in (nodes_to_exclude or ()):
+            continue
+        name = node.input[1]
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if w.ndim != 2 or name in done or consumers[name] > 1:
+            continue
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        new_inits += [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale.astype(np.float32),
+                                                                                          f"{name}_scale")]
+        dq = onnx.helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [f"{name}_dq"],
+                                   name=f"{node.name}_DequantizeLinear", axis=1)
+        model.graph.node.insert(list(model.graph.node).index(node), dq)
+        node.input[1] = f"{name}_dq"
+        model.graph.initializer.remove(inits[name])
+        done.add(name)
+    model.graph.initializer.extend(new_inits)
+    return model
 
 
 class _Reader:
@@ -81,10 +226,17 @@ class _Reader:
         return next(self._it, None)
 
 
-def _int8_static_qdq(src: Path, dst: Path, calibration=None) -> dict:
+def _int8_static_qdq(src: Path, dst: Path, calibration=None, options=None) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     feeds, info = calibration
+    with _calibration_runs_reductions_early():
+        _quantize_static_qdq(quantize_static, src, dst, feeds, CalibrationMethod, QuantFormat, QuantType)
+    return {"method": "int8-static-qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric (zero point 0)",
+            "calibration": {**info, "digest": calibration_digest(feeds), "algorithm": "minmax"}}
+
+
+def _quantize_static_qdq(quantize_static, src, dst, feeds, CalibrationMethod, QuantFormat, QuantType) -> None:
     quantize_static(
         str(src), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -96,8 +248,31 @@ def _int8_static_qdq(src: Path, dst: Path, calibration=None) -> dict:
                        # CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops the data it clears.
                        "CalibStridedMinMax": 1, "CalibTensorRangeSymmetric": True},
     )
-    return {"method": "int8-static-qdq", "weights": "int8 per-channel symmetric", "activations": "int8 symmetric (zero point 0)",
-            "calibration": {**info, "digest": calibration_digest(feeds), "algorithm": "minmax"}}
+
+
+@contextlib.contextmanager
+def _calibration_runs_reductions_early():
+    """ORT's calibrator appends a ReduceMin/ReduceMax pair per activation at the end of the graph and runs it with the
+    default node order, which schedules those pairs last: every activation of the image stays alive until the end.
+    At MedGemma's 896 px (4096 patches, 1 GB per attention matrix) 3 SigLIP layers took 16 GB and 27 do not fit.
+    PRIORITY_BASED order runs each pair as soon as its input exists: 4.8 GB for 3 layers, 5.4 GB for 6 (measured);
+    same nodes, same ranges. The patch lives in the isolated child that quantises large graphs (isolate.py)."""
+    import onnxruntime
+    from onnxruntime.quantization import calibrate
+
+    def create_inference_session(self):
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT does
+        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
+        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=options,
+                                                          providers=self.execution_providers)
+
+    original = calibrate.CalibraterBase.create_inference_session
+    calibrate.CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        calibrate.CalibraterBase.create_inference_session = original
 
 
 def _external(src: Path) -> bool:
@@ -115,14 +290,15 @@ def calibration_digest(feeds: list[dict[str, np.ndarray]]) -> str:
 
 
 METHODS = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static-qdq": _int8_static_qdq,
-           "int8-weight-only": _int8_weight_only}
+           "weight-only": _weight_only}
 
 # The graph each int8 method starts from. Both quantise MatMul/Gemm nodes, so attention must not be fused into one
 # Attention op (its QKV projection would stay fp32); other methods use the build's optimiser (default: xformers).
 SOURCE_OPTIMIZER = {"int8-dynamic": "ort-transformers", "int8-static-qdq": "ort-transformers"}
 
 
-def convert(method: str, src: Path, dst: Path, calibration=None, isolate: bool | None = None) -> dict:
+def convert(method: str, src: Path, dst: Path, calibration=None, options: dict | None = None,
+            isolate: bool | None = None) -> dict:
     from medc.compile import isolate as iso
 
-    return iso.run(METHODS[method], Path(src), Path(dst), calibration, isolate=isolate)
+    return iso.run(METHODS[method], Path(src), Path(dst), calibration, options, isolate=isolate)

@@ -35,6 +35,8 @@ class ComponentSpec:
     fusion_model_type: str | None = None
     # Static (calibrated) int8 activations: for encoders. Decoders and embeddings get dynamic / weight-only int8.
     static_int8: bool = True
+    # Parts of this graph with a precision of their own in recipes (the decoder's "lm_head").
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,12 @@ def _stderr_console():
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=False,
               help="Bundle directory to write (default: bundles/MODEL-PRECISION).")
 @click.option("--precision", default="fp32", show_default=True,
-              help="fp32 | fp16 | int8, or per component: image_encoder=int8,text_encoder=fp32.")
+              help="A preset (fp32 | fp16 | int8 | int4, see README) or per component: "
+                   "vision_encoder=int8,decoder=int4,lm_head=int8.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe file (JSON/TOML): a precision per component "
+              "and quantisation options; replaces --precision.")
+@click.option("--flavour", type=click.Choice(["ort", "portable"]), default=None,
+              help="Decoder graph: ONNX Runtime fused ops, or standard ops for TensorRT (default: the target's).")
 @click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Folder of PNG/JPEG images for int8 calibration.")
 @click.option("--random-weights", is_flag=True, help="Real architecture, random weights (latency work; not clinical).")
@@ -73,16 +78,20 @@ def _stderr_console():
 @click.option("--pad-to-square", is_flag=True, help="Zero-pad images to square before resizing (Google's MedSigLIP eval).")
 @click.option("--optimizer", type=click.Choice(["xformers", "none"]), default="xformers", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--stream", is_flag=True, hidden=True,
+              help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
-def build(model, out, precision, target, calibration, random_weights, allow_degraded, force, pad_to_square,
-          optimizer, dry_run):
+def build(model, out, precision, recipe, flavour, target, calibration, random_weights, allow_degraded, force,
+          pad_to_square, optimizer, dry_run, stream):
     """Build a bundle from MODEL: a registry name (see `medc models`) or a local Hugging Face checkpoint directory."""
     from medc.compile.build import BuildOptions, build as run_build, plan_only
 
-    out = out or Path("bundles") / f"{Path(model).name}-{precision.replace('=', '-').replace(',', '_')}"
-    opts = BuildOptions(model=model, out=out, precision=precision, target=target, calibration=calibration,
+    label = Path(recipe).stem if recipe else precision.replace("=", "-").replace(",", "_")
+    out = out or Path("bundles") / f"{Path(model).name}-{label}"
+    opts = BuildOptions(model=model, out=out, precision=precision, recipe=recipe, flavour=flavour, target=target,
+                        calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
-                        pad_to_square=pad_to_square, optimizer=optimizer)
+                        pad_to_square=pad_to_square, optimizer=optimizer, stream=stream)
     if dry_run:
         click.echo(plan_only(opts).render())
         return
@@ -116,6 +125,13 @@ def _summary(manifest) -> str:
         gate = "PASS" if c.fidelity["passed"] else "DEGRADED"
         lines.append(f"  {name:<16} {c.precision:<5} {method:<16} cosine {w['cosine']:.6f}  "
                      f"max abs {w['max_abs']:.2e}  {gate}")
+    gate = manifest.build.get("generation_gate")
+    if gate and "perplexity" in gate:
+        lines.append(f"  whole model ({gate['rule']}): greedy {sum(gate['greedy_prefix_agreement'])}/"
+                     f"{gate['greedy_new_tokens'] * len(gate['greedy_prefix_agreement'])} tokens agree, perplexity "
+                     f"{gate['perplexity']:.4f} vs {gate['reference_perplexity']:.4f} ({gate['perplexity_increase']:+.2%}), "
+                     f"KL {gate['kl_mean']:.2e}, top-1 {gate['top1_agreement']:.2%}  "
+                     + ("PASS" if gate["passed"] else "DEGRADED"))
     if not manifest.model.get("clinical_use"):
         lines.append(f"  WARNING: {manifest.model.get('warning')}")
     return "\n".join(lines)
@@ -263,24 +279,59 @@ def _siglip_run(model, images, labels, texts, as_json):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--repeat", default=10, show_default=True, help="Timed runs per component and batch size.")
-@click.option("--warmup", default=2, show_default=True)
+@click.option("--repeat", default=None, type=int,
+              help="Timed runs per component and batch size  [default: 10; generative bundles: 3].")
+@click.option("--warmup", default=None, type=int, help="Untimed runs first  [default: 2; generative bundles: 1].")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime / torch intra-op threads.")
 @click.option("--component", "components", multiple=True, help="Only these components.")
 @click.option("--baseline", type=click.Choice(["torch"]), default=None,
               help="Also time the HF PyTorch eager fp32 model (needs medc[build]).")
+@click.option("--prompt-tokens", default=512, show_default=True,
+              help="Generative bundles: prompt length in tokens (template included).")
+@click.option("--new-tokens", default=128, show_default=True, help="Generative bundles: greedy tokens per run.")
+@click.option("--past", default="128,2048", show_default=True,
+              help="Generative bundles: also time decode with this many tokens in the KV cache ('' = skip).")
+@click.option("--past-new-tokens", default=32, show_default=True,
+              help="Generative bundles: tokens decoded per --past measurement.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write results as JSON.")
 @_friendly
-def bench(bundle, batch, repeat, warmup, threads, components, baseline, json_out):
-    """Latency and throughput of a bundle's components (Markdown on stdout, JSON with --json)."""
-    from medc.benchmarks.bench import bench_bundle, to_json, to_markdown
+def bench(bundle, batch, repeat, warmup, threads, components, baseline, prompt_tokens, new_tokens, past,
+          past_new_tokens, json_out):
+    """Latency and throughput of a bundle's components (Markdown on stdout, JSON with --json).
+
+    For a generative (MedGemma / Gemma 3) bundle: TTFT, prefill and decode tokens/s, time per output token, vision
+    encoder latency and decode speed at each --past length, on a fixed prompt of --prompt-tokens tokens."""
+    from medc.manifest import Manifest
 
     sizes = [int(b) for b in batch.split(",") if b.strip()]
     if not sizes or min(sizes) < 1:
         raise MedcError("--batch takes positive integers, e.g. --batch 1,4.")
-    results = bench_bundle(bundle, batches=sizes, repeat=repeat, warmup=warmup, threads=threads,
-                           components=list(components) or None, baseline=baseline)
-    click.echo(to_markdown(results))
+    if Manifest.read(bundle).model.get("family") == "gemma3":
+        from medc.benchmarks import generation
+
+        if components:
+            raise MedcError("--component is for embedding bundles; a generative bundle is timed whole.")
+        try:
+            pasts = tuple(int(p) for p in past.split(",") if p.strip())
+        except ValueError:
+            raise MedcError(f"--past takes token counts, e.g. --past 128,2048 (got {past!r}).") from None
+        results, notes = [], []
+        for b in sizes:
+            rows, notes = generation.bench_generation(
+                bundle, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeat=3 if repeat is None else repeat,
+                warmup=1 if warmup is None else warmup, threads=threads, batch=b, past=pasts,
+                past_new_tokens=past_new_tokens, baseline=baseline,
+                log=lambda msg: logging.getLogger("medc.bench").info(msg))
+            results += rows
+        click.echo(generation.to_markdown(results, notes))
+        to_json = generation.to_json
+    else:
+        from medc.benchmarks.bench import bench_bundle, to_json, to_markdown
+
+        results = bench_bundle(bundle, batches=sizes, repeat=10 if repeat is None else repeat,
+                               warmup=2 if warmup is None else warmup, threads=threads,
+                               components=list(components) or None, baseline=baseline)
+        click.echo(to_markdown(results))
     if json_out:
         Path(json_out).write_text(to_json(results))
         click.echo(f"wrote {json_out}")

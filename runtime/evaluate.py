@@ -49,15 +49,50 @@ def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logz - x[np.arange(len(targets)), targets]).sum())
 
 
-def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.ndarray) -> dict:
-    """`logits_fn(ids [S]) -> logits [S, V]` over every window; returns perplexity and counts."""
-    total, count = 0.0, 0
-    for row in token_windows:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.ndarray, keep_top: int = 0,
+               reference_top: list | None = None) -> dict:
+    """`logits_fn(ids [S]) -> logits [S, V]` over every window; returns perplexity and counts.
+
+    `keep_top=K` also returns each position's K most likely tokens and their log-probabilities ("top"), which is
+    what a reference keeps. Given such a `reference_top`, the result adds the KL divergence KL(reference || this)
+    over the reference's top K plus one bucket for the rest of the vocabulary (a lower bound of the full KL that
+    misses only the tail's internal shape; it needs kilobytes instead of gigabytes of stored 262k-way
+    distributions), and top-1 agreement (argmax equal to the reference's)."""
+    total, count, tops, kls, agree = 0.0, 0, [], [], []
+    for w, row in enumerate(token_windows):
         logits = logits_fn(row)
         total += nll_sum(logits[:-1], row[1:])
         count += len(row) - 1
-    return {"perplexity": float(np.exp(total / count)), "tokens": count, "windows": int(len(token_windows)),
-            "window": int(token_windows.shape[1])}
+        if keep_top or reference_top is not None:
+            lp = log_softmax(logits)
+            if keep_top:
+                ids = np.argpartition(-lp, keep_top, axis=-1)[:, :keep_top]  # top K unordered: O(V), not a sort
+                ids = np.take_along_axis(ids, np.argsort(-np.take_along_axis(lp, ids, -1), axis=-1), -1)
+                tops.append({"ids": ids, "logprobs": np.take_along_axis(lp, ids, -1)})
+            if reference_top is not None and w < len(reference_top):
+                ref = reference_top[w]
+                ref_ids, ref_lp = np.asarray(ref["ids"]), np.asarray(ref["logprobs"], np.float64)
+                ours = np.take_along_axis(lp, ref_ids, -1)
+                p_ref, p_ours = np.exp(ref_lp), np.exp(ours)
+                tail_ref = np.clip(1 - p_ref.sum(-1), 1e-12, 1)
+                tail_ours = np.clip(1 - p_ours.sum(-1), 1e-12, 1)
+                kls.append((p_ref * (ref_lp - ours)).sum(-1) + tail_ref * np.log(tail_ref / tail_ours))
+                agree.append(lp.argmax(-1) == ref_ids[:, 0])
+    out = {"perplexity": float(np.exp(total / count)), "tokens": count, "windows": int(len(token_windows)),
+           "window": int(token_windows.shape[1])}
+    if keep_top:
+        out["top"] = tops
+    if kls:
+        kl = np.concatenate(kls)
+        out.update({"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+                    "top1_agreement": float(np.concatenate(agree).mean()), "kl_positions": int(kl.size)})
+    return out
 
 
 def bundle_logits_fn(pipeline) -> Callable[[np.ndarray], np.ndarray]:

@@ -23,6 +23,9 @@ class Target:
     # int8 on this target: "fastest" measures static Q/DQ against dynamic int8 and keeps the faster one that passes
     # the gate (CPU); "static-qdq" is the only form TensorRT consumes.
     int8_method: str = "fastest"
+    # Decoder graph form: "ort" uses ONNX Runtime's fused contrib ops (MatMulNBits, fused norms and rotary);
+    # "portable" keeps standard ONNX ops (blocked DequantizeLinear for int4/int8 weights) for TensorRT's parser.
+    graph_flavour: str = "ort"
     memory_gib: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 

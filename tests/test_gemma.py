@@ -182,7 +182,8 @@ def test_streaming_sampling_and_stop(gemma_fp32):
 
 def test_int8_decoder_gate(gemma_int8):
     m = Manifest.read(gemma_int8)
-    assert m.components["decoder"].quantization["method"] == "int8-weight-only"
+    q = m.components["decoder"].quantization
+    assert q["method"] == "weight-only" and q["format"] == "MatMulNBits" and q["lm_head"].startswith("int8")
     assert m.components["embed_tokens"].precision == "fp32"  # no int8 form: stays fp32 under a global int8
     for c in m.components.values():
         assert c.fidelity["passed"]
@@ -244,3 +245,39 @@ def test_not_a_gemma_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(MedcError, match="holds a 'llama' model"):
         loader.load(str(tmp_path))
+
+
+def test_int4_ort_and_portable_flavours(tmp_path_factory):
+    """decoder int4 + lm_head int8 as MatMulNBits (ORT) and as blocked DequantizeLinear (portable, for TensorRT)."""
+    import onnx
+    from onnx import numpy_helper
+
+    root = tmp_path_factory.mktemp("gemma-int4")
+    bundles = {}
+    for flavour in ("ort", "portable"):
+        bundles[flavour] = root / flavour
+        build(BuildOptions(model="medgemma-tiny", out=bundles[flavour], precision="decoder=int4,lm_head=int8",
+                           flavour=flavour))
+    q = {f: Manifest.read(b).components["decoder"].quantization for f, b in bundles.items()}
+    assert q["ort"]["format"] == "MatMulNBits" and q["portable"]["format"].startswith("DequantizeLinear")
+    assert q["ort"]["weights"] == "int4 asymmetric (HQQ), blocks of 32"  # MatMulNBits takes zero points
+    assert q["portable"]["weights"] == "int4 symmetric, blocks of 32"  # TensorRT: zero point 0
+    assert q["portable"]["lm_head"] == "int8 symmetric, per output channel"  # TensorRT: int8 weights per channel
+    assert Manifest.read(bundles["portable"]).build["recipe"]["flavour"] == "portable"
+
+    graph = onnx.load(str(bundles["portable"] / "decoder.onnx"))
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # standard ops only
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21  # blocked DQ, int4
+    inits = {t.name: t for t in graph.graph.initializer}
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 7 * 4 + 1  # q k v o gate up down x 4 layers, lm_head
+    kinds = {(inits[n.input[0]].data_type, next((a.i for a in n.attribute if a.name == "block_size"), None))
+             for n in dq}
+    assert kinds == {(onnx.TensorProto.INT4, 32), (onnx.TensorProto.INT8, None)}
+    for n in dq:  # symmetric: no zero point, or an all-zero one
+        assert len(n.input) < 3 or not numpy_helper.to_array(inits[n.input[2]]).any()
+
+    for b in bundles.values():  # both pass the decoder gate and generate through the runtime
+        assert Manifest.read(b).components["decoder"].fidelity["passed"]
+        with medc.runtime.load(b) as model:
+            assert len(model.generate_ids([PROMPTS[0]], max_new_tokens=3, ignore_eos=True)[0]) == 3

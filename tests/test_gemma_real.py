@@ -16,6 +16,7 @@ from medc.errors import MedcError
 from medc.manifest import Manifest
 
 GGUF = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
+RECIPES = Path(__file__).parents[1] / "benchmarks" / "recipes"
 UNSEEN_PROMPTS = ["Aspirin is commonly used to", "A chest radiograph is"]
 
 
@@ -42,17 +43,38 @@ def real_int8(gguf_file, tmp_path_factory) -> Path:
     return out
 
 
-def test_int8_within_perplexity_gate(real_int8):
+@pytest.fixture(scope="session")
+def real_int4(gguf_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("g270") / "int4"
+    # Every projection in int4 costs +22% perplexity on these weights (the GGUF keeps most of them in 5-8 bits):
+    # the shipped recipe keeps int4 where the gate allows (README "Precisions").
+    build(BuildOptions(model=str(gguf_file), out=out, recipe=RECIPES / "gemma3-270m-int4.toml"))
+    return out
+
+
+@pytest.mark.parametrize("precision, limit", [("int8", 0.005), ("int4", 0.015)])
+def test_quantised_within_perplexity_gate(precision, limit, request):
     import onnx
 
-    m = Manifest.read(real_int8)
+    bundle = request.getfixturevalue(f"real_{precision}")
+    m = Manifest.read(bundle)
     gate = m.build["generation_gate"]
-    assert gate["passed"] and gate["rule"] == "perplexity <= +0.5% of fp32"
-    assert 0 <= gate["perplexity_increase"] <= 0.005
+    assert gate["passed"] and gate["rule"] == f"perplexity <= +{limit:.1%} of fp32"
+    assert 0 <= gate["perplexity_increase"] <= limit
+    # The next-token distributions stay close, not only the average likelihood.
+    assert gate["top1_agreement"] > (0.95 if precision == "int8" else 0.85) and gate["kl_mean"] < 0.05
     dec = m.components["decoder"]
-    assert dec.precision == "int8" and dec.quantization["method"] == "int8-weight-only"
-    ops = {n.op_type for n in onnx.load(str(real_int8 / dec.file), load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops
+    assert dec.precision == precision and dec.quantization["method"] == "weight-only"
+    assert dec.quantization["lm_head"].startswith("int8")
+    if precision == "int4":
+        assert dec.quantization["weights"] == "int4 asymmetric (HQQ), blocks of 32"
+        assert m.build["recipe"]["source"] == "file:gemma3-270m-int4.toml"
+    graph = onnx.load(str(bundle / dec.file), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * 18 + 1  # q k v o gate up down x 18, lm_head
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left fp32
+    with medc.runtime.load(bundle) as model:  # text on an unseen prompt, through the runtime
+        assert len(model.generate(UNSEEN_PROMPTS[0], max_new_tokens=8)) > 0
 
 
 def test_fp32_whole_model_gate(real_fp32):

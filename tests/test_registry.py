@@ -85,7 +85,7 @@ def test_dry_run_plan(name):
         elif c.static_int8:  # encoders: calibrated Q/DQ and dynamic int8 both built, the faster passing one kept
             assert p.methods == ["int8-static-qdq", "int8-dynamic"]
         else:  # decoders: weight-only int8 (activation outliers)
-            assert p.methods == ["int8-weight-only"]
+            assert p.methods == ["weight-only"] and p.options["lm_head"] == "int8"
     assert "fidelity gate" in plan.render()
     if name == "medgemma-4b-pt":
         assert spec.chat_template is None

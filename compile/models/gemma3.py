@@ -97,14 +97,18 @@ def _decoder(model):
                 keys = torch.cat([past[2 * i], k], dim=2)
                 values = torch.cat([past[2 * i + 1], v], dim=2)
                 ok = (sliding_ok if kind == "sliding_attention" else full_ok)[:, :, total - keys.shape[2]:]
-                rep = attn.num_key_value_groups  # grouped-query attention: each KV head serves `rep` query heads
-                scores = (q @ keys.repeat_interleave(rep, dim=1).transpose(2, 3)) * attn.scaling
+                # Grouped-query attention without repeating the cache: the `rep` query heads of one KV head are
+                # one extra axis [b, kv, rep, s, d] that broadcasts against [b, kv, 1, total, d], so no step copies
+                # the KV cache `rep` times (a copy that grows with the context).
+                kv, rep = keys.shape[1], attn.num_key_value_groups
+                qg = q.reshape(b, kv, rep, s, attn.head_dim)
+                scores = (qg @ keys.unsqueeze(2).transpose(3, 4)) * attn.scaling
                 if tcfg.attn_logit_softcapping is not None:
                     cap = tcfg.attn_logit_softcapping
                     scores = torch.tanh(scores / cap) * cap
-                scores = scores.masked_fill(~ok.unsqueeze(1), neg)
-                out = torch.softmax(scores.float(), dim=-1) @ values.repeat_interleave(rep, dim=1)
-                out = attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+                scores = scores.masked_fill(~ok[:, None, None], neg)
+                out = torch.softmax(scores.float(), dim=-1) @ values.unsqueeze(2)
+                out = attn.o_proj(out.reshape(b, kv * rep, s, attn.head_dim).transpose(1, 2).reshape(b, s, -1))
                 h = residual + layer.post_attention_layernorm(out)
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
                 if kind == "sliding_attention":  # a later query sees at most window - 1 earlier keys
@@ -272,7 +276,12 @@ def _no_calibration(loaded, folder):
 # Logits are O(10-50) over a 262k vocab: an absolute 1e-4 is a few parts per million, inside fp32's accumulation-order
 # noise across layers (Gemma 3 270M real weights: 1.1e-4 with ORT's fused RMSNorm). The fp32 bar is therefore
 # 1e-3 absolute plus identical greedy tokens in the whole-model gate on real weights.
-DECODER_TOLERANCES = {**DEFAULT_TOLERANCES, "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3)}
+# int4 on *random* weights: each int4 MatMul adds ~9% relative noise (blocks of 32 of Gaussian weights) and random
+# layers amplify it instead of averaging it out: medgemma-tiny's logits reach cosine 0.93 (prefill) and 0.81 (cached
+# decode at batch 3). This bar only proves the graph is the right one (a wrong graph scores ~0); accuracy is gated on
+# real weights by perplexity (<= +1.5% of fp32, PPL_GATE).
+DECODER_TOLERANCES = {**DEFAULT_TOLERANCES, "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3),
+                      "int4": Tolerance(min_cosine=0.75)}
 
 
 def components(config) -> tuple[ComponentSpec, ...]:
@@ -310,7 +319,8 @@ def components(config) -> tuple[ComponentSpec, ...]:
                 TensorSpec("logits_positions", "int64", ("logits",)), *past),
         outputs=(TensorSpec("logits", "float32", ("batch", "logits", tcfg.vocab_size)), *present),
         extract=_decoder, dummy_inputs=_decoder_dummy, golden_inputs=_decoder_golden,
-        calibration=_no_calibration, static_int8=False, tolerances=DECODER_TOLERANCES))
+        calibration=_no_calibration, precisions=("fp32", "fp16", "int8", "int4"), static_int8=False,
+        tolerances=DECODER_TOLERANCES, parts=("lm_head",)))
     return tuple(comps)
 
 
@@ -416,8 +426,10 @@ GATE_PROMPTS = ["The patient presented to the emergency department with", "Pneum
                 "The most common causes of chest pain include"]
 GATE_NEW_TOKENS = 64
 GATE_WINDOWS = 8
+GATE_TOP_K = 32  # reference log-probs kept per position for the KL / top-1 statistics
 # Allowed perplexity increase over the fp32 reference, by the decoder's precision (fp32: tokens must be identical).
 PPL_GATE = {"fp32": 0.0, "fp16": 0.005, "int8": 0.005, "int4": 0.015}
+PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
 
 
 def gate_reference(loaded) -> dict:
@@ -445,14 +457,14 @@ def gate_reference(loaded) -> dict:
             greedy.append(out[0, batch.input_ids.shape[1]:].tolist())
         text_path = evaluate.default_text()
         wins = evaluate.windows(assets.tokenizer, loaded.special_ids["bos"], text_path.read_text(), 512, GATE_WINDOWS)
-        ppl = evaluate.perplexity(hf_logits_fn(model), wins)
+        ppl = evaluate.perplexity(hf_logits_fn(model), wins, keep_top=GATE_TOP_K)
     from medc.manifest import sha256_file
 
     reference = {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
                  "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist()}))
+        cached.write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist(), "dtype": str(a.dtype)}))
     return reference
 
 
@@ -464,12 +476,13 @@ def _reference_cache(loaded) -> Path | None:
     digest = loaded.source.get("sha256")
     if not digest:
         return None
-    key = f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
+    key = (f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
+           f"-top{GATE_TOP_K}")
     return Path.home() / ".cache" / "medc" / "gate-reference" / f"{key}.json"
 
 
 def _unjson(d: dict):
-    return np.asarray(d["__array__"], np.int64) if "__array__" in d else d
+    return np.asarray(d["__array__"], d.get("dtype", "int64")) if "__array__" in d else d
 
 
 def gate_check(pipeline, reference: dict, precisions: dict) -> dict:
@@ -481,17 +494,20 @@ def gate_check(pipeline, reference: dict, precisions: dict) -> dict:
     ours = [pipeline.generate_ids([p], max_new_tokens=GATE_NEW_TOKENS, ignore_eos=True)[0] for p in GATE_PROMPTS]
     agree = [int(np.sum(np.cumprod(np.array(a[:len(r)]) == np.array(r[:len(a)])))) for a, r in
              zip(ours, reference["greedy"])]
-    ppl = evaluate.perplexity(evaluate.bundle_logits_fn(pipeline), reference["windows"])
+    ppl = evaluate.perplexity(evaluate.bundle_logits_fn(pipeline), reference["windows"],
+                              reference_top=reference["perplexity"]["top"])
     ref_ppl = reference["perplexity"]["perplexity"]
     increase = ppl["perplexity"] / ref_ppl - 1
-    precision = precisions["decoder"]
+    # The gate of the least precise of the decoder and its lm_head.
+    precision = max((precisions["decoder"], precisions.get("lm_head", precisions["decoder"])), key=PRECISION_RANK.get)
     identical = all(a == len(r) for a, r in zip(agree, reference["greedy"]))
     passed = identical if precision == "fp32" else increase <= PPL_GATE[precision]
     return {
         "applied": reference["applied"], "text": reference["text"],
         "greedy_prefix_agreement": agree, "greedy_new_tokens": GATE_NEW_TOKENS, "greedy_identical": identical,
         "perplexity": ppl["perplexity"], "reference_perplexity": ref_ppl, "perplexity_increase": increase,
-        "windows": ppl["windows"], "window": ppl["window"],
+        "windows": ppl["windows"], "window": ppl["window"], "kl_mean": ppl["kl_mean"], "kl_p99": ppl["kl_p99"],
+        "top1_agreement": ppl["top1_agreement"], "kl_positions": ppl["kl_positions"], "gated_precision": precision,
         "rule": "greedy tokens identical" if precision == "fp32" else
         f"perplexity <= +{PPL_GATE[precision]:.1%} of fp32", "passed": bool(passed),
     }

@@ -1,0 +1,772 @@
+"""Streamed builds: models whose fp32 weights do not fit in memory (MedGemma 4B: 4.3 B parameters, 17 GB in fp32).
+
+The normal build holds the whole fp32 model in torch, exports each graph with its weights, and hands the graphs to
+ONNX Runtime's optimiser and quantisers, which load them whole: for 4B, several copies of 17 GB. Here no step holds
+more than one fp32 weight tensor:
+
+1. An *empty* model: the HF class with parameters that have CPU storage but no values (`torch.empty`: pages are
+   not resident until written), real buffers (rotary frequencies are computed in __init__), ties kept.
+2. A *weight source* gives one parameter at a time by its HF name: `RandomWeights` (the values `loader.randomize_`
+   gives a whole model) or `SafetensorsWeights` (one tensor from the checkpoint, bf16 -> fp32).
+3. Export without weights: torch.onnx traces the empty model without reading parameters (`optimize=False`: the
+   constant folder would read them). Matrices become weightless initializers, mapped to HF names by storage
+   identity; vectors (norm scales) get their values so the optimiser folds them as in the normal path; then the
+   normal path's optimiser runs (its fusions look at shapes, never at weight values).
+4. Streamed conversion: each matrix is read from the source and written straight to the graph's external data
+   file, fp32 (transposed, as the constant folder would) or packed for MatMulNBits by the routines ONNX Runtime's
+   MatMulNBitsQuantizer calls, a slice of columns at a time: the quantiser's bytes without its whole-model copy.
+5. The fp32 torch reference runs on the empty model with hooks that give a module its own parameters just before
+   its forward and drop them after: one layer's weights at a time (the 2.7 GB embedding table is the largest).
+   Reference outputs are cached under ~/.cache/medc/reference, keyed by weights, code, versions and shapes.
+
+Components that need ONNX Runtime's graph-level tools (calibrated or dynamic int8, fp16: the 0.4 B-parameter vision
+encoder) take the normal path, their weights resident only while they are exported and referenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medc.errors import MedcError
+
+log = logging.getLogger(__name__)
+
+STREAM_FRACTION = 0.35  # stream when the fp32 parameters exceed this share of physical memory (4B: 17 GB of 24 GiB)
+CHUNK_BYTES = 64 << 20  # fp32 slice of a matrix transposed, packed or written at once
+ALIGN = 4096  # external data offsets are page-aligned (ONNX Runtime can map them)
+
+
+# -- when ---------------------------------------------------------------------------------------------------------------
+def reason(opts) -> str | None:
+    """Why this build streams its weights (`--stream`, or a model too big for this machine), or None."""
+    if opts.stream:
+        return "forced (--stream)"
+    from medc.compile.registry import MODELS, family_for_model_type
+
+    if opts.model in MODELS:
+        family, config = MODELS[opts.model].family, MODELS[opts.model].config
+    elif (Path(opts.model) / "config.json").is_file():
+        config = json.loads((Path(opts.model) / "config.json").read_text())
+        family = family_for_model_type(config.get("model_type"))
+    else:
+        return None  # GGUF files are small models, loaded whole
+    if family is None:
+        return None
+    need, ram = parameter_bytes(family, config), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need <= STREAM_FRACTION * ram:
+        return None
+    return f"fp32 parameters {need / 2**30:.1f} GiB > {STREAM_FRACTION:.0%} of this machine's {ram / 2**30:.0f} GiB"
+
+
+def parameter_bytes(family, config: dict) -> int:
+    """fp32 bytes of a model's parameters (tied ones once), from its config alone (meta device, nothing allocated)."""
+    import accelerate
+
+    from medc.compile import loader
+
+    with accelerate.init_empty_weights(include_buffers=True):
+        model = loader._hf_class(family)(loader._config_from_dict(family, config))
+    model.tie_weights()
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+# -- the empty model and the weight sources -----------------------------------------------------------------------------
+def empty_model(family, config: dict):
+    """The HF model with every parameter on untouched CPU storage (no values, no resident pages) and real buffers.
+
+    Meta parameters are not enough: the exporter then mixes meta and CPU devices in the decoder and vision graphs.
+    """
+    import accelerate
+    import torch
+
+    from medc.compile import loader
+
+    with accelerate.init_empty_weights(include_buffers=False):
+        model = loader._hf_class(family)(loader._config_from_dict(family, config))
+    model.tie_weights()  # under init_empty_weights HF leaves lm_head untied
+    fresh = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in fresh:  # tied parameters stay one object
+                    fresh[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32), requires_grad=False)
+                module._parameters[name] = fresh[id(p)]
+    return model.eval()
+
+
+class RandomWeights:
+    """`loader.random_parameter` by name: what `--random-weights` and the tiny models get in the normal path."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def identity(self) -> str:
+        import inspect
+
+        from medc.compile import loader
+
+        rule = hashlib.sha256(inspect.getsource(loader.random_parameter).encode()).hexdigest()[:12]
+        return f"random:{self.seed}:{rule}"
+
+    def get(self, name: str, shape):
+        from medc.compile import loader
+
+        return loader.random_parameter(name, shape, self.seed)
+
+
+class SafetensorsWeights:
+    """One tensor at a time from a checkpoint's *.safetensors files (bf16 -> fp32), under the model's parameter names.
+
+    Keys are renamed as transformers renames them when loading (MedGemma's files say `language_model.model.…`,
+    the class `model.language_model.…`). A file is mapped only while a tensor is read, so pages already read do not
+    stay counted in this process's resident memory.
+    """
+
+    def __init__(self, folder: Path, model):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        stored = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                stored.update(dict.fromkeys(st.keys(), f))
+        renamed = _parameter_names(model, list(stored))
+        self.where, missing = {}, []
+        for name, _ in model.named_parameters():
+            if name in renamed:
+                self.where[name] = (stored[renamed[name]], renamed[name])
+            else:
+                missing.append(name)
+        if missing:
+            raise MedcError(f"{self.folder} lacks {len(missing)} of the model's weights (e.g. {', '.join(missing[:3])}); "
+                            "is the checkpoint complete?")
+
+    def identity(self) -> str:
+        # Name, size and modification time of each file (what make and ccache trust), not a multi-GB hash.
+        files = sorted({f for f, _ in self.where.values()})
+        return json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+    def get(self, name: str, shape):
+        import torch
+        from safetensors import safe_open
+
+        file, key = self.where[name]
+        with safe_open(str(file), framework="pt") as st:
+            t = st.get_tensor(key).to(torch.float32, copy=True)
+        if tuple(t.shape) != tuple(shape):
+            raise MedcError(f"{file.name}: {key} has shape {tuple(t.shape)}, the model expects {tuple(shape)}.")
+        return t
+
+
+def _parameter_names(model, keys: list[str]) -> dict[str, str]:
+    """Model parameter name -> checkpoint key, with transformers' load-time renames (5.x conversion mapping)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # an older transformers: keys as stored
+        return {k: k for k in keys}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()  # references only: consulted for the base-model prefix
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise MedcError(f"checkpoint tensor {key} needs transformers' {converted!r} conversion when loaded; "
+                            "streamed builds read tensors as stored.")
+        names[name] = key
+    return names
+
+
+def weight_source(loaded):
+    if loaded.source["kind"] in ("tiny", "random"):
+        return RandomWeights(loaded.spec.seed)
+    if loaded.source.get("format") == "gguf" or loaded.checkpoint is None:
+        raise MedcError("streamed builds read safetensors checkpoints or random weights.")
+    return SafetensorsWeights(loaded.checkpoint, loaded.hf_model)
+
+
+class Materializer:
+    """Gives an empty model's parameters their values from the source on demand, and takes them back after."""
+
+    def __init__(self, model, source):
+        self.model, self.source = model, source
+        self.params = dict(model.named_parameters())  # first name of tied parameters: the source's names
+        self.name_of = {id(p): n for n, p in self.params.items()}
+        self.live: set[str] = set()
+
+    def _fill(self, params) -> list[str]:
+        filled = []
+        for p in params:
+            name = self.name_of[id(p)]
+            if name not in self.live:
+                p.data = self.source.get(name, p.shape)
+                self.live.add(name)
+                filled.append(name)
+        return filled
+
+    def _drop(self, names) -> None:
+        import torch
+
+        for name in list(names):
+            p = self.params[name]
+            p.data = torch.empty(p.shape, dtype=torch.float32)  # the values go back to the allocator
+            self.live.discard(name)
+
+    @contextlib.contextmanager
+    def resident(self, params):
+        """All of `params` (a module's, or a list) hold their values inside the block."""
+        names = self._fill(params.parameters() if hasattr(params, "parameters") else params)
+        try:
+            yield
+        finally:
+            self._drop(names)
+            _trim()
+
+    @contextlib.contextmanager
+    def on_demand(self):
+        """Inside the block, every module with parameters of its own holds them for the time of its forward.
+
+        Not for tracing: the exporter would run the hooks on fake tensors."""
+        frames: list[list[str]] = []
+        handles = []
+
+        def pre(module, args):
+            frames.append(self._fill(module.parameters(recurse=False)))
+
+        def post(module, args, output):
+            self._drop(frames.pop())
+
+        for m in self.model.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for frame in frames:  # a forward that raised
+                self._drop(frame)
+            _trim()
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS. Weights of up to 32 MB come from glibc's heap (its mmap threshold rises
+    to that), and it keeps what they free: measured, the builder sat at 7 GB after the 4B decoder's reference."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# -- export without weights -----------------------------------------------------------------------------------------------
+@dataclass
+class Weightless:
+    """An exported graph whose parameter initializers have no values yet: `names` maps each to its HF parameter."""
+
+    model: object  # onnx_ir.Model
+    names: dict[str, str]
+
+
+def export_weightless(module, comp, example: dict[str, np.ndarray], model) -> Weightless:
+    import torch
+
+    from medc.compile import export
+
+    program = export.trace(module, comp, example, optimize=False)
+    graph = program.model
+    by_storage = {p.untyped_storage().data_ptr(): (n, tuple(p.shape)) for n, p in model.named_parameters()}
+    names = {}
+    for init, value in graph.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.nn.Parameter) and raw.untyped_storage().data_ptr() in by_storage:
+            name, shape = by_storage[raw.untyped_storage().data_ptr()]
+            if tuple(raw.shape) != shape:
+                raise MedcError(f"export of {comp.name}: initializer {init} is a view of {name}; cannot stream it.")
+            names[init] = name
+            value.const_value = None  # nothing downstream can read it by accident
+    return Weightless(graph, names)
+
+
+# -- optimise and convert, a weight at a time -------------------------------------------------------------------------
+def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: str, options: dict) -> tuple[dict, dict]:
+    """Optimise the weightless graph as the normal path would, then write `dst` (+ `dst.data`) reading one weight
+    at a time. Returns (quantization record, optimisation record) for the manifest."""
+    import onnx
+    import onnx_ir as ir
+
+    model, names = wl.model.clone(), dict(wl.names)  # the weightless graph serves several methods
+    graph = model.graph
+    for init, name in list(names.items()):  # vectors: values now, so the optimiser folds them (1 + norm weight)
+        value = graph.initializers[init]
+        if len(value.shape) < 2:
+            value.const_value = ir.Tensor(source.get(name, _stored_shape(value, False)).numpy(), name=init)
+            del names[init]
+    before = graph.num_nodes()
+    fused = _optimise(model, optimizer)
+    names = _fold_transposes(graph, names)
+    ops = {}
+    for node in graph:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    optimizations = {"optimizer": optimizer, "fused": fused, "nodes_before": before, "nodes_after": graph.num_nodes(),
+                     "ops_after": dict(sorted(ops.items())), "streamed": True}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _DataFile(dst) as data:
+        record = _convert(model, names, source, data, method, options)
+        for value in graph.initializers.values():  # constants the optimisers made
+            t = value.const_value
+            if t is not None and not isinstance(t, ir.ExternalTensor) and t.nbytes > 1 << 20:
+                value.const_value = data.add(value.name, [t.numpy()], t.dtype, t.shape)
+    onnx.save(ir.serde.serialize_model(model), str(dst))
+    return record, optimizations
+
+
+def _optimise(model, optimizer: str) -> dict[str, int]:
+    """What export(optimize=True) then optimize.OPTIMIZERS[optimizer] do, on a graph without weight values."""
+    import onnxscript.optimizer
+
+    quiet = [logging.getLogger(n) for n in ("onnx_ir", "onnxscript")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)  # "skipped deduplication of initializer …: no constant value" for every weight
+    try:
+        onnxscript.optimizer.optimize_ir(model)
+        if optimizer == "none":
+            return {}
+        if optimizer != "xformers":
+            raise MedcError(f"optimizer {optimizer!r} needs the weights in memory; streamed components use xformers "
+                            "or none.")
+        from onnxscript.rewriter.ort_fusions._core import fuse_xformers
+
+        _, counts = fuse_xformers(model)
+        onnxscript.optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
+        return {k: int(v) for k, v in counts.items() if v}
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _fold_transposes(graph, names: dict[str, str]) -> dict[str, tuple[str, bool]]:
+    """Transpose(W) -> a weightless initializer W.T (what constant folding does in the normal path).
+    Returns initializer -> (HF name, transposed)."""
+    import onnx_ir as ir
+
+    out = {init: (name, False) for init, name in names.items()}
+    for node in list(graph):
+        w = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" and node.inputs else None
+        if w is None or w.name not in names or len(w.shape) != 2 or node.outputs[0].is_graph_output():
+            continue
+        perm = node.attributes.get("perm")
+        if perm is not None and list(perm.as_ints()) != [1, 0]:
+            continue
+        wt = ir.Value(name=f"{w.name}.T", shape=ir.Shape([w.shape[1], w.shape[0]]), type=w.type,
+                      const_value=ir.Tensor(np.zeros(0, np.float32)))  # registration wants a value...
+        graph.register_initializer(wt)
+        wt.const_value = None  # ...and this one has none until the source gives it
+        node.outputs[0].replace_all_uses_with(wt)
+        graph.remove(node, safe=True)
+        out[wt.name] = (names[w.name], True)
+        if not w.uses():
+            graph.initializers.pop(w.name)
+            out.pop(w.name)
+    return out
+
+
+def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile, method: str, options: dict) -> dict:
+    """Write every streamed weight: MatMul weights converted at their precision, others fp32.
+
+    Mirrors quantize._weight_only node by node (the same choice of precision per MatMul, the same ONNX Runtime
+    routines, nodes, attributes and bytes); tests/test_stream.py holds the two to each other, so a change to one
+    must be made to both."""
+    import onnx_ir as ir
+
+    from medc.compile import quantize
+
+    graph = model.graph
+    weight_only = method == "weight-only"
+    precision = options.get("precision", "int8") if weight_only else "fp32"
+    head_precision = options.get("lm_head", precision) if weight_only else "fp32"
+    int4_projections = tuple(options.get("int4_projections", quantize.PROJECTIONS))
+    qdq = options.get("format") == "qdq"
+    matmuls: dict[str, list] = {}
+    for node in graph:
+        b = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) > 1 else None
+        if b is not None and b.name in names and len(b.shape) == 2:
+            matmuls.setdefault(b.name, []).append(node)
+    vocab = options.get("vocab_size")
+    widest = [n for n in matmuls if vocab is None or graph.initializers[n].shape[1] == vocab]
+    head = max(widest, key=lambda n: graph.initializers[n].shape[1], default=None)  # = quantize.lm_head_node
+
+    def chosen(init: str) -> str:
+        if init == head:
+            return head_precision
+        paths = [_module_path(n).rsplit(".", 1)[-1] for n in matmuls[init]]
+        return "int8" if precision == "int4" and any(p not in int4_projections for p in paths) else precision
+
+    record = {"method": "weight-only" if weight_only else "none"}
+    if weight_only:
+        record.update({"format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
+                       "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"})
+    for init, (name, transposed) in names.items():
+        value = graph.initializers[init]
+        nodes = matmuls.get(init, [])
+        prec = chosen(init) if nodes and weight_only else "fp32"
+        w = source.get(name, _stored_shape(value, transposed)).numpy()
+        if prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
+            bits, block = quantize.WEIGHT_ONLY[prec]
+            block = int(options.get(f"{prec}_block_size", block))
+            if qdq and bits == 8:
+                form = _write_int8_channels(graph, value, nodes, w, transposed, data)
+            elif qdq:
+                form = _write_qdq(model, value, nodes, w, transposed, block, data)
+            elif bits == 4:
+                form = _write_hqq(graph, value, nodes, w, transposed, block, data)
+            else:
+                form = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
+            graph.initializers.pop(init)
+            record["lm_head" if init == head else "weights" if prec == precision else f"weights_{prec}"] = form
+        else:
+            value.const_value = data.add(init, _rows(w, transposed), ir.DataType.FLOAT, value.shape)
+        del w
+    if weight_only:
+        if precision == "int4" and int4_projections != quantize.PROJECTIONS:
+            record["int4_projections"] = list(int4_projections)
+        record.setdefault("lm_head", head_precision)
+    record["streamed"] = "weights read one at a time from the source and written as converted (compile/stream.py)"
+    return record
+
+
+def _module_path(node) -> str:
+    """quantize.module_path for an onnx_ir node."""
+    from types import SimpleNamespace
+
+    from medc.compile import quantize
+
+    props = [SimpleNamespace(key=k, value=v) for k, v in node.metadata_props.items()]
+    return quantize.module_path(SimpleNamespace(metadata_props=props))
+
+
+def _stored_shape(value, transposed: bool) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in value.shape)
+    return shape[::-1] if transposed else shape
+
+
+def _rows(w: np.ndarray, transposed: bool):
+    """The graph's tensor (w.T if transposed) as C-order byte slices of at most CHUNK_BYTES."""
+    if not transposed:
+        yield w
+        return
+    step = max(1, CHUNK_BYTES // (4 * w.shape[0]))
+    for k in range(0, w.shape[1], step):
+        yield np.ascontiguousarray(w[:, k:k + step].T)
+
+
+def _kn_columns(w: np.ndarray, transposed: bool, n0: int, n1: int) -> np.ndarray:
+    """Columns n0:n1 of the graph's [K, N] matrix, C-contiguous."""
+    return np.ascontiguousarray(w[n0:n1].T if transposed else w[:, n0:n1])
+
+
+def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int, block: int, data) -> str:
+    """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales): DefaultWeightOnlyQuantizer's QOperator form, symmetric."""
+    import onnx_ir as ir
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    K, N = (int(d) for d in value.shape)
+    kpack = 8 // bits
+    k_blocks = (K + block - 1) // block
+    blob = (block + kpack - 1) // kpack
+    packed = np.zeros((N, k_blocks, blob), np.uint8)
+    scales = np.zeros((N, k_blocks), np.float32)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    step = max(1, CHUNK_BYTES // (4 * K))
+    for n0 in range(0, N, step):  # blocks run along K within one column: columns quantise independently
+        n1 = min(N, n0 + step)
+        part = _kn_columns(w, transposed, n0, n1)
+        if k_blocks * block > K:
+            part = np.pad(part, ((0, k_blocks * block - K), (0, 0)))
+        p = np.zeros((n1 - n0, k_blocks, blob), np.uint8)
+        s = np.zeros((n1 - n0, k_blocks), np.float32)
+        z = np.zeros((n1 - n0, (k_blocks + kpack - 1) // kpack), np.uint8)
+        quantize(p, part, s, z, block, n1 - n0, K, True)
+        packed[n0:n1], scales[n0:n1] = p, s
+    bq = _initializer(graph, f"{value.name}_Q{bits}", data.add(f"{value.name}_Q{bits}", [packed], ir.DataType.UINT8,
+                                                               packed.shape))
+    sc = _initializer(graph, f"{value.name}_scales", data.add(f"{value.name}_scales", [scales], ir.DataType.FLOAT,
+                                                              scales.shape))
+    for node in nodes:
+        new = ir.node("MatMulNBits", [node.inputs[0], bq, sc], domain="com.microsoft",
+                      attributes={"K": K, "N": N, "bits": bits, "block_size": block, "accuracy_level": 4},
+                      name=f"{node.name}_Q{bits}" if node.name else None)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+    graph.opset_imports.setdefault("com.microsoft", 1)
+    return f"int{bits} symmetric, blocks of {block}"
+
+
+def _write_hqq(graph, value, nodes, w: np.ndarray, transposed: bool, block: int, data) -> str:
+    """MatMul(A, W) -> MatMulNBits(A, W_Q4, scales, zero_points): ONNX Runtime's HQQ quantizer on this one weight.
+
+    Whole, not in slices: HQQ stops iterating when the error over the whole tensor stops falling, so slices could
+    stop elsewhere. At most ~8 fp32 copies of one projection (10240 x 2560 at 4B: ~0.8 GB); an int4 lm_head (the
+    int4 preset's is int8) would need them of the 2.7 GB vocabulary matrix."""
+    import warnings
+
+    import onnx_ir as ir
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    kn = np.ascontiguousarray(w.T if transposed else w)
+    mini = helper.make_graph([], "weight", [], [], initializer=[numpy_helper.from_array(kn, value.name)])
+    del kn
+    proto = helper.make_node("MatMul", ["A", value.name], ["Y"], name=nodes[0].name or value.name)
+    with warnings.catch_warnings():  # HQQ wraps read-only numpy weights in torch tensors (it only reads)
+        warnings.simplefilter("ignore", UserWarning)
+        (qnode,) = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=4)).quantize(proto, [mini])
+    made = {t.name: t for t in mini.initializer if t.name != value.name}
+    del mini
+    inputs = []
+    for n in qnode.input[1:]:
+        arr = numpy_helper.to_array(made.pop(n))
+        inputs.append(_initializer(graph, n, data.add(n, [arr], ir.DataType.from_numpy(arr.dtype), arr.shape)))
+    attributes = {a.name: helper.get_attribute_value(a) for a in qnode.attribute}
+    attributes.setdefault("accuracy_level", 4)  # as quantize._weight_only: HQQ leaves 0 (fp32 arithmetic)
+    for node in nodes:
+        new = ir.node("MatMulNBits", [node.inputs[0], *inputs], domain="com.microsoft", attributes=attributes,
+                      name=f"{node.name}_Q4" if node.name else None)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+    graph.opset_imports.setdefault("com.microsoft", 1)
+    return f"int4 asymmetric (HQQ), blocks of {block}"
+
+
+def _write_int8_channels(graph, value, nodes, w: np.ndarray, transposed: bool, data) -> str:
+    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int8, scale[N], axis 1)): quantize._int8_per_channel_dq."""
+    import onnx_ir as ir
+
+    K, N = (int(d) for d in value.shape)
+    scale = np.empty(N, np.float32)
+    step = max(1, CHUNK_BYTES // (4 * K))
+    for n0 in range(0, N, step):  # a column's scale needs the whole column
+        part = _kn_columns(w, transposed, n0, min(N, n0 + step))
+        scale[n0:n0 + part.shape[1]] = np.maximum(np.abs(part).max(axis=0), 1e-12) / 127.0
+
+    def rows():
+        for chunk in _rows(w, transposed) if transposed else np.array_split(w, max(1, w.nbytes // CHUNK_BYTES)):
+            yield np.clip(np.round(chunk / scale), -127, 127).astype(np.int8)
+
+    name = value.name
+    q = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.INT8, (K, N)))
+    s = _initializer(graph, f"{name}_scale", data.add(f"{name}_scale", [scale], ir.DataType.FLOAT, (N,)))
+    for node in nodes:
+        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1}, name=f"{node.name}_DequantizeLinear")
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+    return "int8 symmetric, per output channel"
+
+
+def _write_qdq(model, value, nodes, w: np.ndarray, transposed: bool, block: int, data) -> str:
+    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int4, scales, axis 0, block)): the quantiser's QDQ form."""
+    import onnx_ir as ir
+    from onnxruntime.capi._pybind_state import quantize_qdq_matmul_4bits
+
+    graph = model.graph
+    K, N = (int(d) for d in value.shape)
+    k_blocks = (K + block - 1) // block
+    scales = np.zeros((k_blocks, N), np.float32)
+
+    def packed_rows():  # blocks of rows of the [K, N] matrix; `block` rows of N int4 values are whole bytes
+        step = max(block, (CHUNK_BYTES // (4 * N)) // block * block)
+        for k0 in range(0, K, step):
+            k1 = min(K, k0 + step)
+            part = np.ascontiguousarray(w[:, k0:k1].T if transposed else w[k0:k1])
+            p = np.zeros(((k1 - k0) * N + 1) // 2, np.uint8)
+            z = np.zeros(((k1 - k0 + block - 1) // block * N + 1) // 2, np.uint8)
+            s = np.zeros(((k1 - k0 + block - 1) // block, N), np.float32)
+            quantize_qdq_matmul_4bits(p, part, s, z, block, N, k1 - k0, True)
+            scales[k0 // block:k0 // block + len(s)] = s
+            yield p
+
+    bq = _initializer(graph, f"{value.name}_DQ_Q4", data.add(f"{value.name}_DQ_Q4", packed_rows(), ir.DataType.INT4,
+                                                             (K, N)))
+    sc = _initializer(graph, f"{value.name}_DQ_scales", data.add(f"{value.name}_DQ_scales", [scales],
+                                                                 ir.DataType.FLOAT, scales.shape))
+    for node in nodes:
+        dq = ir.node("DequantizeLinear", [bq, sc], attributes={"axis": 0, "block_size": block},
+                     name=f"{node.name}_DQ_Q4" if node.name else None)
+        mm = ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{node.name}_matmul_Q4" if node.name else None)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [dq, mm], node.outputs, mm.outputs)
+    # Like the quantiser: blocked int4 needs opset 21 and IR version 10.
+    graph.opset_imports[""] = max(21, graph.opset_imports.get("", 21))
+    model.ir_version = max(10, model.ir_version)
+    return f"int4 symmetric, blocks of {block}"
+
+
+def _initializer(graph, name: str, tensor):
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+class _DataFile:
+    """Appends tensors to `<graph>.data` as they are converted; each becomes an ExternalTensor pointing into it."""
+
+    def __init__(self, graph_path: Path):
+        self.path = graph_path.with_name(graph_path.name + ".data")
+
+    def __enter__(self):
+        self.file = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def add(self, name: str, chunks, dtype, shape):
+        """`chunks`: arrays whose bytes, in order, are the tensor's (a generator is consumed as it is written)."""
+        import onnx_ir as ir
+
+        shape = ir.Shape([int(d) for d in shape])
+        if (int(np.prod(shape.numpy())) * dtype.bitwidth) // 8 >= ALIGN:  # big ones page-aligned, small ones packed
+            self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for c in chunks:
+            self.file.write(memoryview(np.ascontiguousarray(c)).cast("B"))
+        return ir.ExternalTensor(self.path.name, offset, self.file.tell() - offset, dtype, shape=shape, name=name,
+                                 base_dir=str(self.path.parent))
+
+
+def install(path: Path, dst: Path) -> None:
+    """Move a streamed graph and its data file into the bundle (written under the bundle's file name already)."""
+    if path.name != dst.name:
+        raise MedcError(f"internal: streamed graph {path.name} written under another name than {dst.name}")
+    os.replace(path, dst)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        os.replace(data, dst.with_name(dst.name + ".data"))
+
+
+# -- the streamed part of `medc build` -------------------------------------------------------------------------------------
+class StreamedBuild:
+    """Phase 1 of build.py for a model loaded empty: weightless export of streamable components, the normal export
+    (weights resident meanwhile) for the others, and every component's torch reference with bounded memory."""
+
+    def __init__(self, loaded, why: str):
+        self.loaded, self.why = loaded, why
+        self.source = weight_source(loaded)
+        self.weights = Materializer(loaded.hf_model, self.source)
+
+    @staticmethod
+    def streams(cp, comp) -> bool:
+        """Decoders and embeddings at fp32 or weight-only: conversions that need no graph-level tool."""
+        return not comp.static_int8 and set(cp.methods) <= {"weight-only"}
+
+    def prepare(self, cp, comp, opts, work: Path, golden: dict, step):
+        from medc.compile import export
+        from medc.compile.build import _Prepared
+        from medc.runtime.verify import golden_key
+
+        loaded = self.loaded
+        module = comp.extract(loaded.hf_model)
+        example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
+        raw, produce, calibration = work / f"{cp.name}.raw.onnx", None, None
+        with contextlib.ExitStack() as resident:
+            if self.streams(cp, comp):
+                step(f"{cp.name}: export without weights (streamed)")
+                weightless = export_weightless(module, comp, example, loaded.hf_model)
+                produce = _Producer(weightless, self.source, cp, opts.optimizer)
+            else:  # small enough for the normal path: its weights are resident until its reference is done
+                step(f"{cp.name}: export")
+                resident.enter_context(self.weights.resident(module))
+                export.export_component(module, comp, example, raw)
+            step(f"{cp.name}: reference outputs (bounded memory)")
+            ref_cases = self.reference(comp, module)
+            if "int8-static-qdq" in cp.methods:
+                step(f"{cp.name}: calibration data")
+                calibration = comp.calibration(loaded, opts.calibration)
+        for case, arrays in ref_cases.items():
+            for kind in ("in", "ref"):
+                for name, arr in arrays[kind].items():
+                    golden[golden_key(cp.name, case, kind, name)] = arr
+        return _Prepared(raw, example, ref_cases, calibration, produce)
+
+    def reference(self, comp, module) -> dict:
+        """{case: {"in": feeds, "ref": outputs}} from torch fp32, one module's weights at a time; cached."""
+        import torch
+
+        from medc.compile import export
+
+        cache = self._cache(comp)
+        if cache is not None and cache.is_file():
+            with np.load(cache) as z:
+                cases: dict = {}
+                for key in z.files:
+                    case, kind, name = key.split("/", 2)
+                    cases.setdefault(case, {"in": {}, "ref": {}})[kind][name] = z[key]
+            log.info("%s: reference outputs from %s", comp.name, cache)
+            return cases
+        cases = {}
+        with self.weights.on_demand(), torch.no_grad():
+            for case, feeds in comp.golden_inputs(self.loaded).items():
+                outs = module(*export.module_args(module, comp, feeds))
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                cases[case] = {"in": feeds, "ref": {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
+            np.savez(tmp, **{f"{c}/{k}/{n}": a for c, v in cases.items() for k in ("in", "ref") for n, a in v[k].items()})
+            os.replace(tmp, cache)
+        return cases
+
+    def _cache(self, comp) -> Path | None:
+        """~/.cache/medc/reference/KEY.npz: a pure function of the weights, the config, the golden-input code and
+        data, the component's I/O and the torch/transformers versions. Tiny models are not cached (seconds)."""
+        import inspect
+        from importlib import metadata
+
+        loaded = self.loaded
+        if loaded.spec.tiny:
+            return None
+        h = hashlib.sha256(json.dumps({
+            "model": loaded.spec.name, "component": comp.name, "weights": self.source.identity(),
+            "config": loaded.config.to_dict(), "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)],
+            "preprocessor": loaded.preprocessor_config, "pad_to_square": loaded.pad_to_square,
+            "chat_template": loaded.chat_template, "special_ids": loaded.special_ids,
+            "versions": [metadata.version(p) for p in ("torch", "transformers", "numpy")],
+        }, sort_keys=True, default=str).encode())
+        for f in sorted({inspect.getsourcefile(comp.golden_inputs), inspect.getsourcefile(comp.extract),
+                         str(loaded.tokenizer_file)}):
+            h.update(Path(f).read_bytes())
+        return Path.home() / ".cache" / "medc" / "reference" / f"{loaded.spec.name}-{comp.name}-{h.hexdigest()[:24]}.npz"
+
+    def on_demand(self):
+        return self.weights.on_demand()
+
+    def extras(self):
+        """The family's extras read the root model's own parameters directly (SigLIP's logit scale and bias)."""
+        with self.weights.resident(list(self.loaded.hf_model.parameters(recurse=False))):
+            return self.loaded.family.extras(self.loaded.hf_model)
+
+
+class _Producer:
+    """build._Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations)."""
+
+    def __init__(self, weightless: Weightless, source, cp, optimizer: str):
+        self.weightless, self.source, self.cp, self.optimizer = weightless, source, cp, optimizer
+
+    def __call__(self, method: str, work: Path):
+        dst = work / f"stream-{self.cp.name}-{method}" / self.cp.file
+        optimizer = self.cp.optimizer or self.optimizer
+        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method, self.cp.options)
+        return dst, record, optimizations
