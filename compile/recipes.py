@@ -129,7 +129,10 @@ def _read_recipe(path: Path) -> tuple[dict, dict]:
         raise MedcError(f"recipe file {path} does not exist.")
     try:
         if path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10 (JetPack 6): no TOML reader in the standard library
+                raise MedcError(f"TOML recipes need Python 3.11+; write {path.name} as JSON instead.") from None
 
             data = tomllib.loads(path.read_text())
         else:
