@@ -210,6 +210,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         # optimisers and quantisers, which hold whole graphs in memory, have the room.
         loaded.hf_model = None
         gc.collect()
+        if streamed:
+            stream.trim()  # freed heap pages back to the OS before the isolated ONNX steps
         entries = {cp.name: _convert_and_gate(cp, comps[cp.name], prepared[cp.name], opts, target, stage, work, step)
                    for cp in plan.components}
         step("writing bundle")

@@ -230,7 +230,7 @@ class Materializer:
             yield
         finally:
             self._drop(names)
-            _trim()
+            trim()
 
     @contextlib.contextmanager
     def on_demand(self):
@@ -256,10 +256,10 @@ class Materializer:
                 h.remove()
             for frame in frames:  # a forward that raised
                 self._drop(frame)
-            _trim()
+            trim()
 
 
-def _trim() -> None:
+def trim() -> None:
     """Hand freed heap pages back to the OS. Weights of up to 32 MB come from glibc's heap (its mmap threshold rises
     to that), and it keeps what they free: measured, the builder sat at 7 GB after the 4B decoder's reference."""
     import ctypes
