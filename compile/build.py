@@ -323,7 +323,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
                 info = quantize.convert(method, src, path, calibration, options)
         step(f"{cp.name}: fidelity gate ({method})")
         gated = path
-        if method == "fp16" and "CPUExecutionProvider" == target.available_providers()[0]:
+        if method == "fp16" and target.available_providers()[0] == "CPUExecutionProvider":
             gated = _cpu_fp16_emulation(path, work)
             info = {**info, "gated_on": "CPU with fp16 rounding emulated (no GPU here; medc verify re-runs it on one)"}
         evaluation, seconds = _gate_and_time(gated, target, ref_cases, tol, example,

@@ -87,6 +87,22 @@ def module_path(node) -> str:
     return ""
 
 
+def weight_precision(options: dict, is_head: bool, projections: list[str]) -> str:
+    """One MatMul weight's precision under a weight-only recipe: the lm_head's own, int8 for a projection an int4
+    decoder keeps out of `int4_projections`, else the decoder's. Shared with the streamed path (compile/stream.py)."""
+    precision = options.get("precision", "int8")
+    if is_head:
+        return options.get("lm_head", precision)
+    if precision == "int4" and any(p not in options.get("int4_projections", PROJECTIONS) for p in projections):
+        return "int8"
+    return precision
+
+
+def weight_only_record(qdq: bool) -> dict:
+    return {"method": "weight-only", "format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
+            "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"}
+
+
 def _weight_only(src: Path, dst: Path, calibration=None, options=None) -> dict:
     """Decoders: block-wise weights, activations left in float (portable) or quantised per block at run time.
 
@@ -123,16 +139,9 @@ def _weight_only(src: Path, dst: Path, calibration=None, options=None) -> dict:
     head = lm_head_node(model, options.get("vocab_size"))
     inits = {t.name for t in model.graph.initializer}
     weighted = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits]
-    chosen: dict[str, str] = {}  # node -> precision
-    for n in weighted:
-        if n.name == head:
-            chosen[n.name] = head_precision
-        elif precision == "int4" and module_path(n).rsplit(".", 1)[-1] not in int4_projections:
-            chosen[n.name] = "int8"
-        else:
-            chosen[n.name] = precision
-    record = {"method": "weight-only", "format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
-              "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"}
+    chosen = {n.name: weight_precision(options, n.name == head, [module_path(n).rsplit(".", 1)[-1]])
+              for n in weighted}
+    record = weight_only_record(qdq)
     for prec in ("int4", "int8"):
         nodes = {n for n, p in chosen.items() if p == prec}
         if not nodes:

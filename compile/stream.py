@@ -410,15 +410,10 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
     head = max(widest, key=lambda n: graph.initializers[n].shape[1], default=None)  # = quantize.lm_head_node
 
     def chosen(init: str) -> str:
-        if init == head:
-            return head_precision
         paths = [_module_path(n).rsplit(".", 1)[-1] for n in matmuls[init]]
-        return "int8" if precision == "int4" and any(p not in int4_projections for p in paths) else precision
+        return quantize.weight_precision(options, init == head, paths)
 
-    record = {"method": "weight-only" if weight_only else "none"}
-    if weight_only:
-        record.update({"format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
-                       "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"})
+    record = quantize.weight_only_record(qdq) if weight_only else {"method": "none"}
     for init, (name, transposed) in names.items():
         value = graph.initializers[init]
         nodes = matmuls.get(init, [])
