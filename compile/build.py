@@ -44,6 +44,10 @@ class BuildOptions:
     optimizer: str = "xformers"
     timing_runs: int = 3  # runs per candidate when choosing the faster int8 method
     stream: bool = False  # force the streamed path (compile/stream.py); otherwise chosen by model size
+    # What the bundle must serve (the planner's memory check; TensorRT optimisation profiles): tokens of context
+    # (None: 4096, or the model's limit if smaller) and the largest batch.
+    context: int | None = None
+    max_batch: int = 1
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Plan:
     source: str
     notes: list[str] = field(default_factory=list)
     recipe: dict = field(default_factory=dict)
+    family: str = ""
+    config: dict = field(default_factory=dict)  # the HF config as a dict (the planner's input)
 
     def render(self) -> str:
         lines = [f"medc build plan: {self.model} ({self.source}) -> {self.out}  [target {self.target}]"]
@@ -89,7 +95,7 @@ class Plan:
 
 
 def _methods(precision: str, target, comp) -> list[str]:
-    if precision == "fp32":
+    if precision in ("fp32", "bf16", "fp8"):  # bf16/fp8: planned only (recipes.PLAN_ONLY), refused by build()
         return []
     if precision == "fp16":
         return ["fp16"]
@@ -126,7 +132,8 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
     source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
     if source != "checkpoint":
         notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")
-    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes, {**recipe.to_json(), "flavour": flavour})
+    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes, {**recipe.to_json(), "flavour": flavour},
+                spec.family.name, spec.config)
 
 
 def plan_only(opts: BuildOptions) -> Plan:
@@ -174,7 +181,14 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     _check_out(out, opts.force)
     if opts.calibration is not None:
         _check_calibration(Path(opts.calibration))
-    plan_only(opts)  # validate precision/target before spending minutes loading weights
+    from medc.compile import planner, recipes
+
+    checked = plan_only(opts)  # validate precision/target before spending minutes loading weights
+    unbuilt = sorted({p for p in checked.recipe["precisions"].values() if p in recipes.PLAN_ONLY})
+    if unbuilt:
+        raise MedcError(f"{', '.join(unbuilt)} builds are not supported by this medc version (`medc plan` sizes "
+                        "them); build --precision fp16 (Gemma 3's overflow-prone parts stay fp32), int8 or int4.")
+    memory = planner.check_fits(opts)  # refuses a build that cannot fit a fixed-memory target
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
     streamed = stream.reason(opts)  # None: the whole fp32 model fits in memory
@@ -235,6 +249,14 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         )
         if gate_ref is not None:
             manifest.build["generation_gate"] = _whole_model_gate(loaded.family, manifest, stage, gate_ref, opts, step)
+        manifest.build["memory_plan"] = {k: memory.to_json()[k] for k in (
+            "context", "batch", "weight_bytes", "kv_bytes", "activation_bytes", "runtime_bytes", "total_bytes",
+            "usable_bytes", "fits", "decode_tokens_per_s", "vision_ms")}
+        if target.engine == "tensorrt":  # ONNX + optimisation profiles + trtexec lines; engines on the device
+            from medc.compile import tensorrt
+
+            step("TensorRT: optimisation profiles, trtexec commands")
+            manifest.tensorrt = tensorrt.prepare_bundle(stage, manifest, target, memory.context, opts.max_batch)
         manifest.files = hash_files(stage)
         manifest.write(stage)
         os.chmod(stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and read

@@ -25,6 +25,9 @@ from medc.errors import MedcError
 from medc.specs import PRECISIONS
 
 STEP_DOWN = ("int4", "int8", "fp16", "fp32")
+# Precisions `medc plan` can size for targets whose hardware has them, but that this medc does not build yet
+# (ONNX Runtime's CPU provider cannot run them for the fidelity gate; TensorRT bf16/fp8 needs typed graphs).
+PLAN_ONLY = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ def resolve(precision: str, recipe_file: Path | None, components, target) -> Rec
             name, _, prec = item.partition("=")
             wanted[name.strip()] = prec.strip()
         return Recipe(_explicit(wanted, names, allowed, owner, target, "--precision"), {}, "explicit")
+    if value in PLAN_ONLY:
+        target.check_precision(value)  # "t4 does not support bf16: needs compute capability 8.0+"
+        return Recipe({n: value for n in names}, {}, f"preset:{value}",
+                      (f"{value} is sized by the planner but not built by this medc version; build fp16 "
+                       "(Gemma 3's overflow-prone parts stay fp32) or int8/int4",))
     if value not in PRESETS:
         raise MedcError(f"unknown precision {value!r}; choose a preset ({', '.join(PRESETS)}) or list components "
                         f"({', '.join(names)}) as name=precision,...")
@@ -110,6 +118,10 @@ def _explicit(wanted: dict, names: list[str], allowed: dict, owner: dict, target
     for name, prec in wanted.items():
         if name not in chosen:
             raise MedcError(f"{where} names component {name!r}; this model has {', '.join(names)}.")
+        if prec in PLAN_ONLY:
+            target.check_precision(prec)
+            raise MedcError(f"{prec} is not built by this medc version (only sized by `medc plan`); "
+                            "use fp16, int8 or int4 for " + name + ".")
         if prec not in PRECISIONS:
             raise MedcError(f"unknown precision {prec!r} for {name}; choose one of {', '.join(PRECISIONS)}.")
         if prec not in allowed[name]:

@@ -63,9 +63,9 @@ def _stderr_console():
 @click.argument("model")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=False,
               help="Bundle directory to write (default: bundles/MODEL-PRECISION).")
-@click.option("--precision", default="fp32", show_default=True,
+@click.option("--precision", default=None,
               help="A preset (fp32 | fp16 | int8 | int4, see README) or per component: "
-                   "vision_encoder=int8,decoder=int4,lm_head=int8.")
+                   "vision_encoder=int8,decoder=int4,lm_head=int8. Default: the target's (cpu: fp32).")
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe file (JSON/TOML): a precision per component "
               "and quantisation options; replaces --precision.")
 @click.option("--flavour", type=click.Choice(["ort", "portable"]), default=None,
@@ -77,23 +77,47 @@ def _stderr_console():
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--pad-to-square", is_flag=True, help="Zero-pad images to square before resizing (Google's MedSigLIP eval).")
 @click.option("--optimizer", type=click.Choice(["xformers", "none"]), default="xformers", show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print the plan and exit.")
+@click.option("--context", type=click.IntRange(min=16), default=None,
+              help="Tokens of context the bundle must serve (memory check, TensorRT profiles). Default 4096.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Largest batch the bundle must serve (memory check, TensorRT profiles).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the memory check, and exit (1 if it does not fit).")
 @click.option("--stream", is_flag=True, hidden=True,
               help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
 def build(model, out, precision, recipe, flavour, target, calibration, random_weights, allow_degraded, force,
-          pad_to_square, optimizer, dry_run, stream):
-    """Build a bundle from MODEL: a registry name (see `medc models`) or a local Hugging Face checkpoint directory."""
-    from medc.compile.build import BuildOptions, build as run_build, plan_only
+          pad_to_square, optimizer, context, max_batch, dry_run, stream):
+    """Build a bundle from MODEL: a registry name (see `medc models`) or a local Hugging Face checkpoint directory.
 
+    MODEL may also be a TRT-ready bundle built for a GPU target: run on the device, this finishes its TensorRT
+    engines in place."""
+    from medc.compile.build import BuildOptions, build as run_build, plan_only
+    from medc.targets import get_target
+
+    if (Path(model) / "manifest.json").is_file():
+        from medc.compile.tensorrt import finish_engines
+
+        manifest = finish_engines(Path(model), target if target != "cpu" else None,
+                                  log=lambda m: logging.getLogger("medc.build").info(m))
+        click.echo(f"engines built in {model}")
+        click.echo(_summary(manifest))
+        return
+    precision = precision or get_target(target).default_precision
     label = Path(recipe).stem if recipe else precision.replace("=", "-").replace(",", "_")
     out = out or Path("bundles") / f"{Path(model).name}-{label}"
     opts = BuildOptions(model=model, out=out, precision=precision, recipe=recipe, flavour=flavour, target=target,
                         calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
-                        pad_to_square=pad_to_square, optimizer=optimizer, stream=stream)
+                        pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
+                        max_batch=max_batch)
     if dry_run:
+        from medc.compile import planner
+
         click.echo(plan_only(opts).render())
+        memory = planner.plan_build(opts)
+        click.echo(memory.render())
+        if not memory.fits and get_target(target).usable_memory_gib is not None:
+            planner.check_fits(opts)  # raises with the preset that would fit
         return
     import signal
 
@@ -373,6 +397,61 @@ def eval_(bundle, text_file, window, max_windows, reference, threads):
 
 
 @main.command()
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you mean it).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="File holding the API key: every route but /health then needs Authorization: Bearer KEY.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests waiting per chat model and per encoder; beyond it, 429 with Retry-After.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Embedding / zero-shot items run together in one encoder call.")
+@click.option("--max-concurrency", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Chat requests decoding together per model (continuous batching).")
+@click.option("--max-image-mb", default=16.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1), help="Images per request.")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
+@click.option("--allow-degraded", is_flag=True, help="Serve bundles whose fidelity gate failed.")
+@_friendly
+def serve(bundles, host, port, api_key_file, max_queue, max_batch, max_concurrency, max_image_mb, max_images,
+          max_body_mb, threads, allow_degraded):
+    """Serve BUNDLES over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/classify.
+
+    A bundle is PATH or ID=PATH (the model id clients send; default: the model name in its manifest)."""
+    try:
+        from medc.runtime.serve import ServeConfig, serve as run_server
+    except ImportError as e:
+        raise MedcError(f"medc serve needs the serve extra ({e.name} is missing): pip install 'medc[serve]'.") from None
+    api_key = None
+    if api_key_file:
+        try:
+            api_key = Path(api_key_file).read_text().strip()
+        except OSError as e:
+            raise MedcError(f"cannot read --api-key-file {api_key_file} ({type(e).__name__}).") from None
+        if len(api_key) < 16:
+            raise MedcError(f"the API key in {api_key_file} is shorter than 16 characters; use a long random key.")
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.getLogger("medc.serve").warning("binding %s without --api-key-file: anyone who can reach it can use it.",
+                                                host)
+    cfg = ServeConfig(host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
+                      max_concurrency=max_concurrency, max_image_mb=max_image_mb, max_images=max_images,
+                      max_body_mb=max_body_mb, threads=threads, allow_degraded=allow_degraded)
+    import signal
+
+    def _stop(signum, frame):  # uvicorn drains first, then re-raises the signal it caught: end as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        run_server(list(bundles), cfg, on_ready=lambda models: click.echo(
+            f"serving {', '.join(m.id for m in models)} on http://{host}:{port} (Ctrl-C stops after in-flight "
+            "requests)", err=True))
+    except KeyboardInterrupt:
+        click.echo("stopped: in-flight requests finished.", err=True)
+
+
+@main.command()
 def models():
     """List registered models."""
     from medc.compile.registry import MODELS
@@ -382,12 +461,62 @@ def models():
 
 
 @main.command()
-def targets():
-    """List deployment targets."""
+@click.option("--json", "as_json", is_flag=True, help="Every profile field as JSON.")
+def targets(as_json):
+    """List deployment targets (profiles in targets/profiles, with their datasheet sources)."""
+    from dataclasses import asdict
+
     from medc.targets import TARGETS
 
+    if as_json:
+        click.echo(json.dumps({n: asdict(t) for n, t in TARGETS.items()}, indent=2))
+        return
+    click.echo(f"{'target':<22} {'SM':<5} {'memory':>14} {'GB/s':>6}  {'precisions':<30} {'TensorRT':<10} default")
     for name, t in TARGETS.items():
-        click.echo(f"{name:<10} {t.kind:<4} precisions {','.join(t.precisions):<15} {t.description}")
+        mem = f"{t.usable_memory_gib:g}/{t.memory_gib:g} GiB" if t.memory_gib else "host RAM"
+        click.echo(f"{name:<22} {t.compute_capability or '-':<5} {mem:>14} {t.bandwidth_gbs or '-':>6}  "
+                   f"{','.join(t.precisions):<30} {','.join(t.tensorrt) or '-':<10} {t.default_precision}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
+@click.option("--precision", default=None, help="A preset or per-component list, as for build (default: the target's).")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe file, as for build.")
+@click.option("--context", type=click.IntRange(min=16), default=None, help="Tokens of context (default 4096).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The plan and every preset's plan as JSON.")
+@_friendly
+def plan(model, target, precision, recipe, context, batch, as_json):
+    """Will MODEL fit TARGET? Weights, KV cache, activations vs usable memory; decode and vision floors.
+
+    Exit status 0 when the chosen recipe fits, 1 when it does not."""
+    from medc.compile import planner
+    from medc.compile.build import BuildOptions
+    from medc.targets import get_target
+
+    t = get_target(target)
+    opts = BuildOptions(model=model, out=Path("-"), precision=precision or t.default_precision, recipe=recipe,
+                        target=target, context=context, max_batch=batch)
+    chosen = planner.plan_build(opts)
+    best, plans = planner.recommend(opts)
+    if as_json:
+        click.echo(json.dumps({"plan": chosen.to_json(), "presets": {planner._preset_of(p): p.to_json() for p in plans},
+                               "recommended": best and planner._preset_of(best)}, indent=2))
+    else:
+        click.echo(chosen.render())
+        click.echo(f"\n  {'preset':<7} {'weights':>9} {'KV':>9} {'total':>9}  fits  {'decode tok/s':>12} {'vision ms':>9}")
+        for p in plans:
+            g = lambda b: f"{b / planner.GIB:7.2f}G"  # noqa: E731
+            click.echo(f"  {planner._preset_of(p):<7} {g(p.weight_bytes):>9} {g(p.kv_bytes):>9} {g(p.total_bytes):>9}  "
+                       f"{'yes ' if p.fits else 'no  '}  {p.decode_tokens_per_s or 0:12.1f} {p.vision_ms or 0:9.1f}")
+        if best:
+            click.echo(f"  recommended: --precision {planner._preset_of(best)} (the fastest preset that fits)")
+        else:
+            smaller = [(n, planner.largest_context(opts, n, batch)) for n in ("int4", "int8") if n in t.precisions]
+            hint = "; ".join(f"{n} fits at --context {c}" for n, c in smaller if c)
+            click.echo("  no preset fits " + t.name + (f" at context {chosen.context}: {hint}" if hint else ""))
+    sys.exit(0 if chosen.fits else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

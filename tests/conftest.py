@@ -82,3 +82,29 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+# -- MedGemma tiny bundles, shared by the generation, planner, lint and server tests ---------------------------------
+@pytest.fixture(scope="session")
+def gemma_tiny():
+    from medc.compile import loader
+
+    return loader.load("medgemma-tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma_fp32(tmp_path_factory):
+    from medc.compile.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("gemma") / "fp32"
+    build(BuildOptions(model="medgemma-tiny", out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def gemma_int8(tmp_path_factory):
+    from medc.compile.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("gemma") / "int8"
+    build(BuildOptions(model="medgemma-tiny", out=out, precision="int8"))
+    return out

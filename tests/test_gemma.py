@@ -20,25 +20,6 @@ from medc.runtime.gemma import build_prompt_batch
 PROMPTS = ["Is there a pneumothorax?", "List three causes of pleural effusion in an adult patient."]
 
 
-@pytest.fixture(scope="session")
-def gemma_tiny():
-    return loader.load("medgemma-tiny")
-
-
-@pytest.fixture(scope="session")
-def gemma_fp32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemma") / "fp32"
-    build(BuildOptions(model="medgemma-tiny", out=out))
-    return out
-
-
-@pytest.fixture(scope="session")
-def gemma_int8(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gemma") / "int8"
-    build(BuildOptions(model="medgemma-tiny", out=out, precision="int8"))
-    return out
-
-
 def _hf_generate(model, assets, prompts, images, n):
     batch = build_prompt_batch(assets, prompts, images)
     kw = {"input_ids": torch.from_numpy(batch.input_ids), "attention_mask": torch.from_numpy(batch.attention_mask)}

@@ -1,0 +1,91 @@
+"""Check `medc plan` against reality on this CPU: run a bundle at the plan's context and compare peak RSS.
+
+Each bundle runs in a fresh process (so the peak is its own): generative bundles prefill `context - new` tokens
+(with one image when the bundle has a vision encoder) and decode `new` tokens; encoder bundles embed `batch` images and
+texts. The plan is made for the bundle's own recipe, target `cpu`, the same context and batch.
+
+    python -m medc.benchmarks.plan_check bundles/gemma3-270m-int8 bundles/medsiglip-tiny --json plan-check.json
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+_CHILD = r"""
+import json, resource, sys
+import numpy as np
+import medc.runtime
+bundle, context, new, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with medc.runtime.load(bundle) as m:
+    if m.bundle.manifest.model["family"] == "gemma3":
+        images = None
+        if "vision_encoder" in m.bundle.manifest.components:
+            images = [np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)]
+        tok = m.assets.tokenizer
+        words = ("the patient presents with a cough and fever for three days " * 2000).split()
+        n_img = (m.assets.mm_tokens_per_image + 8) if images else 0
+        lo, hi = 1, len(words)
+        while lo < hi:  # the longest prompt whose tokens + image tokens + new tokens fit the context
+            mid = (lo + hi + 1) // 2
+            if len(tok.encode(" ".join(words[:mid])).ids) + n_img + new + 16 <= context:
+                lo = mid
+            else:
+                hi = mid - 1
+        m.generate(" ".join(words[:lo]), images=images, max_new_tokens=new, ignore_eos=True)
+    else:
+        imgs = [np.random.default_rng(i).integers(0, 255, (512, 512, 3), dtype=np.uint8) for i in range(batch)]
+        m.embed_images(imgs)
+        m.embed_texts(["a chest radiograph"] * batch)
+print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
+    from medc.compile import planner
+    from medc.compile.build import BuildOptions, plan_only
+    from medc.manifest import Manifest
+    from medc.targets import get_target
+
+    m = Manifest.read(bundle)
+    source = m.model["source"]
+    model = source["path"] if source.get("kind") == "checkpoint" else m.model["name"]
+    config = plan_only(BuildOptions(model=model, out=Path("-"))).config
+    recipe = m.build["recipe"]
+    plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"], get_target("cpu"),
+                               context, batch, recipe.get("flavour"), recipe.get("options"))
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(bundle), str(context), str(new), str(batch)],
+                         capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return {"bundle": str(bundle), "model": m.model["name"], "recipe": recipe["precisions"], "context": context,
+            "batch": batch, "planned_bytes": plan.total_bytes, "weight_bytes": plan.weight_bytes,
+            "kv_bytes": plan.kv_bytes, "activation_bytes": plan.activation_bytes, "peak_rss_bytes": peak,
+            "ratio": peak / plan.total_bytes}
+
+
+@click.command()
+@click.argument("bundles", nargs=-1, type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--context", type=int, default=None, help="Tokens (default: 512 for generative bundles).")
+@click.option("--new-tokens", type=int, default=16)
+@click.option("--batch", type=int, default=1)
+@click.option("--json", "json_out", type=click.Path(path_type=Path))
+@click.option("--markdown", "md_out", type=click.Path(path_type=Path))
+def main(bundles, context, new_tokens, batch, json_out, md_out):
+    rows = [measure(b, context or 512, new_tokens, batch) for b in bundles]
+    lines = ["| bundle | context | planned | peak RSS | peak / planned |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {Path(r['bundle']).name} ({r['model']}) | {r['context']} | "
+                     f"{r['planned_bytes'] / 2**20:.0f} MiB | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['ratio']:.2f} |")
+    click.echo("\n".join(lines))
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+    if md_out:
+        md_out.write_text("# medc plan vs measured peak RSS (CPU)\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

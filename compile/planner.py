@@ -1,0 +1,377 @@
+"""`medc plan`: will MODEL at a precision fit TARGET, and how fast can it be at best?
+
+Everything is arithmetic on the model's config (no weights, no torch): parameter shapes per component, bytes per
+parameter for the precision *as medc builds it* (block scales and zero points included, so the numbers match the
+bundle on disk), the KV cache as the bundle lays it out (Gemma 3's sliding layers keep `window - 1` past tokens, global
+layers keep everything), an activation estimate for the graphs medc exports (eager attention: the score matrices are
+materialised), and the runtime's fixed cost. Against the target's usable memory that gives fits / does not fit, and
+against its bandwidth and peak throughput the two floors every deployment question starts from:
+
+- decode tokens/s ceiling = bandwidth / bytes read per token (all decoder weights + the KV cache in use);
+- vision-encoder ms floor = FLOPs per image / peak FLOP/s at the encoder's precision.
+
+The weight and KV numbers are checked against real bundles in tests/test_planner.py; the activation estimate against
+measured peak RSS of CPU runs (README "Planning").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Fixed memory besides weights, KV and activations, by platform (inferred, then checked on the CPU runs):
+# host: Python + numpy + onnxruntime + tokenizers; jetson: the same process plus CUDA/cuBLAS/TensorRT libraries and
+# the CUDA context, all in the shared LPDDR; datacenter: CUDA context + TensorRT/cuBLAS workspaces in device memory.
+RUNTIME_OVERHEAD_GIB = {"host": 0.25, "jetson": 1.2, "datacenter": 0.6}
+# ORT's CPU arena and TensorRT's per-context activation memory are held per graph, not shared between graphs:
+# the activation estimate sums the components' peaks.
+GIB = 2**30
+
+# Weight-only and Q/DQ storage as medc writes it (compile/quantize.py): bytes per parameter of a quantised matrix.
+# ORT flavour: MatMulNBits, int8 symmetric blocks of 16 (fp32 scale per block), int4 HQQ blocks of 32 (fp32 scale
+# and fp32 zero point per block: HQQ's zero points are floats). Portable flavour: int8 per output channel, int4
+# symmetric blocks of 32 (fp32 scales, packed int4). Encoders at int8: Q/DQ per output channel (fp32 scale + int8
+# zero point); their patch-embedding Conv stays float. fp16 / bf16 / fp8: plain storage.
+
+
+def _linear_bytes(precision: str, flavour: str, decoder: bool, k: int, n: int, options: dict) -> float:
+    """Bytes of one [k, n] matrix (k = input features) at `precision`."""
+    params = k * n
+    if precision == "fp32":
+        return 4.0 * params
+    if precision in ("fp16", "bf16"):
+        return 2.0 * params
+    if precision == "fp8":
+        return params + 4.0 * n
+    if precision == "int8":
+        if decoder and flavour == "ort":
+            block = int(options.get("int8_block_size", 16))
+            return params + 4.0 * n * -(-k // block)
+        return params + (4.0 if decoder else 5.0) * n  # per-channel scale (+ int8 zero point for encoders)
+    if precision == "int4":
+        block = int(options.get("int4_block_size", 32))
+        blocks = n * -(-k // block)
+        zero_points = 4.0 * blocks if (decoder and flavour == "ort") else 0.0
+        return 0.5 * params + 4.0 * blocks + zero_points
+    raise ValueError(precision)
+
+
+_PLAIN_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 4, "int8": 4, "int4": 4}  # norms, biases: float
+_ACT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2, "int8": 4, "int4": 4}  # activations (int8 dequantises)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    component: str
+    part: str  # the recipe key whose precision applies: a component name or "lm_head"
+    shape: tuple[int, ...]
+    linear: bool  # a weight matrix the precision quantises (else: float norms, biases, embeddings tables)
+    projection: str = ""  # decoder projection name (q_proj, ..., down_proj) for int4_projections
+
+
+def _siglip_tower(comp: str, c: dict, tokens: int, head: bool, patch: int | None) -> list[Tensor]:
+    h, f = c["hidden_size"], c["intermediate_size"]
+    out = []
+    if patch:  # vision: patch embedding (a Conv: the quantisers leave it float) + position table
+        out += [Tensor(comp, comp, (3 * patch * patch * h + h,), False)]
+    out.append(Tensor(comp, comp, (tokens, h), False))
+    for _ in range(c["num_hidden_layers"]):
+        out += [Tensor(comp, comp, (h, h), True) for _ in range(4)] + [Tensor(comp, comp, (4 * h,), False)]
+        out += [Tensor(comp, comp, (h, f), True), Tensor(comp, comp, (f, h), True), Tensor(comp, comp, (f + h,), False),
+                Tensor(comp, comp, (4 * h,), False)]  # two layer norms
+    out.append(Tensor(comp, comp, (2 * h,), False))  # post layer norm
+    if head:  # SigLIP's attention-pooling head: its packed in_proj is sliced before the MatMuls, so it stays float
+        out += [Tensor(comp, comp, (3 * h * h + 3 * h,), False), Tensor(comp, comp, (h, h), True),
+                Tensor(comp, comp, (h, f), True), Tensor(comp, comp, (f, h), True),
+                Tensor(comp, comp, (5 * h + f,), False)]  # probe, out_proj/fc biases, layer norm
+    return out
+
+
+def _siglip_tensors(cfg: dict) -> list[Tensor]:
+    v, t = cfg["vision_config"], cfg["text_config"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    text = [Tensor("text_encoder", "text_encoder", (t["vocab_size"], t["hidden_size"]), False)]
+    text += _siglip_tower("text_encoder", t, t.get("max_position_embeddings", 64), False, None)
+    text += [Tensor("text_encoder", "text_encoder", (t["hidden_size"], t.get("projection_size", t["hidden_size"])), True)]
+    return _siglip_tower("image_encoder", v, patches, True, v["patch_size"]) + text
+
+
+def _gemma3_decoder(t: dict) -> list[Tensor]:
+    h, f, hd = t["hidden_size"], t["intermediate_size"], t["head_dim"]
+    q, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
+    out = [Tensor("embed_tokens", "embed_tokens", (t["vocab_size"], h), False)]
+    for _ in range(t["num_hidden_layers"]):
+        for name, k, n in (("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                           ("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h)):
+            out.append(Tensor("decoder", "decoder", (k, n), True, name))
+        out.append(Tensor("decoder", "decoder", (4 * h + 2 * hd,), False))  # 4 RMSNorms + q/k norms
+    out += [Tensor("decoder", "decoder", (h,), False), Tensor("decoder", "lm_head", (h, t["vocab_size"]), True)]
+    return out
+
+
+def _gemma3_tensors(cfg: dict) -> list[Tensor]:
+    if "text_config" not in cfg:  # Gemma3ForCausalLM
+        return _gemma3_decoder(cfg)
+    v, t = cfg["vision_config"], cfg["text_config"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    vision = _siglip_tower("vision_encoder", v, patches, False, v["patch_size"])
+    vision += [Tensor("vision_encoder", "vision_encoder", (v["hidden_size"],), False),  # projector RMSNorm
+               Tensor("vision_encoder", "vision_encoder", (v["hidden_size"], t["hidden_size"]), True)]
+    return vision + _gemma3_decoder(t)
+
+
+# Model family -> its parameter tensors (shapes from the HF config dict).
+TENSORS = {"siglip": _siglip_tensors, "gemma3": _gemma3_tensors, "gemma3_text": _gemma3_tensors}
+
+
+def _vision_flops(cfg: dict, family: str) -> float | None:
+    """Multiply-adds x2 of one image through the vision tower (+ projector): the compute floor's numerator."""
+    v = cfg.get("vision_config")
+    if v is None:
+        return None
+    n, h, f = (v["image_size"] // v["patch_size"]) ** 2, v["hidden_size"], v["intermediate_size"]
+    per_layer = 2 * n * (4 * h * h + 2 * h * f) + 2 * 2 * n * n * h  # projections + MLP, QK^T and PV
+    flops = v["num_hidden_layers"] * per_layer + 2 * n * 3 * v["patch_size"] ** 2 * h
+    if family == "gemma3":
+        flops += 2 * cfg["mm_tokens_per_image"] * h * cfg["text_config"]["hidden_size"]
+    return float(flops)
+
+
+@dataclass
+class ComponentBytes:
+    name: str
+    precision: str
+    params: int
+    weight_bytes: int
+    activation_bytes: int
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    target: str
+    recipe: dict  # component / part -> precision
+    context: int
+    batch: int
+    components: list[ComponentBytes]
+    kv_bytes: int
+    kv_bytes_per_token: float  # all layers, before the sliding window caps (what a non-windowed cache would cost)
+    runtime_bytes: int
+    usable_bytes: int
+    decode_tokens_per_s: float | None  # ceiling at batch 1, `context` tokens in the cache
+    vision_ms: float | None  # floor per image
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(c.weight_bytes for c in self.components)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(c.activation_bytes for c in self.components)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.runtime_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.usable_bytes
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(weight_bytes=self.weight_bytes, activation_bytes=self.activation_bytes,
+                 total_bytes=self.total_bytes, fits=self.fits)
+        return d
+
+    def render(self) -> str:
+        g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
+        lines = [f"medc plan: {self.model} on {self.target}  (context {self.context}, batch {self.batch})",
+                 "  recipe: " + ", ".join(f"{k}={v}" for k, v in self.recipe.items())]
+        for c in self.components:
+            lines.append(f"  {c.name:<15} {c.precision:<5} {c.params / 1e6:9.1f} M params  weights {g(c.weight_bytes)}"
+                         f"  activations {g(c.activation_bytes)}")
+        lines += [f"  {'KV cache':<21} {g(self.kv_bytes)}  ({self.kv_bytes_per_token / 1024:.0f} KiB/token "
+                  "before the sliding-window cap)" if self.kv_bytes else "  KV cache: none",
+                  f"  {'runtime':<21} {g(self.runtime_bytes)}",
+                  f"  {'total':<21} {g(self.total_bytes)}  of {g(self.usable_bytes).strip()} usable -> "
+                  + ("fits" if self.fits else "DOES NOT FIT")]
+        if self.decode_tokens_per_s is not None:
+            lines.append(f"  decode ceiling        {self.decode_tokens_per_s:7.1f} tokens/s (bandwidth / bytes per token)")
+        if self.vision_ms is not None:
+            lines.append(f"  vision floor          {self.vision_ms:7.1f} ms/image (FLOPs / peak)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int) -> tuple[int, float]:
+    t = cfg.get("text_config", cfg)
+    if "layer_types" not in t:
+        return 0, 0.0
+    per_token_layer = 2 * t["num_key_value_heads"] * t["head_dim"] * kv_dtype_bytes * batch
+    window = t.get("sliding_window") or context
+    # the runtime keeps window - 1 past tokens on sliding layers (compile/models/gemma3.py kv_layout)
+    kept = [min(context, window - 1) if lt == "sliding_attention" else context for lt in t["layer_types"]]
+    return int(per_token_layer * sum(kept)), per_token_layer * len(kept)
+
+
+def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int, fused: bool) -> int:
+    """Peak intermediate memory of one graph run. ONNX Runtime runs medc's attention as exported (eager: the score
+    and softmax matrices are both live); TensorRT fuses the MatMul-Softmax-MatMul pattern into flash-style kernels
+    (`fused`), which never materialise them."""
+    a = _ACT_BYTES[precision]
+    scores = 0 if fused else 2
+    if comp in ("vision_encoder", "image_encoder"):
+        v = cfg["vision_config"]
+        n, h, f = (v["image_size"] // v["patch_size"]) ** 2, v["hidden_size"], v["intermediate_size"]
+        return int(batch * a * (scores * v["num_attention_heads"] * n * n + 2 * n * f + 6 * n * h))
+    if comp == "text_encoder":
+        t = cfg["text_config"]
+        n = t.get("max_position_embeddings", 64)
+        return int(batch * a * (scores * t["num_attention_heads"] * n * n + 2 * n * t["intermediate_size"]
+                                + 6 * n * t["hidden_size"]))
+    t = cfg.get("text_config", cfg)
+    if comp == "embed_tokens":
+        return int(batch * context * t["hidden_size"] * a)
+    # decoder, prefill of the whole context at once (medc's runtime does not chunk prefill): one layer's scores,
+    # softmax and mask over context x context, its MLP, a few hidden-state buffers, and one row of logits.
+    s = context
+    return int(batch * (a * (scores * t["num_attention_heads"] * s * s + (s * s if scores else 0)
+                             + 3 * s * t["intermediate_size"]
+                             + 8 * s * t["hidden_size"]) + 4 * t["vocab_size"]))
+
+
+def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], target, context: int = 4096,
+                batch: int = 1, flavour: str | None = None, options: dict | None = None) -> MemoryPlan:
+    """The memory and speed plan of `model` (its HF config dict `cfg`) with `recipe` on `target`."""
+    flavour = flavour or target.graph_flavour
+    options = options or {}
+    int4_only = set(options.get("int4_projections", ())) or None
+    per: dict[str, list[float]] = {}
+    params: dict[str, int] = {}
+    decoder_bytes = 0.0
+    for t in TENSORS[family](cfg):
+        prec = recipe.get(t.part, recipe.get(t.component, "fp32"))
+        if t.linear and prec == "int4" and int4_only and t.projection and t.projection not in int4_only:
+            prec = "int8"
+        n = 1
+        for d in t.shape:
+            n *= d
+        if t.linear and len(t.shape) == 2:
+            b = _linear_bytes(prec, flavour, t.component == "decoder", t.shape[0], t.shape[1], options)
+        else:
+            b = n * (2 if prec in ("fp16", "bf16") and t.component == "embed_tokens" else _PLAIN_BYTES[prec])
+        per.setdefault(t.component, []).append(b)
+        params[t.component] = params.get(t.component, 0) + n
+        if t.component == "decoder":
+            decoder_bytes += b
+    kv_bytes_per = 2 if any(recipe.get(c) in ("fp16", "bf16") for c in ("decoder",)) else 4
+    kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per)
+    comps = [ComponentBytes(name, recipe.get(name, "fp32"), params[name], int(sum(bs)),
+                            _activations(cfg, name, recipe.get(name, "fp32"), context, batch,
+                                         fused=target.engine == "tensorrt"))
+             for name, bs in per.items()]
+    notes = []
+    decode = None
+    if target.bandwidth_gbs and decoder_bytes:
+        decode = target.bandwidth_gbs * 1e9 / (decoder_bytes + kv)
+    elif decoder_bytes:
+        notes.append("no decode ceiling: the host's memory bandwidth is not in the cpu profile")
+    vision = None
+    flops = _vision_flops(cfg, family)
+    vis_prec = recipe.get("vision_encoder", recipe.get("image_encoder"))
+    if flops and vis_prec:
+        peak = target.peak_tflops.get({"int4": "int8", "fp32": "fp16", "bf16": "fp16"}.get(vis_prec, vis_prec))
+        if peak:
+            vision = flops / (peak * 1e12) * 1e3
+            if vis_prec == "fp32":
+                notes.append("fp32 vision floor uses the fp16 tensor-core peak (TF32 is about half of it)")
+    runtime = int(RUNTIME_OVERHEAD_GIB[target.platform] * GIB)
+    return MemoryPlan(model, target.name, dict(recipe), context, batch, comps, kv, kv_per_token, runtime,
+                      target.usable_bytes(), decode, vision, notes)
+
+
+def default_context(cfg: dict) -> int:
+    """4096 tokens (a report with a few images), or the model's own limit when smaller (the tiny models: 512)."""
+    t = cfg.get("text_config", cfg)
+    return min(4096, int(t.get("max_position_embeddings", 4096))) if "vocab_size" in t else 64
+
+
+def plan_build(opts, context: int | None = None, batch: int | None = None) -> MemoryPlan:
+    """The memory plan of a `medc build` (BuildOptions): its recipe, flavour and target."""
+    from medc.compile.build import plan_only
+    from medc.targets import get_target
+
+    plan = plan_only(opts)
+    context = context or opts.context or default_context(plan.config)
+    return plan_memory(plan.model, plan.family, plan.config, plan.recipe["precisions"], get_target(opts.target),
+                       context, batch or opts.max_batch, plan.recipe.get("flavour"), plan.recipe.get("options"))
+
+
+def recommend(opts, context: int | None = None, batch: int | None = None) -> tuple[MemoryPlan | None, list[MemoryPlan]]:
+    """Every preset the target can build, planned; and the fastest that fits (None if none does).
+
+    Fastest: the highest decode ceiling for generative models, else the lowest vision floor, else the fewest bytes."""
+    import dataclasses
+
+    from medc.compile.recipes import PRESETS
+    from medc.errors import MedcError
+    from medc.targets import get_target
+
+    target = get_target(opts.target)
+    plans = []
+    for name in PRESETS:
+        if name not in target.precisions:
+            continue
+        try:
+            p = plan_build(dataclasses.replace(opts, precision=name, recipe=None), context, batch)
+        except MedcError:
+            continue  # a preset this model has no form of on this target
+        if all(p.recipe != q.recipe for q in plans):  # int4 on an encoder-only model is its int8
+            p.notes.insert(0, f"preset {name}")
+            plans.append(p)
+    fitting = [p for p in plans if p.fits]
+    if not fitting:
+        return None, plans
+    best = max(fitting, key=lambda p: (p.decode_tokens_per_s or 0, -(p.vision_ms or 0), -p.total_bytes))
+    return best, plans
+
+
+def check_fits(opts) -> MemoryPlan:
+    """Refuse a build for a fixed-memory target that its plan says cannot fit; say which preset would."""
+    from medc.errors import MedcError
+    from medc.targets import get_target
+
+    plan = plan_build(opts)
+    target = get_target(opts.target)
+    if plan.fits or target.usable_memory_gib is None:  # cpu: the deployment host's RAM is not known here
+        return plan
+    best, _ = recommend(opts)
+    if best:
+        fix = f"--precision {_preset_of(best)} fits ({best.total_bytes / GIB:.1f} GiB)"
+    else:
+        shorter = [(p, largest_context(opts, p)) for p in ("int4", "int8") if p in target.precisions]
+        fix = "no preset fits at this context" + "".join(f"; {p} fits at --context {c}" for p, c in shorter if c)
+        fix += "; or choose a target with more memory"
+    raise MedcError(f"{plan.model} with this recipe needs {plan.total_bytes / GIB:.1f} GiB at context {plan.context}, "
+                    f"batch {plan.batch}; {target.name} has {plan.usable_bytes / GIB:.1f} GiB usable. {fix}. "
+                    "(`medc plan` shows the breakdown.)")
+
+
+def _preset_of(plan: MemoryPlan) -> str:
+    """The preset a plan from `recommend` was made with."""
+    return next((n.split()[1] for n in plan.notes if n.startswith("preset ")), "custom")
+
+
+def largest_context(opts, precision: str, batch: int | None = None) -> int | None:
+    """The largest context (halving from the requested one, down to 256 tokens) at which `precision` fits."""
+    import dataclasses
+
+    from medc.compile.build import plan_only
+
+    o = dataclasses.replace(opts, precision=precision, recipe=None)
+    context = opts.context or default_context(plan_only(o).config)
+    while context >= 256:
+        if plan_build(o, context, batch).fits:
+            return context
+        context //= 2
+    return None
