@@ -127,7 +127,9 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
         methods = _methods(p, target, c)
         if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
             methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
-        optimizer = "none" if (flavour == "portable" and c.parts) else None
+        # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the
+        # portable decoder; the streamed path reads this too.
+        optimizer = "none" if (flavour == "portable" and c.parts) or target.engine == "tensorrt" else None
         plans.append(ComponentPlan(c.name, p, methods, f"{c.name}.onnx", options, optimizer))
     source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
     if source != "checkpoint":
@@ -334,7 +336,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
             step(f"{cp.name}: {method}, weights streamed")
             path, info, optimizations = prep.produce(method, work)
         else:
-            src, optimizations = optimised(quantize.SOURCE_OPTIMIZER.get(method, cp.optimizer or opts.optimizer))
+            src, optimizations = optimised(quantize.source_optimizer(method, target, cp.optimizer or opts.optimizer))
             path = src if method == "fp32" else work / f"{cp.name}.{method}.onnx"
             info = {"method": "none"}
             if method != "fp32":
@@ -342,6 +344,8 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
                 options = cp.options
                 if method == "fp16" and cp.options:  # decoders: fp32 islands where held-out inputs overflow fp16
                     options = {**cp.options, "feeds": [case["in"] for case in ref_cases.values()]}
+                if method == "int8-static-qdq" and target.engine == "tensorrt":  # no int32 bias DQ in TensorRT
+                    options = {**options, "quantize_bias": False}
                 info = quantize.convert(method, src, path, calibration, options)
         step(f"{cp.name}: fidelity gate ({method})")
         gated = path

@@ -30,7 +30,8 @@ GIB = 2**30
 # ORT flavour: MatMulNBits, int8 symmetric blocks of 16 (fp32 scale per block), int4 HQQ blocks of 32 (fp32 scale
 # and fp32 zero point per block: HQQ's zero points are floats). Portable flavour: int8 per output channel, int4
 # symmetric blocks of 32 (fp32 scales, packed int4). Encoders at int8: Q/DQ per output channel (fp32 scale + int8
-# zero point); their patch-embedding Conv stays float. fp16 / bf16 / fp8: plain storage.
+# zero point), patch-embedding Conv included (dynamic int8, the CPU's other candidate, leaves some small tensors
+# float: the plan sizes the static form). fp16 / bf16 / fp8: plain storage.
 
 
 def _linear_bytes(precision: str, flavour: str, decoder: bool, k: int, n: int, options: dict) -> float:
@@ -71,8 +72,8 @@ class Tensor:
 def _siglip_tower(comp: str, c: dict, tokens: int, head: bool, patch: int | None) -> list[Tensor]:
     h, f = c["hidden_size"], c["intermediate_size"]
     out = []
-    if patch:  # vision: patch embedding (a Conv: the quantisers leave it float) + position table
-        out += [Tensor(comp, comp, (3 * patch * patch * h + h,), False)]
+    if patch:  # vision: patch embedding (a Conv; static Q/DQ quantises it per channel) + its bias
+        out += [Tensor(comp, comp, (3 * patch * patch, h), True), Tensor(comp, comp, (h,), False)]
     out.append(Tensor(comp, comp, (tokens, h), False))
     for _ in range(c["num_hidden_layers"]):
         out += [Tensor(comp, comp, (h, h), True) for _ in range(4)] + [Tensor(comp, comp, (4 * h,), False)]

@@ -570,9 +570,11 @@ def _write_int8_channels(graph, value, nodes, w: np.ndarray, transposed: bool, d
 
 
 def _write_qdq(model, value, nodes, w: np.ndarray, transposed: bool, block: int, data) -> str:
-    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int4, scales, axis 0, block)): the quantiser's QDQ form."""
+    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int4, scales, axis 0, block)): the quantiser's QDQ form
+    (quantize.int4_blocks: positive scales, as TensorRT requires)."""
     import onnx_ir as ir
-    from onnxruntime.capi._pybind_state import quantize_qdq_matmul_4bits
+
+    from medc.compile import quantize
 
     graph = model.graph
     K, N = (int(d) for d in value.shape)
@@ -584,10 +586,7 @@ def _write_qdq(model, value, nodes, w: np.ndarray, transposed: bool, block: int,
         for k0 in range(0, K, step):
             k1 = min(K, k0 + step)
             part = np.ascontiguousarray(w[:, k0:k1].T if transposed else w[k0:k1])
-            p = np.zeros(((k1 - k0) * N + 1) // 2, np.uint8)
-            z = np.zeros(((k1 - k0 + block - 1) // block * N + 1) // 2, np.uint8)
-            s = np.zeros(((k1 - k0 + block - 1) // block, N), np.float32)
-            quantize_qdq_matmul_4bits(p, part, s, z, block, N, k1 - k0, True)
+            p, s = quantize.int4_blocks(part, block)
             scales[k0 // block:k0 // block + len(s)] = s
             yield p
 

@@ -519,5 +519,28 @@ def plan(model, target, precision, recipe, context, batch, as_json):
     sys.exit(0 if chosen.fits else 1)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="The TensorRT target to check against (see `medc targets`).")
+@click.option("--json", "as_json", is_flag=True, help="The findings as JSON.")
+@_friendly
+def lint(bundle, target, as_json):
+    """Will TensorRT's ONNX parser take BUNDLE's graphs for TARGET? Checks, on this CPU, every graph against the
+    operators and data types the parser of each of the target's TensorRT versions supports, the explicit
+    quantization rules (symmetric int8, int4 weight-only blocks), opsets and optimisation profiles.
+
+    Exit status 0 when TRT-ready (warnings allowed), 1 when not."""
+    from medc.compile.lint import lint_bundle
+
+    report = lint_bundle(bundle, target)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render())
+    if report.ok:
+        if not as_json:
+            click.echo(f"TRT-ready for {target}: {len(report.warnings)} warning(s).")
+        sys.exit(0)
+    click.echo(f"not TRT-ready: rebuild with --target {target}", err=as_json)
+    sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -56,6 +56,9 @@ class Manifest:
     toolchain: dict = field(default_factory=dict)
     build: dict = field(default_factory=dict)  # time taken, peak memory, options
     golden: str | None = None  # npz with held-out inputs and reference outputs for `medc verify`
+    # GPU targets with engine "tensorrt": optimisation profiles, trtexec lines and, once built on the device, the
+    # engines with the TensorRT version and compute capability they are tied to (medc.compile.tensorrt).
+    tensorrt: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     created: str = ""
     format_version: int = FORMAT_VERSION

@@ -39,7 +39,13 @@ class PromptBatch:
 
 def render_prompt(assets: PromptAssets, prompt: str, n_images: int) -> tuple[str, bool]:
     """(text, add_special_tokens): the chat template for instruction models, plain completion for base models."""
-    boi = assets.special_tokens["boi"] if n_images else ""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return render_messages(assets, [{"role": "user", "content": content}])
+
+
+def render_messages(assets: PromptAssets, messages: list[dict]) -> tuple[str, bool]:
+    """A conversation (OpenAI-style roles; content a string or parts {"type": "image"} / {"type": "text", "text"})
+    -> (text, add_special_tokens). Without a chat template (base models) the parts are concatenated as completion."""
     if assets.chat_template:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -49,12 +55,18 @@ def render_prompt(assets: PromptAssets, prompt: str, n_images: int) -> tuple[str
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
         env.globals["raise_exception"] = raise_exception
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-        text = env.from_string(assets.chat_template).render(
-            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
-            bos_token=assets.special_tokens["bos"], eos_token=assets.special_tokens["eos"])
+        try:
+            text = env.from_string(assets.chat_template).render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=assets.special_tokens["bos"], eos_token=assets.special_tokens["eos"])
+        except jinja2.TemplateError as e:  # e.g. a system message that holds only an image
+            raise MedcError(f"the chat template cannot render these messages ({type(e).__name__}); "
+                            "check roles and content parts.") from None
         return text, False  # the template writes <bos> itself
-    return boi * n_images + prompt, True
+    boi = assets.special_tokens.get("boi", "")
+    parts = [p for m in messages for p in
+             ([{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"])]
+    return "".join(boi if p["type"] == "image" else p["text"] for p in parts), True
 
 
 def expand_images(assets: PromptAssets, text: str) -> str:
@@ -69,7 +81,19 @@ def expand_images(assets: PromptAssets, text: str) -> str:
 def encode_prompt(assets: PromptAssets, prompt: str, n_images: int = 0) -> list[int]:
     if n_images and not assets.mm_tokens_per_image:
         raise MedcError("this model is text-only: it takes no images.")
-    text, add_special = render_prompt(assets, prompt, n_images)
+    return _encode(assets, *render_prompt(assets, prompt, n_images), n_images)
+
+
+def encode_messages(assets: PromptAssets, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation (see `render_messages`), ready for generation."""
+    n_images = sum(1 for m in messages if not isinstance(m["content"], str)
+                   for p in m["content"] if p["type"] == "image")
+    if n_images and not assets.mm_tokens_per_image:
+        raise MedcError("this model is text-only: it takes no images.")
+    return _encode(assets, *render_messages(assets, messages), n_images)
+
+
+def _encode(assets: PromptAssets, text: str, add_special: bool, n_images: int) -> list[int]:
     ids = assets.tokenizer.encode(expand_images(assets, text), add_special_tokens=add_special).ids
     found = sum(1 for i in ids if i == assets.special_ids.get("image")) // max(assets.mm_tokens_per_image, 1)
     if found != n_images:
@@ -226,6 +250,38 @@ class GemmaPipeline(Pipeline):
             feeds = {"inputs_embeds": self._embed(tokens[:, None].astype(np.int64)), "attention_mask": mask,
                      "position_ids": pos, "token_type_ids": np.zeros((b, 1), np.int64),
                      "logits_positions": np.zeros(1, np.int64)}
+
+    # -- one sequence at a time, for continuous batching (runtime/scheduler.py) ---------------------------------
+    def prefill(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """One prompt, unpadded: the last position's logits [V] and its KV cache as numpy arrays [1, kv, n, d] (the
+        same first step as `stream` with a single prompt)."""
+        batch = np.asarray([ids], np.int64)
+        s = batch.shape[1]
+        embeds = self._embed(batch)
+        types = (batch == self.assets.special_ids.get("image", -1)).astype(np.int64)
+        if pixel_values is not None and len(pixel_values):
+            feats = self._sessions["vision_encoder"].run({"pixel_values": pixel_values})["image_features"]
+            embeds[types == 1] = feats.reshape(-1, embeds.shape[-1])
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, s), np.int64),
+                 "position_ids": np.arange(s, dtype=np.int64)[None], "token_type_ids": types,
+                 "logits_positions": np.array([s - 1], np.int64)}
+        logits, present = self._step(self._sessions["decoder"].open(), feeds, self._empty_past(1))
+        return logits[0, -1], {k: v.numpy() for k, v in present.items()}
+
+    def decode(self, tokens: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+               past: dict) -> tuple[np.ndarray, dict]:
+        """One decode step for a batch: tokens [B], mask [B, past + 1], positions [B]; `past` holds numpy arrays or
+        the OrtValues a previous step returned. -> logits [B, V] and the present KV (OrtValues)."""
+        import onnxruntime as ort
+
+        b = len(tokens)
+        feeds = {"inputs_embeds": self._embed(np.asarray(tokens, np.int64)[:, None]), "attention_mask": attention_mask,
+                 "position_ids": np.asarray(position_ids, np.int64)[:, None],
+                 "token_type_ids": np.zeros((b, 1), np.int64), "logits_positions": np.zeros(1, np.int64)}
+        past = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                for k, v in past.items()}
+        logits, present = self._step(self._sessions["decoder"].open(), feeds, past)
+        return logits[:, -1], present
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self._sessions["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]

@@ -1,22 +1,33 @@
 """One small session protocol over ONNX Runtime. A context manager; onnxruntime is imported only when opened.
 
-Native TensorRT sessions (issue: targets/TensorRT) implement the same three methods.
+Native TensorRT sessions (medc.runtime.trt_session.TrtSession) implement the same methods; `SESSIONS` chooses one per
+bundle component. On GPU providers, ONNX Runtime's CUDA and TensorRT execution providers get their options from
+`provider_options` (the TensorRT EP caches its engines under ~/.cache/medc/trt-ep/<bundle>); CPU sessions are created
+exactly as before, with no provider options.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from medc.errors import MedcError
 
+log = logging.getLogger(__name__)
+
 
 class OrtSession:
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 provider_options: list[dict] | None = None):
         self.path = Path(path)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
+        self.provider_options = provider_options  # one dict per provider; None: ONNX Runtime's defaults
         self._sess = None
 
     def open(self) -> "OrtSession":
@@ -28,8 +39,9 @@ class OrtSession:
             so.log_severity_level = 3  # ORT warnings name nodes, not data, but are noise for users
             if self.threads:
                 so.intra_op_num_threads = self.threads
+            extra = {} if self.provider_options is None else {"provider_options": self.provider_options}
             try:
-                self._sess = ort.InferenceSession(str(self.path), so, providers=self.providers)
+                self._sess = ort.InferenceSession(str(self.path), so, providers=self.providers, **extra)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise MedcError(f"ONNX Runtime cannot load {self.path.name}: {str(e).splitlines()[0][:300]}. "
                                 "The file may be damaged or built for another target; run `medc verify` on the bundle.") from None
@@ -54,12 +66,87 @@ class OrtSession:
         return dict(zip(names, sess.run(names, feeds)))
 
 
+# -- ONNX Runtime's GPU providers --------------------------------------------------------------------------------------
+# Option names: https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html (Configurations) and
+# https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html. Unverified on hardware here.
+def trt_ep_cache_dir(bundle) -> Path:
+    """~/.cache/medc/trt-ep/<bundle hash>: the TensorRT EP's engines and timing cache for exactly this bundle."""
+    digest = hashlib.sha256(json.dumps(bundle.manifest.files, sort_keys=True).encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "medc" / "trt-ep" / f"{bundle.manifest.model.get('name', 'bundle')}-{digest}"
+
+
+def provider_options(providers: list[str], bundle=None, component=None) -> list[dict] | None:
+    """Options for each of `providers`, or None when only the CPU provider is used (CPU sessions keep ONNX Runtime's
+    defaults, byte for byte as before)."""
+    if all(p == "CPUExecutionProvider" for p in providers):
+        return None
+    options = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            o = {"device_id": 0}
+            if bundle is not None:
+                cache = trt_ep_cache_dir(bundle)
+                o.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                         trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+                workspace = (bundle.manifest.tensorrt or {}).get("workspace_bytes")
+                if workspace:
+                    o["trt_max_workspace_size"] = int(workspace)
+            # fp16 kernels only for fp16 bundles, and not where the graph keeps fp32 islands: with trt_fp16_enable
+            # the EP builds a weakly typed network (free to run those islands in fp16, where Gemma 3 overflows);
+            # without it, a strongly typed one that keeps the graph's own types (microsoft/onnxruntime#24298).
+            if component is not None and component.precision == "fp16" and "fp32_islands" not in component.quantization:
+                o["trt_fp16_enable"] = True
+        elif p == "CUDAExecutionProvider":
+            o = {"device_id": 0}
+        else:
+            o = {}
+        options.append(o)
+    return options
+
+
+# -- which session runs a component -----------------------------------------------------------------------------------
+# Components a pipeline drives through ONNX Runtime internals, whatever engines exist: GemmaPipeline binds the decoder's
+# KV cache as OrtValues (IO binding). Its TensorRT form is medc.runtime.trt_session.TrtDecoder.
+ORT_ONLY = {"gemma3": {"decoder"}}
+
+
+def _ort(bundle, name: str, comp, threads):
+    return OrtSession(bundle.file(comp.file), bundle.providers, threads,
+                      provider_options(bundle.providers, bundle, comp))
+
+
+def _tensorrt(bundle, name: str, comp, threads):
+    from medc.runtime.trt_session import TrtSession
+
+    record = bundle.manifest.tensorrt
+    return TrtSession(bundle.file(record["engines"][name]["file"]), record["profiles"].get(name),
+                      manifest=bundle.manifest, component=name)
+
+
+# Session kind -> factory(bundle, component name, ComponentEntry, threads).
+SESSIONS = {"onnxruntime": _ort, "tensorrt": _tensorrt}
+
+
+def session_kind(bundle, name: str) -> str:
+    """"tensorrt" for a component with a built engine when TensorRT and cuda-python are installed (and its
+    pipeline does not need ONNX Runtime itself), else "onnxruntime"."""
+    engines = (bundle.manifest.tensorrt or {}).get("engines") or {}
+    family = bundle.manifest.model.get("family")
+    if name not in engines or name in ORT_ONLY.get(family, ()):
+        return "onnxruntime"
+    if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None:
+        log.info("%s: the bundle has a TensorRT engine, but tensorrt/cuda-python are not installed; using ONNX Runtime",
+                 name)
+        return "onnxruntime"
+    return "tensorrt"
+
+
 class Pipeline:
     """Base of the model pipelines: one lazily opened session per bundle component; a context manager."""
 
     def __init__(self, bundle, threads: int | None = None):
         self.bundle = bundle
-        self._sessions = {name: OrtSession(bundle.file(c.file), bundle.providers, threads)
+        self._sessions = {name: SESSIONS[session_kind(bundle, name)](bundle, name, c, threads)
                           for name, c in bundle.manifest.components.items()}
 
     def __enter__(self):

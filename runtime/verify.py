@@ -83,4 +83,33 @@ def verify_bundle(bundle_dir: Path, providers: list[str] | None = None) -> dict[
         tol = Tolerance(**comp.fidelity["tolerance"])
         with OrtSession(bundle.path / comp.file, providers or bundle.providers) as sess:
             report[name] = evaluate(sess.run, golden_cases(golden, name), tol)
+    report.update(verify_engines(bundle, golden))
+    return report
+
+
+def verify_engines(bundle, golden: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The bundle's TensorRT engines against the same golden outputs and thresholds, as "<component> (tensorrt)".
+    Refuses engines built for another TensorRT version or GPU. Without TensorRT here they are skipped with a warning.
+    UNVERIFIED on hardware: TrtSession has not run on a GPU with this medc version."""
+    import importlib.util
+    import logging
+
+    record = bundle.manifest.tensorrt or {}
+    engines = record.get("engines") or {}
+    if not engines:
+        return {}
+    if importlib.util.find_spec("tensorrt") is None:
+        logging.getLogger(__name__).warning(
+            "the bundle's TensorRT engines (%s) were not checked: TensorRT is not installed here. Run `medc verify` "
+            "on the device they were built for.", ", ".join(engines))
+        return {}
+    from medc.runtime.trt_session import TrtSession
+
+    report = {}
+    for name in engines:
+        comp = bundle.manifest.components[name]
+        with TrtSession(bundle.file(engines[name]["file"]), record["profiles"].get(name), manifest=bundle.manifest,
+                        component=name) as sess:
+            report[f"{name} (tensorrt)"] = evaluate(sess.run, golden_cases(golden, name),
+                                                    Tolerance(**comp.fidelity["tolerance"]))
     return report

@@ -141,3 +141,12 @@ def test_gguf_of_another_architecture(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:20])
     with pytest.raises(MedcError, match="not a readable GGUF file"):
         build(BuildOptions(model=str(tmp_path / "cut.gguf"), out=tmp_path / "c"))
+
+
+def test_planner_weights_match_the_real_bundles(gguf_file, real_fp32, real_int8, real_int4):
+    """`medc plan` sizes Gemma 3 270M's graphs as they are stored: fp32, int8 (blocks of 16), the int4 recipe."""
+    from test_planner import check_plan_against_bundle
+
+    for bundle in (real_fp32, real_int8, real_int4):
+        sizes = check_plan_against_bundle(bundle, str(gguf_file))
+        assert sizes["decoder"][1] > 100e6  # the real thing: the 262k x 640 lm_head alone is 168M parameters

@@ -126,10 +126,14 @@ def _weight_bytes_on_disk(path: Path) -> int:
 
 
 def check_plan_against_bundle(bundle: Path, model: str, rel: float = 0.02) -> dict[str, tuple[int, int]]:
-    """The planner's weight bytes per component against the bundle's stored initializers (within `rel`)."""
+    """The planner's weight bytes per component against the bundle's stored initializers (within `rel`).
+    `model`: the registry name or checkpoint (directory or GGUF file) the bundle was built from."""
+    from medc.compile.build import plan_only
+
     m = Manifest.read(bundle)
     recipe = m.build["recipe"]
-    plan = planner.plan_memory(m.model["name"], m.model["family"], model_config(model), recipe["precisions"],
+    config = plan_only(BuildOptions(model=str(model), out=Path("-"))).config
+    plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"],
                                get_target(m.target), 64, 1, recipe.get("flavour"), recipe.get("options"))
     seen = {}
     for c in plan.components:
@@ -137,14 +141,12 @@ def check_plan_against_bundle(bundle: Path, model: str, rel: float = 0.02) -> di
         disk = _weight_bytes_on_disk(bundle / entry.file)
         seen[c.name] = (c.weight_bytes, disk)
         if entry.quantization.get("method") == "int8-dynamic":
-            assert disk <= c.weight_bytes * (1 + rel)  # the plan sizes the static per-channel form: an upper bound
+            # the plan sizes the static per-channel form; dynamic int8 (the CPU's other candidate) keeps the patch
+            # Conv float, a large share of a tiny model only (0.2% of MedSigLIP-448): between int8 and fp32 sizes
+            assert c.weight_bytes * (1 - rel) <= disk < 4 * c.params, (c.name, c.weight_bytes, disk)
         else:
             assert disk == pytest.approx(c.weight_bytes, rel=rel), (c.name, c.weight_bytes, disk)
     return seen
-
-
-def model_config(model: str) -> dict:
-    return MODELS[model].config if model in MODELS else json.loads(Path(model, "config.json").read_text())
 
 
 def test_weights_match_the_tiny_bundles_on_disk(gemma_fp32, gemma_int8, bundle_fp32, bundle_int8):

@@ -196,7 +196,12 @@ def test_packing_by_slices_is_the_quantisers(monkeypatch, K, N, bits, block, qdq
     w = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)  # as HF stores a Linear: [N, K]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
                                           quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
-    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w.T))
+    if qdq:  # the portable form: positive scales (quantize.int4_blocks; TensorRT refuses ORT's signed ones)
+        from medc.compile import quantize
+
+        packed, scales = quantize.int4_blocks(np.ascontiguousarray(w.T), block)
+    else:
+        packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w.T))
     written = {}
 
     class Data:

@@ -1,0 +1,333 @@
+"""Inference for the server, off the event loop: a micro-batcher for the encoders and continuous batching for chat.
+
+Both own their ONNX Runtime sessions in one worker thread each; callers (the HTTP layer, or anything else) hand work
+over through bounded queues and are answered through futures / callbacks, so no framework is imported here.
+
+Continuous batching, as llama-server's slots and vLLM do it: a scheduler thread owns the decoder; each loop it
+prefills newly admitted requests one at a time (unpadded, exactly as a single `GemmaPipeline.stream`), then runs ONE
+decoder call for every active sequence. Sequences join and leave between steps. While the batch keeps its members
+the KV cache stays in the decoder's own output values (no copy); when a member joins or leaves, each sequence's cache
+is cut out of the batch and the batch is rebuilt left-padded to the longest, with attention-mask zeros on padding and
+its own position ids per row. Left padding keeps every sequence's tokens contiguous at the right, which is what the
+sliding-window layers assume (they keep the last `window - 1` keys and mask by column distance). Masked keys get
+exactly zero weight, so a request's greedy tokens do not depend on who shares its batch (tested).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from medc.errors import MedcError
+
+log = logging.getLogger("medc.serve")
+
+
+class QueueFull(MedcError):
+    """More work is waiting than the server was told to hold; the client should retry later (HTTP 429)."""
+
+    def __init__(self, what: str, limit: int, retry_after: int = 1):
+        super().__init__(f"the {what} queue is full ({limit} waiting); retry after {retry_after} s.")
+        self.retry_after = retry_after
+
+
+class Closed(MedcError):
+    """The server is shutting down: in-flight work finishes, new work is refused (HTTP 503)."""
+
+
+# -- embeddings / zero-shot ---------------------------------------------------------------------------------------
+class MicroBatcher:
+    """Runs `fn(items) -> array [len(items), ...]` on batches of up to `max_batch` items gathered from concurrent
+    `submit` calls. A batch is what has queued up while the previous one ran, plus, for up to `window_s`, requests
+    already announced (`coming()`: their images are still decoding). It never waits for requests that may not come:
+    a lone request runs at once, and a closed-loop client of 4 is not held up waiting for a 16th."""
+
+    def __init__(self, fn: Callable[[list], np.ndarray], name: str, max_batch: int = 16, window_s: float = 0.003,
+                 max_queue: int = 256):
+        self.fn, self.name, self.max_batch, self.window_s, self.max_queue = fn, name, max_batch, window_s, max_queue
+        self._jobs: collections.deque[tuple[list, Future]] = collections.deque()  # max_queue bounds its length
+        self._queued = 0  # items waiting
+        self._cv = threading.Condition()
+        self._closing = False
+        self._coming = 0  # announced requests, still being prepared
+        self.batches = self.items = 0
+        self._thread = threading.Thread(target=self._loop, name=f"medc-batch-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    def check(self) -> None:
+        """Fail fast, before a request's images are decoded, when `submit` would refuse it."""
+        if self._closing:
+            raise Closed("the server is shutting down; retry on another instance.")
+        if len(self._jobs) >= self.max_queue:
+            raise QueueFull(self.name, self.max_queue)
+
+    @contextlib.contextmanager
+    def coming(self):
+        """Wrap a request's preparation (image decoding) just before `submit`: a batch being gathered waits for it."""
+        with self._cv:
+            self._coming += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._coming -= 1
+                self._cv.notify()
+
+    def submit(self, items: list) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            self.check()
+            self._jobs.append((items, fut))
+            self._queued += len(items)
+            self._cv.notify()
+        return fut
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[tuple[list, Future]] | None:
+        with self._cv:
+            while not self._jobs and not self._closing:
+                self._cv.wait()
+            if not self._jobs:
+                return None
+            deadline = time.monotonic() + self.window_s
+            while (self._coming and self._queued < self.max_batch and not self._closing
+                   and (left := deadline - time.monotonic()) > 0):
+                self._cv.wait(left)
+            jobs, n = [], 0
+            while self._jobs and (n == 0 or n + len(self._jobs[0][0]) <= self.max_batch):
+                items, fut = self._jobs.popleft()
+                jobs.append((items, fut))
+                n += len(items)
+            self._queued -= n
+            return jobs
+
+    def _loop(self) -> None:
+        while (jobs := self._take()) is not None:
+            flat = [x for items, _ in jobs for x in items]
+            try:
+                # A job larger than max_batch runs alone, in chunks of max_batch.
+                out = np.concatenate([self.fn(flat[i:i + self.max_batch]) for i in range(0, len(flat), self.max_batch)])
+            except Exception as e:  # noqa: BLE001 - every waiter must hear about it; the HTTP layer maps it
+                for _, fut in jobs:
+                    fut.set_exception(e)
+                continue
+            self.batches += 1
+            self.items += len(flat)
+            start = 0
+            for items, fut in jobs:
+                fut.set_result(out[start:start + len(items)])
+                start += len(items)
+
+
+# -- chat: continuous batching ------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Sequence:
+    """One generation request. `emit(kind, value)` is called from the scheduler thread: ("token", id) per new token,
+    then exactly one of ("done", "stop" | "length" | "cancelled") or ("error", message)."""
+
+    ids: list[int]
+    pixel_values: np.ndarray | None
+    params: object  # medc.runtime.gemma.SamplingParams
+    emit: Callable[[str, object], None]
+    cancelled: str | None = None  # why it should stop early: "cancelled" (client gone) or "stop" (a stop string)
+    generated: int = 0
+    cache_len: int = 0  # tokens in the KV cache
+    last: int = -1  # the newest token, not yet in the cache
+    past: dict | None = None  # name -> ndarray [1, kv, n, d] while outside a batch
+    rng: np.random.Generator | None = None
+    finished: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """From any thread: the sequence leaves at the next step (or is dropped from the queue)."""
+        self.cancelled = self.cancelled or reason
+
+
+class GenerationScheduler:
+    """Owns a GemmaPipeline's decoder in one thread; up to `max_concurrency` sequences decode together."""
+
+    def __init__(self, pipeline, name: str, max_concurrency: int = 8, max_queue: int = 64):
+        self.pipeline, self.name = pipeline, name
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        g = pipeline.gen
+        # Per cache input: how many past tokens it keeps (None: all) - the manifest's KV layout, sliding or global.
+        self.keep = {f"past_{kv}.{i}": layer["keep"] for i, layer in enumerate(g["kv_layout"])
+                     for kv in ("key", "value")}
+        self.eos = pipeline.eos_ids
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._batch: tuple[list[Sequence], dict, np.ndarray] | None = None  # members, their KV, their mask
+        self._cv = threading.Condition()
+        self._closing = False
+        self.steps = self.tokens = 0
+        self.finished: collections.Counter[str] = collections.Counter()  # by reason: stop, length, cancelled, error
+        self._thread = threading.Thread(target=self._loop, name=f"medc-decode-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def check(self) -> None:
+        """Fail fast, before a request's prompt is prepared, when `submit` would refuse it."""
+        if self._closing:
+            raise Closed("the server is shutting down; retry on another instance.")
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"{self.name} generation", self.max_queue)
+
+    def submit(self, seq: Sequence) -> Sequence:
+        with self._cv:
+            self.check()
+            self._waiting.append(seq)
+            self._cv.notify()
+        return seq
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every active and queued sequence, then stop (graceful shutdown)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._active and not self._closing:
+                    self._cv.wait()
+                if self._closing and not self._waiting and not self._active:
+                    return
+                # Requests cancelled while queued leave the queue now, so they stop holding its places.
+                dropped = [s for s in self._waiting if s.cancelled]
+                if dropped:
+                    self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+                admit = []
+                while self._waiting and len(self._active) + len(admit) < self.max_concurrency:
+                    admit.append(self._waiting.popleft())
+            for seq in dropped:
+                self._finish_if_cancelled(seq)
+            for seq in admit:  # prefilled one by one, unpadded; they join the batch at the next step
+                if not self._finish_if_cancelled(seq):
+                    self._prefill(seq)
+            self._active = [s for s in self._active if not s.finished and not self._finish_if_cancelled(s)]
+            if self._active:
+                try:
+                    self._decode_step()
+                except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
+                    log.error("%s: decode step failed (%s); %d requests ended", self.name, type(e).__name__,
+                              len(self._active))
+                    for s in self._active:
+                        self._finish(s, "error", "inference failed on the server")
+                    self._active, self._batch = [], None
+
+    def _finish_if_cancelled(self, seq: Sequence) -> bool:
+        if seq.cancelled and not seq.finished:
+            self._finish(seq, "done", seq.cancelled)
+        return bool(seq.cancelled)
+
+    def _finish(self, seq: Sequence, kind: str, value: str) -> None:
+        seq.finished, seq.past = value, None
+        self.finished["error" if kind == "error" else value] += 1
+        _safe_emit(seq, kind, value)
+
+    def _prefill(self, seq: Sequence) -> None:
+        try:
+            logits, seq.past = self.pipeline.prefill(seq.ids, seq.pixel_values)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            log.error("%s: prefill failed (%s)", self.name, type(e).__name__)
+            self._finish(seq, "error", "inference failed on the server")
+            return
+        seq.pixel_values = None  # not needed again: free it
+        seq.cache_len = len(seq.ids)
+        seq.rng = np.random.default_rng(seq.params.seed)
+        self._accept(seq, logits[None])
+        if not seq.finished:
+            self._active.append(seq)
+
+    def _accept(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Choose the next token from [1, V] logits; emit it or finish (as `GemmaPipeline.stream` decides)."""
+        from medc.runtime.gemma import choose
+
+        tok = int(choose(logits, seq.params, seq.rng)[0])
+        seq.generated += 1
+        self.tokens += 1
+        if tok in self.eos and not seq.params.ignore_eos:
+            self._finish(seq, "done", "stop")
+            return
+        seq.last = tok
+        _safe_emit(seq, "token", tok)
+        if seq.generated >= seq.params.max_new_tokens:
+            self._finish(seq, "done", "length")
+
+    def _decode_step(self) -> None:
+        if self._batch is None or self._batch[0] != self._active:
+            self._regroup()
+        members, past, mask = self._batch
+        mask = np.concatenate([mask, np.ones((len(members), 1), np.int64)], axis=1)
+        logits, present = self.pipeline.decode(np.array([s.last for s in members]), mask,
+                                               np.array([s.cache_len for s in members]), past)
+        self._batch = (members, present, mask)
+        self.steps += 1
+        for row, seq in enumerate(members):
+            seq.cache_len += 1
+            self._accept(seq, logits[row:row + 1])
+
+    def _regroup(self) -> None:
+        """Cut each member's cache out of the old batch, then build the new batch left-padded to the longest."""
+        if self._batch is not None:
+            old, past, _ = self._batch
+            arrays = {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in past.items()}
+            for row, seq in enumerate(old):
+                if seq in self._active:
+                    seq.past = {k: a[row:row + 1, :, a.shape[2] - self._kept(k, seq.cache_len):].copy()
+                                for k, a in arrays.items()}
+        members = list(self._active)
+        longest = max(s.cache_len for s in members)
+        past = {}
+        for k, keep in self.keep.items():
+            length = self._kept(k, longest)
+            first = members[0].past[k]
+            arr = np.zeros((len(members), first.shape[1], length, first.shape[3]), first.dtype)
+            for row, seq in enumerate(members):
+                n = seq.past[k].shape[2]
+                arr[row, :, length - n:] = seq.past[k][0]
+            past[k] = arr
+        mask = np.zeros((len(members), longest), np.int64)
+        for row, seq in enumerate(members):
+            mask[row, longest - seq.cache_len:] = 1
+            seq.past = None  # the batch holds it now
+        self._batch = (members, past, mask)
+
+    def _kept(self, name: str, cache_len: int) -> int:
+        keep = self.keep[name]
+        return cache_len if keep is None else min(cache_len, keep)
+
+
+def _safe_emit(seq: Sequence, kind: str, value) -> None:
+    try:
+        seq.emit(kind, value)
+    except Exception as e:  # noqa: BLE001 - a broken listener must not stop the decoder
+        log.warning("a generation listener failed (%s)", type(e).__name__)
+        seq.cancel()

@@ -1,0 +1,798 @@
+"""`medc serve`: built bundles behind an OpenAI-compatible HTTP API (Starlette on uvicorn).
+
+The HTTP layer (this file: one route table, parsing and validation, errors, auth, metrics, server-sent events) is
+kept apart from inference (runtime/scheduler.py: micro-batching, continuous batching), which runs in worker threads,
+never on the event loop. Starlette rather than FastAPI: every bad input must come back as an OpenAI-shaped 4xx, which
+is simpler to validate by hand on seven routes than to bend pydantic's 422s into; Starlette is FastAPI's own core.
+
+Privacy: prompts, images and DICOM content are never logged; log lines carry a request id, sizes and timings only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from bisect import bisect_left
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medc.errors import MedcError
+from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence
+
+log = logging.getLogger("medc.serve")
+
+MAX_PIXELS = 50_000_000  # a full-field mammogram is ~20 MP; beyond this an image is a decompression bomb, not a scan
+_DATA_URL = re.compile(r"data:([\w.+/-]+)((?:;[\w=.+-]+)*),", re.ASCII)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 64  # requests waiting per chat model and per encoder
+    max_batch: int = 16  # items per encoder call
+    batch_window_ms: float = 3.0
+    max_concurrency: int = 8  # sequences decoding together per chat model
+    max_inflight: int = 128  # requests being read and prepared at once: bounds the memory held by bodies
+    max_body_mb: float = 32.0
+    max_image_mb: float = 16.0
+    max_images: int = 8  # per request
+    max_inputs: int = 256  # texts or labels per request
+    default_max_tokens: int = 256
+    allow_degraded: bool = False
+    threads: int | None = None
+    shutdown_timeout: float = 60.0
+
+
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
+
+    TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers or {}
+
+    def response(self):
+        from starlette.responses import JSONResponse
+
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return JSONResponse({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=self.headers)
+
+
+# -- models ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ServedModel:
+    id: str
+    kind: str  # "chat" | "embeddings"
+    pipeline: object
+    created: int
+    scheduler: GenerationScheduler | None = None
+    texts: MicroBatcher | None = None
+    images: MicroBatcher | None = None
+
+    def close(self, timeout: float | None = None) -> None:
+        for worker in (self.scheduler, self.texts, self.images):
+            if worker is not None:
+                worker.close(timeout)
+        self.pipeline.close()
+
+
+def degraded(manifest) -> list[str]:
+    """What failed its fidelity gate in this bundle (built with --allow-degraded); empty when all passed."""
+    bad = [name for name, c in manifest.components.items() if c.fidelity.get("passed") is False]
+    gate = manifest.build.get("generation_gate") or {}
+    if gate.get("passed") is False:
+        bad.append("whole-model generation gate")
+    return bad
+
+
+def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
+    """Bundles given as PATH or ID=PATH (the id defaults to the model name in the manifest), loaded and warmed up."""
+    import medc.runtime
+    from medc.manifest import Manifest
+
+    models: dict[str, ServedModel] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        manifest = Manifest.read(Path(path))
+        bad = degraded(manifest)
+        if bad and not cfg.allow_degraded:
+            raise MedcError(f"bundle {path} failed its fidelity gate ({', '.join(bad)}; built with --allow-degraded). "
+                            "Serve it only knowingly: pass --allow-degraded.")
+        model_id = name or manifest.model["name"]
+        if bad:
+            log.warning("serving %s although its fidelity gate failed (%s): --allow-degraded", model_id, ", ".join(bad))
+        if model_id in models:
+            raise MedcError(f"two bundles are named {model_id!r}; name them apart with ID=PATH.")
+        pipeline = medc.runtime.load(path, threads=cfg.threads)
+        m = ServedModel(model_id, "chat" if hasattr(pipeline, "generate") else "embeddings", pipeline, int(time.time()))
+        if m.kind == "chat":
+            pipeline.generate_ids(["warm-up"], max_new_tokens=1)  # opens the sessions before the first request
+            m.scheduler = GenerationScheduler(pipeline, model_id, cfg.max_concurrency, cfg.max_queue)
+        else:
+            pipeline.embed_texts(["warm-up"])
+            p = pipeline.preprocess
+            pipeline.embed_pixel_values(np.zeros((1, 3, p.height, p.width), np.float32))
+            window = cfg.batch_window_ms / 1000
+            m.texts = MicroBatcher(pipeline.embed_texts, f"{model_id} text", cfg.max_batch, window, cfg.max_queue)
+            m.images = MicroBatcher(lambda px, pl=pipeline: pl.embed_pixel_values(np.stack(px)), f"{model_id} image",
+                                    cfg.max_batch, window, cfg.max_queue)
+        models[model_id] = m
+        log.info("loaded %s (%s) from %s", model_id, m.kind, path)
+    return list(models.values())
+
+
+# -- metrics (Prometheus text format) -------------------------------------------------------------------------------
+class Metrics:
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+    def __init__(self):
+        self.requests = defaultdict(int)  # (route, code)
+        self.hist = {}  # name -> {route: [bucket counts..., sum, count]}
+        self.counters = defaultdict(int)  # (name, model)
+
+    def observe(self, name: str, labels: str, seconds: float) -> None:
+        h = self.hist.setdefault(name, {}).setdefault(labels, [0] * (len(self.BUCKETS) + 3))
+        h[bisect_left(self.BUCKETS, seconds)] += 1
+        h[-2] += seconds
+        h[-1] += 1
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests[(route, status)] += 1
+        self.observe("medc_request_duration_seconds", f'route="{route}"', seconds)
+
+    def render(self, models: list[ServedModel]) -> str:
+        out = ["# TYPE medc_requests_total counter"]
+        out += [f'medc_requests_total{{route="{r}",code="{c}"}} {n}' for (r, c), n in sorted(self.requests.items())]
+        out.append("# TYPE medc_request_errors_total counter")
+        out += [f'medc_request_errors_total{{route="{r}",code="{c}"}} {n}'
+                for (r, c), n in sorted(self.requests.items()) if c >= 400]
+        for name, routes in sorted(self.hist.items()):
+            out.append(f"# TYPE {name} histogram")
+            for labels, h in sorted(routes.items()):
+                total = 0
+                for le, n in zip([*self.BUCKETS, "+Inf"], h):
+                    total += n
+                    out.append(f'{name}_bucket{{{labels},le="{le}"}} {total}')
+                out += [f"{name}_sum{{{labels}}} {h[-2]:.6f}", f"{name}_count{{{labels}}} {h[-1]}"]
+        for name in sorted({n for n, _ in self.counters}):
+            out.append(f"# TYPE {name} counter")
+            out += [f'{name}{{model="{_esc(m)}"}} {v}' for (n, m), v in sorted(self.counters.items()) if n == name]
+        out.append("# TYPE medc_queue_depth gauge")
+        for m in models:
+            for what, worker in (("chat", m.scheduler), ("text", m.texts), ("image", m.images)):
+                if worker is not None:
+                    out.append(f'medc_queue_depth{{model="{_esc(m.id)}",queue="{what}"}} {worker.depth}')
+        out.append("# TYPE medc_generated_tokens_total counter")
+        out += [f'medc_generated_tokens_total{{model="{_esc(m.id)}"}} {m.scheduler.tokens}'
+                for m in models if m.scheduler]
+        out.append("# TYPE medc_generations_total counter")
+        out += [f'medc_generations_total{{model="{_esc(m.id)}",finish="{why}"}} {n}'
+                for m in models if m.scheduler for why, n in sorted(m.scheduler.finished.items())]
+        out.append("# TYPE medc_active_generations gauge")
+        out += [f'medc_active_generations{{model="{_esc(m.id)}"}} {m.scheduler.active}' for m in models if m.scheduler]
+        return "\n".join(out) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- request parsing ------------------------------------------------------------------------------------------------
+async def read_json(request, limit: int) -> dict:
+    """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...]]]]
+        raise ApiError(400, "the request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object.", "invalid_json")
+    return data
+
+
+def _check_keys(body: dict, allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise ApiError(400, f"unsupported parameter {str(key)[:64]!r}.", "unsupported_parameter", str(key)[:64])
+
+
+def _get(body: dict, key: str, kind: type | tuple, default=None, lo=None, hi=None):
+    """body[key] checked for type (bool is not a number) and range; None and absent both mean `default`."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, (int, float) if kind is float else kind):
+        raise ApiError(400, f"{key} must be {_KIND_NAMES.get(kind, 'valid')}.", "invalid_type", key)
+    if kind in (int, float) and (isinstance(value, float) and not math.isfinite(value)
+                                 or lo is not None and value < lo or hi is not None and value > hi):
+        raise ApiError(400, f"{key} must be between {lo} and {hi}.", "invalid_value", key)
+    return value
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "an array",
+               dict: "an object"}
+
+
+MAX_TEXT_CHARS = 20_000  # per embedding text or label: MedSigLIP reads 64 tokens; this only bounds tokenizer work
+
+
+def _strings(value, key: str, limit: int) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{key} must be a string or a non-empty array of strings.", "invalid_type", key)
+    if len(value) > limit:
+        raise ApiError(400, f"{key} holds {len(value)} items; at most {limit} per request.", "too_many_inputs", key)
+    if not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{key} must hold strings only (token arrays are not supported).", "invalid_type", key)
+    if any(len(v) > MAX_TEXT_CHARS for v in value):
+        raise ApiError(400, f"{key}: a text is over {MAX_TEXT_CHARS:,} characters.", "input_too_long", key)
+    return value
+
+
+def _image_urls(value, key: str, limit: int) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{key} must be a non-empty array of image data URLs.", "invalid_type", key)
+    if len(value) > limit:
+        raise ApiError(400, f"{key} holds {len(value)} images; at most {limit} per request.", "too_many_images", key)
+    return value
+
+
+def decode_image(url, max_bytes: int, param: str):
+    """A data URL -> a PIL image (PNG or JPEG). Every failure is a 4xx naming the problem, never the content."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(url, str):
+        raise ApiError(400, f"{param} must be a data URL string.", "invalid_type", param)
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, "remote image URLs are not fetched (the server works offline); send the image inline "
+                            "as data:image/png;base64,...", "unsupported_image_url", param)
+    m = _DATA_URL.match(url)
+    if not m or ";base64" not in m.group(2):
+        raise ApiError(400, f"{param} is not a base64 data URL (data:image/png;base64,...).", "invalid_image_url",
+                       param)
+    mime = m.group(1).lower()
+    if mime == "application/dicom":
+        raise ApiError(415, "DICOM input is not supported by this medc version yet; send the image as PNG or JPEG.",
+                       "unsupported_media_type", param)
+    if mime not in ("image/png", "image/jpeg", "image/jpg"):
+        raise ApiError(415, f"image type {mime[:40]!r} is not supported; send PNG or JPEG.", "unsupported_media_type",
+                       param)
+    payload = url[m.end():]
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ApiError(413, f"an image is over the {max_bytes / 2**20:g} MiB limit.", "image_too_large", param)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param}: the base64 data is malformed.", "invalid_image", param) from None
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ApiError(413, f"an image of {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} pixel "
+                                    "limit.", "image_too_large", param)
+            im.load()  # decodes now: a truncated file fails here, not later in a worker
+            return im.copy()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise ApiError(400, f"{param} is not a readable PNG or JPEG image (corrupt or truncated).", "invalid_image",
+                       param) from None
+
+
+def _pixels(pipeline, urls: list, cfg: ServeConfig, key: str) -> np.ndarray:
+    """In a worker thread: decode and preprocess every image -> float32 [N, 3, H, W]."""
+    limit = int(cfg.max_image_mb * 2**20)
+    return np.stack([pipeline.preprocess.one(decode_image(u, limit, f"{key}[{i}]")) for i, u in enumerate(urls)])
+
+
+# -- chat -----------------------------------------------------------------------------------------------------------
+_CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+              "stop", "stream", "stream_options", "n", "user", "logprobs", "frequency_penalty", "presence_penalty",
+              "ignore_eos"}  # top_k and ignore_eos (benchmarks: exactly max_tokens) as llama-server and vLLM take them
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(value, max_images: int) -> tuple[list[dict], list]:
+    """OpenAI messages -> (messages in the chat template's form, image URLs in order)."""
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "messages must be a non-empty array.", "invalid_type", "messages")
+    out, urls = [], []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
+            raise ApiError(400, f"{where} needs a role: system, user or assistant.", "invalid_value", where)
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": _ROLES[msg["role"]], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where}.content must be a string or an array of parts.", "invalid_type", where)
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                urls.append(url.get("url") if isinstance(url, dict) else url)
+                parts.append({"type": "image"})
+            else:
+                raise ApiError(400, f"{where}.content[{j}] must be a text or image_url part.", "invalid_value", where)
+        out.append({"role": _ROLES[msg["role"]], "content": parts})
+    if len(urls) > max_images:
+        raise ApiError(400, f"{len(urls)} images; at most {max_images} per request.", "too_many_images", "messages")
+    return out, urls
+
+
+class TextStream:
+    """Token ids -> text deltas for streaming. Holds back an incomplete UTF-8 character and any tail that could be
+    the start of a stop string, so no client ever sees text past a stop."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters already given out
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """-> (new text, whether a stop string was reached)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return "", False
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return self._take(text[:min(hits)]), True
+        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return self._take(text[:len(text) - hold]), False
+
+    def flush(self) -> str:
+        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        delta = text[self.sent:]
+        self.sent = max(self.sent, len(text))
+        return delta
+
+
+class GenerationFailed(Exception):
+    pass
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # in the chat template's form
+    image_urls: list
+    sampling: dict  # SamplingParams fields but max_new_tokens
+    max_tokens: int | None  # None: the default, cut to the room the context leaves
+    stop: list[str]
+    stream: bool
+    usage_in_stream: bool
+
+
+def parse_chat(body: dict, model: ServedModel, cfg: ServeConfig) -> ChatRequest:
+    _check_keys(body, _CHAT_KEYS)
+    if _get(body, "n", int, 1) != 1:
+        raise ApiError(400, "only n=1 is supported.", "unsupported_value", "n")
+    if _get(body, "logprobs", bool, False):
+        raise ApiError(400, "logprobs are not supported.", "unsupported_value", "logprobs")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _get(body, key, float, 0.0) != 0:
+            raise ApiError(400, f"{key} is not supported (only 0).", "unsupported_value", key)
+    limit = model.pipeline.assets.max_positions
+    max_tokens = (_get(body, "max_completion_tokens", int, None, 1, limit)
+                  or _get(body, "max_tokens", int, None, 1, limit))
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop must be a string or up to 4 non-empty strings.", "invalid_value", "stop")
+    # temperature defaults to 0 (greedy), not OpenAI's 1: the same question gets the same answer unless asked.
+    sampling = dict(temperature=_get(body, "temperature", float, 0.0, 0, 2),
+                    top_p=_get(body, "top_p", float, 1.0, 0, 1), top_k=_get(body, "top_k", int, 0, 0, 1 << 20),
+                    seed=_get(body, "seed", int, None, 0, 2**63 - 1), ignore_eos=_get(body, "ignore_eos", bool, False))
+    if sampling["top_p"] == 0:
+        raise ApiError(400, "top_p must be above 0.", "invalid_value", "top_p")
+    messages, urls = parse_messages(body.get("messages"), cfg.max_images)
+    chars = sum(len(m["content"]) if isinstance(m["content"], str)
+                else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
+    if chars > 64 * limit:  # no tokenizer makes fewer tokens than that: refuse before tokenizing megabytes
+        raise ApiError(400, f"the messages hold {chars:,} characters, far over this model's context limit of {limit} "
+                            "tokens.", "context_length_exceeded", "messages")
+    if urls and not model.pipeline.assets.mm_tokens_per_image:
+        raise ApiError(400, f"model {model.id!r} is text-only: it takes no images.", "invalid_value", "messages")
+    return ChatRequest(messages, urls, sampling, max_tokens, stop, _get(body, "stream", bool, False),
+                       bool(_get(body, "stream_options", dict, {}).get("include_usage")))
+
+
+async def _deltas(events: asyncio.Queue, seq: Sequence, text: TextStream):
+    """The scheduler's events for one request -> (text delta, finish reason or None). Tokens that queued up while
+    the event loop was busy go out as one delta: under load, fewer and larger chunks, at no cost in latency."""
+    while True:
+        batch = [await events.get()]
+        while not events.empty():
+            batch.append(events.get_nowait())
+        delta = ""
+        for kind, value in batch:
+            if kind == "token":
+                piece, stopped = text.push(value)
+                delta += piece
+                if stopped:
+                    seq.cancel("stop")
+                    yield delta, "stop"
+                    return
+            elif kind == "done":
+                yield delta + text.flush(), value
+                return
+            else:
+                raise GenerationFailed(value)
+        if delta:
+            yield delta, None
+
+
+async def chat_completions(srv: "Server", request):
+    from medc.runtime.gemma import SamplingParams, encode_messages
+    from starlette.concurrency import run_in_threadpool
+
+    body = await read_json(request, srv.max_body)
+    model = srv.pick(body.get("model"), "chat")
+    chat = parse_chat(body, model, srv.cfg)
+    model.scheduler.check()
+
+    def prepare():  # in a worker thread: image decoding and the chat template are CPU work
+        pixels = _pixels(model.pipeline, chat.image_urls, srv.cfg, "image_url") if chat.image_urls else None
+        return encode_messages(model.pipeline.assets, chat.messages), pixels
+
+    ids, pixels = await run_in_threadpool(prepare)
+    limit = model.pipeline.assets.max_positions
+    room = limit - len(ids)
+    if room < 1 or (chat.max_tokens or 0) > room:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens and {chat.max_tokens or 1} new tokens were asked for; "
+                            f"this model's context limit is {limit} tokens. Shorten the messages or max_tokens.",
+                       "context_length_exceeded", "messages")
+    sampling = SamplingParams(max_new_tokens=chat.max_tokens or min(srv.cfg.default_max_tokens, room), **chat.sampling)
+    sampling.validate()
+
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    seq = Sequence(ids, pixels, sampling, lambda kind, v: loop.call_soon_threadsafe(events.put_nowait, (kind, v)))
+    model.scheduler.submit(seq)
+    srv.metrics.counters[("medc_prompt_tokens_total", model.id)] += len(ids)
+    srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(chat.image_urls)
+    reply = _Reply(srv, request, model, seq, events, TextStream(model.pipeline.assets.tokenizer, chat.stop))
+    return await reply.stream(chat.usage_in_stream) if chat.stream else await reply.whole()
+
+
+class _Reply:
+    """One chat answer, whole (JSON) or streamed (server-sent events in OpenAI's chunk format, then [DONE])."""
+
+    def __init__(self, srv: "Server", request, model: ServedModel, seq: Sequence, events, text: TextStream):
+        self.srv, self.request, self.model, self.seq, self.events, self.text = srv, request, model, seq, events, text
+        self.id, self.created, self.t0 = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), time.perf_counter()
+
+    def usage(self) -> dict:
+        n, m = len(self.seq.ids), len(self.text.ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def done(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        self.srv.metrics.request("/v1/chat/completions", 200, elapsed)
+        log.info("%s chat %s: %d prompt + %d new tokens, %.0f ms, %s", self.request.state.rid, self.model.id,
+                 len(self.seq.ids), len(self.text.ids), elapsed * 1e3, self.seq.finished or "client gone")
+
+    async def whole(self):
+        from starlette.responses import JSONResponse
+
+        watch = asyncio.create_task(_cancel_on_disconnect(self.request, self.seq))
+        pieces, finish = [], None
+        try:
+            async for delta, finish in _deltas(self.events, self.seq, self.text):
+                pieces.append(delta)
+        except GenerationFailed as e:
+            raise ApiError(500, f"{e}; request id {self.request.state.rid}.", "inference_failed") from None
+        finally:
+            watch.cancel()
+            self.seq.cancel()  # a no-op once it finished; otherwise (this task cancelled) it stops decoding
+        self.done()
+        return JSONResponse({"id": self.id, "object": "chat.completion", "created": self.created,
+                             "model": self.model.id, "choices": [{"index": 0, "finish_reason": finish, "message": {
+                                 "role": "assistant", "content": "".join(pieces)}}], "usage": self.usage()})
+
+    def _event(self, choices: list, **extra) -> str:
+        return "data: " + json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                      "model": self.model.id, "choices": choices, **extra}) + "\n\n"
+
+    async def stream(self, usage_in_stream: bool):
+        from starlette.responses import StreamingResponse
+
+        def chunk(delta: dict, finish=None) -> str:
+            return self._event([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+        async def sse():
+            first = True
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                async for delta, finish in _deltas(self.events, self.seq, self.text):
+                    if first:
+                        self.srv.metrics.observe("medc_time_to_first_token_seconds", f'model="{_esc(self.model.id)}"',
+                                                 time.perf_counter() - self.t0)
+                        first = False
+                    if delta:
+                        yield chunk({"content": delta})
+                    if finish:
+                        yield chunk({}, finish)
+                if usage_in_stream:
+                    yield self._event([], usage=self.usage())
+                yield "data: [DONE]\n\n"
+            except Exception as e:  # noqa: BLE001 - headers are gone: end with an error event, log the type only
+                if not isinstance(e, GenerationFailed):
+                    log.error("%s chat stream: internal error (%s)", self.request.state.rid, type(e).__name__)
+                yield "data: " + json.dumps({"error": {"message": f"inference failed; request id "
+                                                                  f"{self.request.state.rid}.", "type": "server_error",
+                                                       "param": None, "code": "inference_failed"}}) + "\n\n"
+            finally:  # also on a client disconnect (Starlette cancels this generator): the sequence leaves its batch
+                self.seq.cancel()
+                self.done()
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _cancel_on_disconnect(request, seq: Sequence) -> None:
+    while not seq.finished:
+        await asyncio.sleep(0.1)
+        if await request.is_disconnected():
+            seq.cancel()
+            return
+
+
+# -- embeddings and zero-shot -----------------------------------------------------------------------------------------
+async def _encode(batcher: MicroBatcher, items: list) -> np.ndarray:
+    return await asyncio.wrap_future(batcher.submit(items))
+
+
+async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndarray:
+    from starlette.concurrency import run_in_threadpool
+
+    urls = _image_urls(value, key, srv.cfg.max_images)
+    model.images.check()
+    with model.images.coming():
+        pixels = await run_in_threadpool(_pixels, model.pipeline, urls, srv.cfg, key)
+    srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(urls)
+    return await _encode(model.images, list(pixels))
+
+
+async def embeddings(srv: "Server", request):
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    body = await read_json(request, srv.max_body)
+    _check_keys(body, {"model", "input", "images", "encoding_format", "dimensions", "user"})
+    model = srv.pick(body.get("model"), "embeddings")
+    fmt = _get(body, "encoding_format", str, "float")
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "encoding_format must be float or base64.", "invalid_value", "encoding_format")
+    if (body.get("input") is None) == (body.get("images") is None):
+        raise ApiError(400, "give either input (texts) or images.", "invalid_value", "input")
+    dim = model.pipeline.bundle.manifest.components["text_encoder"].outputs[0].shape[-1]
+    if _get(body, "dimensions", int, dim) != dim:
+        raise ApiError(400, f"dimensions must be {dim} for {model.id}.", "unsupported_value", "dimensions")
+    tokens = 0
+    if body.get("input") is not None:
+        texts = _strings(body["input"], "input", srv.cfg.max_inputs)
+        vectors = await _encode(model.texts, texts)
+        count = lambda: sum(len(model.pipeline.tokenizer.encode(t)) for t in texts)  # noqa: E731
+        # Counting is microseconds for usual inputs; megabytes of text are counted off the event loop.
+        tokens = count() if sum(map(len, texts)) < 10_000 else await run_in_threadpool(count)
+    else:
+        vectors = await _images(srv, model, body["images"], "images")
+    encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if fmt == "base64"
+              else (lambda v: v.tolist()))
+    return JSONResponse({"object": "list", "model": model.id,
+                         "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                                  for i, v in enumerate(vectors)],
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def classify(srv: "Server", request):
+    from starlette.responses import JSONResponse
+
+    body = await read_json(request, srv.max_body)
+    _check_keys(body, {"model", "images", "labels", "user"})
+    model = srv.pick(body.get("model"), "embeddings")
+    labels = _strings(body.get("labels"), "labels", srv.cfg.max_inputs)
+    if not all(label.strip() for label in labels):
+        raise ApiError(400, "labels must not be empty strings.", "invalid_value", "labels")
+    image_embeds = await _images(srv, model, body.get("images"), "images")
+    text_embeds = await _encode(model.texts, labels)
+    # SigLIP scores each label independently: sigmoid(exp(scale) * cos + bias), not a softmax over labels.
+    probs = 1 / (1 + np.exp(-model.pipeline.logits(image_embeds, text_embeds)))
+    data = [{"object": "classification", "index": i,
+             "labels": [{"label": labels[j], "score": float(row[j])} for j in np.argsort(-row, kind="stable")]}
+            for i, row in enumerate(probs)]
+    return JSONResponse({"object": "list", "model": model.id, "data": data})
+
+
+# -- small routes ---------------------------------------------------------------------------------------------------
+async def health(srv: "Server", request):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(srv: "Server", request):
+    from starlette.responses import JSONResponse
+
+    if srv.closing:
+        raise ApiError(503, "shutting down.", "shutting_down", headers={"Retry-After": "5"})
+    return JSONResponse({"status": "ready", "models": [m.id for m in srv.models]})
+
+
+async def list_models(srv: "Server", request):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"object": "list", "data": [{"id": m.id, "object": "model", "created": m.created,
+                                                     "owned_by": "medc", "kind": m.kind} for m in srv.models]})
+
+
+async def metrics(srv: "Server", request):
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(srv.metrics.render(srv.models), media_type="text/plain; version=0.0.4")
+
+
+# The route table: (method, path, handler, needs the API key when one is set).
+ROUTES = [
+    ("GET", "/health", health, False),
+    ("GET", "/ready", ready, True),
+    ("GET", "/metrics", metrics, True),
+    ("GET", "/v1/models", list_models, True),
+    ("POST", "/v1/chat/completions", chat_completions, True),
+    ("POST", "/v1/embeddings", embeddings, True),
+    ("POST", "/v1/classify", classify, True),
+]
+
+
+# -- the server -------------------------------------------------------------------------------------------------------
+class Server:
+    def __init__(self, models: list[ServedModel], cfg: ServeConfig):
+        self.models, self.cfg = models, cfg
+        self.by_id = {m.id: m for m in models}
+        self.metrics = Metrics()
+        self.max_body = int(cfg.max_body_mb * 2**20)
+        self.inflight = 0
+        self.closing = False
+
+    def pick(self, name, kind: str) -> ServedModel:
+        """The model a request names; it may be left out when one model of that kind is served."""
+        fitting = [m.id for m in self.models if m.kind == kind]
+        if name is None and len(fitting) == 1:
+            return self.by_id[fitting[0]]
+        if not isinstance(name, str):
+            raise ApiError(400, f"model is required: one of {', '.join(fitting) or '(none served)'}.", "invalid_value",
+                           "model")
+        m = self.by_id.get(name)
+        if m is None or m.kind != kind:
+            raise ApiError(404, f"model {name[:80]!r} is not served here for this route; use one of "
+                                f"{', '.join(fitting) or '(none served)'}.", "model_not_found", "model")
+        return m
+
+    def authorized(self, request) -> bool:
+        if self.cfg.api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # Constant-time compare: the time taken tells nothing about how much of the key was right.
+        return hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()) and scheme.lower() == "bearer"
+
+    def endpoint(self, path: str, handler, needs_key: bool):
+        async def run(request):
+            rid = request.headers.get("x-request-id", "")
+            rid = rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex[:16]
+            request.state.rid = rid
+            t0 = time.perf_counter()
+            self.inflight += 1
+            try:
+                if needs_key and not self.authorized(request):
+                    raise ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY.", "invalid_api_key",
+                                   headers={"WWW-Authenticate": "Bearer"})
+                if self.inflight > self.cfg.max_inflight:  # refused before its body is read: memory stays bounded
+                    raise ApiError(503, "too many requests in progress; retry shortly.", "overloaded",
+                                   headers={"Retry-After": "1"})
+                response = await handler(self, request)
+            except ApiError as e:
+                response = e.response()
+            except QueueFull as e:
+                response = ApiError(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}).response()
+            except Closed as e:
+                response = ApiError(503, str(e), "shutting_down", headers={"Retry-After": "5"}).response()
+            except MedcError as e:  # the runtime's own checks of user input (template roles, sampling ranges, ...)
+                response = ApiError(400, str(e), "invalid_request").response()
+            except Exception as e:  # noqa: BLE001 - a bug: a generic 500, the type name in the log, no content
+                log.error("%s %s: internal error (%s)", rid, path, type(e).__name__)
+                response = ApiError(500, f"internal error; request id {rid}.", "internal_error").response()
+            finally:
+                self.inflight -= 1
+            response.headers["x-request-id"] = rid
+            if response.media_type != "text/event-stream":  # a stream records itself when it ends
+                self.metrics.request(path, response.status_code, time.perf_counter() - t0)
+                log.info("%s %s %s %d, %s bytes in, %.1f ms", rid, request.method, path, response.status_code,
+                         request.headers.get("content-length", "0"), (time.perf_counter() - t0) * 1e3)
+            return response
+
+        return run
+
+    def close(self) -> None:
+        """Graceful: every queued and running request finishes before the workers stop."""
+        self.closing = True
+        for m in self.models:
+            m.close(self.cfg.shutdown_timeout)
+
+
+def create_app(models: list[ServedModel], cfg: ServeConfig):
+    """The ASGI app. No CORS middleware: browsers on other origins get no access unless a proxy adds it."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    srv = Server(models, cfg)
+
+    async def http_error(request, exc: HTTPException):  # unknown path (404), wrong method (405)
+        return ApiError(exc.status_code, f"{request.method} {request.url.path[:100]}: {exc.detail}.",
+                        "not_found" if exc.status_code == 404 else "method_not_allowed").response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, srv.close)
+
+    app = Starlette(routes=[Route(path, srv.endpoint(path, handler, key), methods=[method])
+                            for method, path, handler, key in ROUTES],
+                    exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.server = srv
+    return app
+
+
+def uvicorn_config(app, cfg: ServeConfig, **kw):
+    import uvicorn
+
+    # log_config=None: keep medc's logging; access_log off: medc logs its own line per request (ids, sizes, times).
+    # Keep-alive 30 s, not uvicorn's 5: httpx (and so the openai client) drops idle connections after 5 s too, and
+    # when both ends give up on a connection at the same moment, a request just sent on it dies with a reset (seen
+    # under overload). Outlasting the clients lets them close first.
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, server_header=False,
+                          timeout_graceful_shutdown=cfg.shutdown_timeout, timeout_keep_alive=30, **kw)
+
+
+def serve(bundles: list[str], cfg: ServeConfig, on_ready=None) -> None:
+    """Load the bundles, then serve until SIGINT/SIGTERM; in-flight requests finish first."""
+    import uvicorn
+
+    models = load_models(bundles, cfg)
+    if on_ready:
+        on_ready(models)
+    uvicorn.Server(uvicorn_config(create_app(models, cfg), cfg)).run()
