@@ -183,9 +183,9 @@ def _weight_only(src: Path, dst: Path, calibration=None, options=None) -> dict:
     return record
 
 
-def _int8_per_channel_dq(model, nodes_to_include=None, nodes_to_exclude=None):
-    """MatMul(x, W) -> MatMul(x, DequantizeLinear(W_int8, scale[N], axis=1)): symmetric int8 per output channel,
-    zero point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8."""
+def _weight_dq(model, make, nodes_to_include=None, nodes_to_exclude=None) -> int:
+    """MatMul(x, W) -> MatMul(x, DequantizeLinear(...)) for every 2-D initializer W that only that MatMul reads.
+    `make(name, w [K, N]) -> (new initializers, DequantizeLinear input names, attributes)`. Returns how many."""
     import onnx
     from onnx import numpy_helper
 
@@ -195,26 +195,39 @@ def _int8_per_channel_dq(model, nodes_to_include=None, nodes_to_exclude=None):
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
     new_inits, done = [], set()
-    for node in model.graph.node:
+    for node in list(model.graph.node):
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
             continue
         if (nodes_to_include and node.name not in nodes_to_include) or node.name in (nodes_to_exclude or ()):
             continue
         name = node.input[1]
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        if w.ndim != 2 or name in done or consumers[name] > 1:
+        if name in done or consumers[name] > 1 or len(inits[name].dims) != 2:
             continue
-        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
-        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-        new_inits += [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale.astype(np.float32),
-                                                                                          f"{name}_scale")]
-        dq = onnx.helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [f"{name}_dq"],
-                                   name=f"{node.name}_DequantizeLinear", axis=1)
+        tensors, inputs, attrs = make(name, numpy_helper.to_array(inits[name]).astype(np.float32))
+        new_inits += tensors
+        dq = onnx.helper.make_node("DequantizeLinear", inputs, [f"{name}_dq"], name=f"{node.name}_DequantizeLinear",
+                                   **attrs)
         model.graph.node.insert(list(model.graph.node).index(node), dq)
         node.input[1] = f"{name}_dq"
         model.graph.initializer.remove(inits[name])
         done.add(name)
     model.graph.initializer.extend(new_inits)
+    return len(done)
+
+
+def _int8_per_channel_dq(model, nodes_to_include=None, nodes_to_exclude=None):
+    """MatMul(x, W) -> MatMul(x, DequantizeLinear(W_int8, scale[N], axis=1)): symmetric int8 per output channel,
+    zero point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8."""
+    from onnx import numpy_helper
+
+    def make(name, w):
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        return ([numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale.astype(np.float32),
+                                                                                     f"{name}_scale")],
+                [f"{name}_int8", f"{name}_scale"], {"axis": 1})
+
+    _weight_dq(model, make, nodes_to_include, nodes_to_exclude)
     return model
 
 
@@ -258,31 +271,15 @@ def _int4_blocked_dq(model, block: int, nodes_to_exclude=()):
     import onnx
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    new_inits, done = [], set()
-    for node in list(model.graph.node):
-        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
-            continue
-        name = node.input[1]
-        if node.name in nodes_to_exclude or name in done or consumers[name] > 1 or len(inits[name].dims) != 2:
-            continue
-        w = numpy_helper.to_array(inits[name])
+    def make(name, w):
         packed, scale = int4_blocks(w, block)
         q = onnx.TensorProto(name=f"{name}_DQ_Q4", data_type=onnx.TensorProto.INT4, dims=list(w.shape),
                              raw_data=packed.tobytes())
-        new_inits += [q, numpy_helper.from_array(scale, f"{name}_DQ_scales")]
-        dq = onnx.helper.make_node("DequantizeLinear", [q.name, f"{name}_DQ_scales"], [f"{name}_DQ"],
-                                   name=f"{node.name}_DQ_Q4", axis=0, block_size=block)
-        model.graph.node.insert(list(model.graph.node).index(node), dq)
-        node.input[1] = f"{name}_DQ"
-        model.graph.initializer.remove(inits[name])
-        done.add(name)
-    model.graph.initializer.extend(new_inits)
-    if done:  # between opsets 20 and 21 the ops medc exports only gained int4/uint4 types
+        return ([q, numpy_helper.from_array(scale, f"{name}_DQ_scales")], [q.name, f"{name}_DQ_scales"],
+                {"axis": 0, "block_size": block})
+
+    if _weight_dq(model, make, nodes_to_exclude=nodes_to_exclude):
+        # between opsets 20 and 21 the ops medc exports only gained int4/uint4 types
         for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx"):
                 opset.version = max(opset.version, 21)

@@ -596,7 +596,7 @@ def _write_qdq(model, value, nodes, w: np.ndarray, transposed: bool, block: int,
                                                                  ir.DataType.FLOAT, scales.shape))
     for node in nodes:
         dq = ir.node("DequantizeLinear", [bq, sc], attributes={"axis": 0, "block_size": block},
-                     name=f"{node.name}_DQ_Q4" if node.name else None)
+                     name=f"{node.name}_DequantizeLinear" if node.name else None)
         mm = ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{node.name}_matmul_Q4" if node.name else None)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [dq, mm], node.outputs, mm.outputs)
     # Like the quantiser: blocked int4 needs opset 21 and IR version 10.
