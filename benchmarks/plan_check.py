@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 import medc.runtime
 bundle, context, new, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -41,7 +41,9 @@ with medc.runtime.load(bundle) as m:
         imgs = [np.random.default_rng(i).integers(0, 255, (512, 512, 3), dtype=np.uint8) for i in range(batch)]
         m.embed_images(imgs)
         m.embed_texts(["a chest radiograph"] * batch)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so it would report this script's parent
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_bytes": hwm * 1024}))
 """
 
 
@@ -52,6 +54,7 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     from medc.targets import get_target
 
     m = Manifest.read(bundle)
+    context = min(context, int(m.generation.get("max_positions", context)))  # the tiny model stops at 512
     source = m.model["source"]
     model = source["path"] if source.get("kind") == "checkpoint" else m.model["name"]
     config = plan_only(BuildOptions(model=model, out=Path("-"))).config
@@ -59,7 +62,9 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"], get_target("cpu"),
                                context, batch, recipe.get("flavour"), recipe.get("options"))
     out = subprocess.run([sys.executable, "-c", _CHILD, str(bundle), str(context), str(new), str(batch)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise click.ClickException(f"{bundle}: the run failed: {out.stderr.strip().splitlines()[-1]}")
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
     return {"bundle": str(bundle), "model": m.model["name"], "recipe": recipe["precisions"], "context": context,
             "batch": batch, "planned_bytes": plan.total_bytes, "weight_bytes": plan.weight_bytes,
