@@ -79,6 +79,8 @@ class Plan:
     recipe: dict = field(default_factory=dict)
     family: str = ""
     config: dict = field(default_factory=dict)  # the HF config as a dict (the planner's input)
+    # Settings baked into the graphs (Family.components / load_assets): a decoder's attention form and context.
+    graph: dict = field(default_factory=dict)
 
     def render(self) -> str:
         lines = [f"medc build plan: {self.model} ({self.source}) -> {self.out}  [target {self.target}]"]
@@ -117,6 +119,9 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
         raise MedcError(f"unknown graph flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}.")
     comps = spec.family.components(hf_config)
     recipe = recipes.resolve(opts.precision, opts.recipe, comps, target)
+    graph = _graph_settings(comps, recipe, flavour, target, opts, hf_config)
+    if graph:
+        comps = spec.family.components(hf_config, **graph)
     plans, notes = [], list(recipe.notes)
     for c in comps:
         p = recipe.precisions[c.name]
@@ -134,8 +139,29 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
     source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
     if source != "checkpoint":
         notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")
+    if graph.get("attention") == "gqa":
+        notes.append(f"decoder: GroupQueryAttention with in-place KV slots, context {graph['context']} tokens")
     return Plan(spec.name, target.name, Path(opts.out), plans, source, notes, {**recipe.to_json(), "flavour": flavour},
-                spec.family.name, spec.config)
+                spec.family.name, spec.config, graph)
+
+
+def _graph_settings(comps, recipe, flavour: str, target, opts, hf_config) -> dict:
+    """A decoder's attention form: ONNX Runtime's GroupQueryAttention (KV updated in place) for the ORT flavour on
+    ONNX Runtime targets, the explicit form (standard ops) for TensorRT, the portable flavour, and fp16 (whose fp32
+    islands medc.compile.fp16 places in explicit graphs; CUDA's GroupQueryAttention would compute in fp16)."""
+    decoder = next((c for c in comps if c.parts), None)
+    if decoder is None:
+        return {}
+    from medc.compile.models.gemma3 import default_context
+
+    return {"attention": attention_form(flavour, target, recipe.precisions[decoder.name]),
+            "context": opts.context or default_context(hf_config)}
+
+
+def attention_form(flavour: str, target, decoder_precision: str) -> str:
+    """"gqa" or "explicit" (see `_graph_settings`); the planner sizes the KV cache by it."""
+    gqa = flavour == "ort" and target.engine != "tensorrt" and decoder_precision != "fp16"
+    return "gqa" if gqa else "explicit"
 
 
 def plan_only(opts: BuildOptions) -> Plan:
@@ -198,7 +224,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                          empty=streamed is not None)
     plan = make_plan(opts, loaded.spec, loaded.config)
     target = get_target(opts.target)
-    comps = {c.name: c for c in loaded.family.components(loaded.config)}
+    comps = {c.name: c for c in loaded.family.components(loaded.config, **plan.graph)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -231,7 +257,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         entries = {cp.name: _convert_and_gate(cp, comps[cp.name], prepared[cp.name], opts, target, stage, work, step)
                    for cp in plan.components}
         step("writing bundle")
-        assets = loaded.family.load_assets(loaded, stage)
+        assets = loaded.family.load_assets(loaded, stage, **plan.graph)
         np.savez_compressed(stage / "golden.npz", **golden)
         manifest = Manifest(
             model={"name": loaded.spec.name, "family": loaded.family.name, "hf_class": loaded.family.hf_class,
@@ -301,9 +327,7 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
     ref_cases = {}
     with torch.no_grad():
         for case, feeds in comp.golden_inputs(loaded).items():
-            outs = module(*export.module_args(module, comp, feeds))
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            ref = {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}
+            ref = comp.reference(module(*export.module_args(module, comp, feeds)))
             ref_cases[case] = {"in": feeds, "ref": ref}
             for kind, arrays in (("in", feeds), ("ref", ref)):
                 for name, arr in arrays.items():

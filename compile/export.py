@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 OPSET = 20  # Gelu and LayerNormalization as standard ops; TensorRT 10 parses opset <= 20 (issue: TensorRT stage)
 # Graphs whose weights exceed this are saved with external data (protobuf cannot hold 2 GiB in one file).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Axes that may be empty at run time (the decoder's image rows on text and decode steps). Every other dynamic axis is
+# at least 1; an axis whose minimum is 1 would let the exporter decide `rows > 0` statically and drop the If.
+EMPTY_AXES = {"image_rows"}
 
 
 def export_component(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path):
@@ -34,7 +37,7 @@ def trace(module, comp: ComponentSpec, example: dict[str, np.ndarray], optimize:
     def shape_of(t):
         axes = {}
         for i, d in t.dynamic_axes().items():
-            dims.setdefault(d, torch.export.Dim(d, min=1, max=1 << 20))
+            dims.setdefault(d, torch.export.Dim(d, min=0 if d in EMPTY_AXES else 1, max=1 << 20))
             axes[i] = dims[d]
         return axes
 
@@ -76,7 +79,7 @@ def cache_key(loaded, comp: ComponentSpec) -> str | None:
     code = [Path(__file__), Path(inspect.getsourcefile(comp.extract))]
     h = hashlib.sha256(json.dumps({
         "weights": weights, "component": comp.name, "opset": OPSET,
-        "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)],
+        "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)], "variant": comp.variant,
         "versions": [metadata.version(p) for p in ("torch", "transformers", "onnxscript", "onnx")],
     }, sort_keys=True).encode())
     for f in code:
@@ -120,7 +123,7 @@ def module_args(module, comp: ComponentSpec, feeds: dict[str, np.ndarray]) -> li
     """numpy feeds -> the positional torch arguments of the component's module (see `fixed_inputs`)."""
     import torch
 
-    args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in comp.inputs]
+    args = [torch.from_numpy(np.require(feeds[t.name], requirements="C")) for t in comp.inputs]
     fixed = getattr(module, "fixed_inputs", None)
     return args if fixed is None else [*args[:fixed], tuple(args[fixed:])]
 

@@ -2,8 +2,8 @@
 
 Everything is arithmetic on the model's config (no weights, no torch): parameter shapes per component, bytes per
 parameter for the precision *as medc builds it* (block scales and zero points included, so the numbers match the
-bundle on disk), the KV cache as the bundle lays it out (Gemma 3's sliding layers keep `window - 1` past tokens, global
-layers keep everything), an activation estimate for the graphs medc exports (eager attention: the score matrices are
+bundle on disk), the KV cache as the bundle lays it out (Gemma 3's sliding layers keep `window - 1` past tokens, or
+a window-sized slot buffer in the ORT flavour's GroupQueryAttention decoder; global layers keep everything), an activation estimate for the graphs medc exports (eager attention: the score matrices are
 materialised), and the runtime's fixed cost. Against the target's usable memory that gives fits / does not fit, and
 against its bandwidth and peak throughput the two floors every deployment question starts from:
 
@@ -208,15 +208,26 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int) -> tuple[int, float]:
+def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int, attention: str = "explicit") -> tuple[int, float]:
     t = cfg.get("text_config", cfg)
     if "layer_types" not in t:
         return 0, 0.0
     per_token_layer = 2 * t["num_key_value_heads"] * t["head_dim"] * kv_dtype_bytes * batch
     window = t.get("sliding_window") or context
-    # the runtime keeps window - 1 past tokens on sliding layers (compile/models/gemma3.py kv_layout)
-    kept = [min(context, window - 1) if lt == "sliding_attention" else context for lt in t["layer_types"]]
+    if attention == "gqa":  # slots of the context, sliding layers a window + 1/8 (runtime/kvcache.py)
+        from medc.runtime.kvcache import sliding_capacity
+
+        kept = [sliding_capacity(window) if lt == "sliding_attention" else context for lt in t["layer_types"]]
+    else:  # the runtime keeps window - 1 past tokens on sliding layers (compile/models/gemma3.py kv_layout)
+        kept = [min(context, window - 1) if lt == "sliding_attention" else context for lt in t["layer_types"]]
     return int(per_token_layer * sum(kept)), per_token_layer * len(kept)
+
+
+def _rotary_tables(cfg: dict, context: int) -> int:
+    """The GroupQueryAttention decoder's cos and sin tables: [context, head_dim / 2] fp32 per rotary kind."""
+    t = cfg.get("text_config", cfg)
+    kinds = len(set(t.get("layer_types", ()))) or 1
+    return 2 * kinds * context * (t["head_dim"] // 2) * 4
 
 
 def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int, fused: bool) -> int:
@@ -272,7 +283,13 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
             if t.linear and prec in ("int8", "int4") and flavour == "ort" and target.platform == "host":
                 prepack += ORT_NBITS_PREPACK * b
     kv_bytes_per = 2 if any(recipe.get(c) in ("fp16", "bf16") for c in ("decoder",)) else 4
-    kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per)
+    from medc.compile.build import attention_form
+
+    attention = attention_form(flavour, target, recipe.get("decoder", "fp32")) if "decoder" in per else "explicit"
+    if attention == "gqa":
+        per["decoder"].append(_rotary_tables(cfg, context))
+        decoder_bytes += _rotary_tables(cfg, context)
+    kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per, attention)
     comps = [ComponentBytes(name, recipe.get(name, "fp32"), params[name], int(sum(bs)),
                             _activations(cfg, name, recipe.get(name, "fp32"), context, batch,
                                          fused=target.engine == "tensorrt"))

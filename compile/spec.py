@@ -37,6 +37,17 @@ class ComponentSpec:
     static_int8: bool = True
     # Parts of this graph with a precision of their own in recipes (the decoder's "lm_head").
     parts: tuple[str, ...] = ()
+    # Outputs the fidelity gate compares (None: all). A decoder that updates its KV buffers in place leaves rows a
+    # step does not write unspecified, so only its logits are compared.
+    gated_outputs: tuple[str, ...] | None = None
+    # Build settings baked into the graph (e.g. the decoder's attention form and context): part of its identity.
+    variant: dict = field(default_factory=dict)
+
+    def reference(self, outputs) -> dict[str, np.ndarray]:
+        """The torch module's outputs (a tensor or tuple) as the gate's reference arrays, gated outputs only."""
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {t.name: o.float().numpy() for t, o in zip(self.outputs, outputs)
+                if self.gated_outputs is None or t.name in self.gated_outputs}
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,10 @@ class Family:
     name: str  # also the runtime pipeline key
     hf_class: str  # transformers class name
     model_types: tuple[str, ...]  # config.json "model_type" values this family accepts
-    components: Callable[[Any], tuple[ComponentSpec, ...]]  # (HF config) -> components
-    load_assets: Callable[[Any, Path], dict]  # (loaded model, bundle dir) -> manifest sections it wrote
+    # (HF config, **graph settings) -> components; the settings (`Plan.graph`: the decoder's attention form and
+    # context) are empty for models without a decoder
+    components: Callable[..., tuple[ComponentSpec, ...]]
+    load_assets: Callable[..., dict]  # (loaded model, bundle dir, **graph settings) -> manifest sections it wrote
     extras: Callable[[Any], dict]  # (HF model) -> numbers the runtime needs (e.g. logit_scale)
     required_files: tuple[str, ...]  # files a local checkpoint directory must have besides weights
     # (loaded model, checkpoint dir or None for built-in/random) -> fills tokenizer file, chat template, special ids

@@ -713,9 +713,7 @@ class StreamedBuild:
         cases = {}
         with self.weights.on_demand(), torch.no_grad():
             for case, feeds in comp.golden_inputs(self.loaded).items():
-                outs = module(*export.module_args(module, comp, feeds))
-                outs = outs if isinstance(outs, tuple) else (outs,)
-                cases[case] = {"in": feeds, "ref": {t.name: o.float().numpy() for t, o in zip(comp.outputs, outs)}}
+                cases[case] = {"in": feeds, "ref": comp.reference(module(*export.module_args(module, comp, feeds)))}
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
@@ -735,7 +733,7 @@ class StreamedBuild:
         h = hashlib.sha256(json.dumps({
             "model": loaded.spec.name, "component": comp.name, "weights": self.source.identity(),
             "config": loaded.config.to_dict(), "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)],
-            "preprocessor": loaded.preprocessor_config, "pad_to_square": loaded.pad_to_square,
+            "variant": comp.variant, "preprocessor": loaded.preprocessor_config, "pad_to_square": loaded.pad_to_square,
             "chat_template": loaded.chat_template, "special_ids": loaded.special_ids,
             "versions": [metadata.version(p) for p in ("torch", "transformers", "numpy")],
         }, sort_keys=True, default=str).encode())

@@ -98,6 +98,17 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
 def bundle_logits_fn(pipeline) -> Callable[[np.ndarray], np.ndarray]:
     """All-position logits of one window through a GemmaPipeline's graphs (one prefill, empty cache)."""
 
+    if pipeline.attention == "gqa":
+        cache = pipeline.new_cache(1)
+
+        def fn_slots(ids: np.ndarray) -> np.ndarray:
+            cache.reset(0)
+            cache.check_room(0, len(ids))
+            s = len(ids)
+            return pipeline.step(cache, 0, 1, pipeline._embed(ids[None]), [s], np.arange(s)[None])[0]
+
+        return fn_slots
+
     def fn(ids: np.ndarray) -> np.ndarray:
         s = len(ids)
         ids2 = ids[None, :]

@@ -115,6 +115,21 @@ def build_prompt_batch(assets: PromptAssets, prompts: list[str], images: list[li
     return PromptBatch(ids, mask, positions, types, [len(s) for s in seqs])
 
 
+def image_attention(is_image: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a prefill of one prompt from an empty cache: the rows of its image tokens [R] and their attention mask
+    over the prompt as additive biases [2, R, S] (global layers, sliding layers), as HF's Gemma 3 builds it: image
+    tokens of one image see each other in both directions, OR the causal mask, AND (sliding layers) the window."""
+    is_image = np.asarray(is_image, bool)
+    rows = np.nonzero(is_image)[0].astype(np.int64)
+    prev = np.concatenate([[False], is_image[:-1]])
+    block = np.where(is_image, np.cumsum(is_image & ~prev), 0)
+    q, k = rows[:, None], np.arange(len(is_image))[None]
+    allowed = ((block[rows][:, None] == block[None]) & (block[None] > 0)) | (k <= q)
+    neg = np.float32(-1e30)  # every row sees itself, so no row is all -inf
+    bias = np.stack([np.where(allowed, 0, neg), np.where(allowed & (k > q - window), 0, neg)]).astype(np.float32)
+    return rows, bias
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -187,6 +202,11 @@ class GemmaPipeline(Pipeline):
     def eos_ids(self) -> set[int]:
         return set(self.bundle.manifest.tokenizer["eos_token_ids"])
 
+    @property
+    def attention(self) -> str:
+        """"gqa": KV slots updated in place (runtime/kvcache.py); "explicit": the cache is passed step to step."""
+        return self.gen.get("attention", "explicit")
+
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], images=None, params: SamplingParams | None = None, **kw) -> str | list[str]:
         """Whole answers. `prompt` may be a list (batched, left-padded); `images` a list of images for one prompt or a
@@ -216,6 +236,9 @@ class GemmaPipeline(Pipeline):
         params.validate()
         if images is not None and prompts and images and not isinstance(images[0], (list, tuple)):
             images = [list(images)] * len(prompts) if len(prompts) == 1 else [[im] for im in images]
+        if self.attention == "gqa":
+            yield from self._stream_slots(prompts, images, params, callback)
+            return
         batch = build_prompt_batch(self.assets, prompts, images)
         b, s = batch.input_ids.shape
         if s + params.max_new_tokens > self.assets.max_positions:
@@ -250,6 +273,92 @@ class GemmaPipeline(Pipeline):
             feeds = {"inputs_embeds": self._embed(tokens[:, None].astype(np.int64)), "attention_mask": mask,
                      "position_ids": pos, "token_type_ids": np.zeros((b, 1), np.int64),
                      "logits_positions": np.zeros(1, np.int64)}
+
+    # -- the ORT flavour: KV slots updated in place ----------------------------------------------------------------
+    PREFILL_CHUNK = 512  # text prefills run in chunks of this many tokens (others decode in between, when serving)
+
+    def new_cache(self, slots: int):
+        from medc.runtime.kvcache import SlotCache
+
+        return SlotCache(self.gen, slots)
+
+    def step(self, cache, lo: int, hi: int, embeds: np.ndarray, new, logits_index, image_rows=None,
+             image_bias=None) -> np.ndarray:
+        """One decoder call over slots [lo, hi): row r adds new[r] tokens (right-padded rows of `embeds`, 0 = idle).
+        Returns logits [hi - lo, L, V] at `logits_index` rows; the slots' caches are updated in place."""
+        new = np.asarray(new, np.int64)
+        held = cache.lengths[lo:hi]
+        total = held + new
+        sess = self._sessions["decoder"].open()._sess
+        binding = sess.io_binding()
+        feeds = {"inputs_embeds": embeds, "seqlens_k": np.maximum(total - 1, 0).astype(np.int32),
+                 "total_sequence_length": np.array(max(int(total.max()), 1), np.int32),
+                 "query_seqlens": new.astype(np.int32), "logits_index": np.asarray(logits_index, np.int64),
+                 "image_rows": np.zeros(0, np.int64) if image_rows is None else image_rows,
+                 "image_bias": (np.zeros((2, 0, embeds.shape[1]), np.float32) if image_bias is None else image_bias)}
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.require(arr, requirements="C"))
+        for name, value in cache.values(lo, hi).items():  # past and present: the same memory
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+        binding.bind_output("logits", "cpu")
+        sess.run_with_iobinding(binding)
+        cache.lengths[lo:hi] = total
+        return binding.get_outputs()[-1].numpy()
+
+    def prefill_steps(self, cache, slot: int, ids: list[int], pixel_values: np.ndarray | None = None):
+        """Prefill one prompt into an empty slot: yields None after each chunk but the last, then the last
+        position's logits [V]. A prompt with images runs as one step (its image rows attend both ways)."""
+        ids = np.asarray([ids], np.int64)
+        embeds = self._embed(ids)
+        is_image = ids[0] == self.assets.special_ids.get("image", -1)
+        cache.reset(slot)
+        cache.check_room(slot, ids.shape[1])
+        if pixel_values is not None and len(pixel_values):
+            feats = self._sessions["vision_encoder"].run({"pixel_values": pixel_values})["image_features"]
+            embeds[0, is_image] = feats.reshape(-1, embeds.shape[-1])
+            rows, bias = image_attention(is_image, int(self.gen["sliding_window"]))
+            n = ids.shape[1]
+            yield self.step(cache, slot, slot + 1, embeds, [n], [[n - 1]], rows, bias)[0, -1]
+            return
+        n = ids.shape[1]
+        for start in range(0, n, self.PREFILL_CHUNK):
+            chunk = embeds[:, start:start + self.PREFILL_CHUNK]
+            m = chunk.shape[1]
+            logits = self.step(cache, slot, slot + 1, chunk, [m], [[m - 1]])
+            yield logits[0, -1] if start + m == n else None
+
+    def prefill_slot(self, cache, slot: int, ids: list[int], pixel_values: np.ndarray | None = None) -> np.ndarray:
+        *_, logits = self.prefill_steps(cache, slot, ids, pixel_values)
+        return logits
+
+    def _stream_slots(self, prompts, images, params: SamplingParams, callback):
+        seqs = [encode_prompt(self.assets, p, len(images[i]) if images else 0) for i, p in enumerate(prompts)]
+        longest = max(len(x) for x in seqs)
+        if longest + params.max_new_tokens > self.assets.max_positions:
+            raise MedcError(f"prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds this build's "
+                            f"context limit of {self.assets.max_positions} tokens; shorten the prompt or "
+                            "max_new_tokens, or rebuild with --context N.")
+        b = len(seqs)
+        cache = self.new_cache(b)
+        logits = np.stack([self.prefill_slot(cache, i, ids, self.preprocess(images[i]) if images and images[i] else None)
+                           for i, ids in enumerate(seqs)])
+        rng = np.random.default_rng(params.seed)
+        done = np.zeros(b, bool)
+        for _ in range(params.max_new_tokens):
+            logits[done] = 0  # idle rows' outputs are unspecified
+            tokens = choose(logits, params, rng)
+            step = [None if done[i] else int(t) for i, t in enumerate(tokens)]
+            if not params.ignore_eos:
+                done |= np.isin(tokens, list(self.eos_ids))
+                step = [None if (t is not None and t in self.eos_ids) else t for t in step]
+            if callback:
+                callback(step)
+            yield step
+            if done.all():
+                return
+            logits = self.step(cache, 0, b, self._embed(tokens[:, None].astype(np.int64)), (~done).astype(np.int64),
+                               np.zeros((b, 1), np.int64))[:, 0]
 
     # -- one sequence at a time, for continuous batching (runtime/scheduler.py) ---------------------------------
     def prefill(self, ids: list[int], pixel_values: np.ndarray | None = None) -> tuple[np.ndarray, dict]:

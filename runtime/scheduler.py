@@ -4,13 +4,19 @@ Both own their ONNX Runtime sessions in one worker thread each; callers (the HTT
 over through bounded queues and are answered through futures / callbacks, so no framework is imported here.
 
 Continuous batching, as llama-server's slots and vLLM do it: a scheduler thread owns the decoder; each loop it
-prefills newly admitted requests one at a time (unpadded, exactly as a single `GemmaPipeline.stream`), then runs ONE
-decoder call for every active sequence. Sequences join and leave between steps. While the batch keeps its members
-the KV cache stays in the decoder's own output values (no copy); when a member joins or leaves, each sequence's cache
-is cut out of the batch and the batch is rebuilt left-padded to the longest, with attention-mask zeros on padding and
-its own position ids per row. Left padding keeps every sequence's tokens contiguous at the right, which is what the
-sliding-window layers assume (they keep the last `window - 1` keys and mask by column distance). Masked keys get
-exactly zero weight, so a request's greedy tokens do not depend on who shares its batch (tested).
+prefills newly admitted requests, then runs ONE decoder call for every decoding sequence. Sequences join and leave
+between steps. How the KV cache is held depends on the bundle's decoder (`GemmaPipeline.attention`):
+
+- "gqa" (ORT flavour, `_Slots`): each request gets a slot of a `SlotCache` that ONNX Runtime updates in place; a
+  step runs over slots [0, highest busy + 1), and rows of idle or still-prefilling slots add nothing. Joining and
+  leaving copy nothing. Long prompts are prefilled in chunks (`GemmaPipeline.PREFILL_CHUNK`), one chunk per loop,
+  so they do not stall the others' decoding.
+- "explicit" (`_Regrouped`): the cache is the decoder's output values, passed back in. While the batch keeps its
+  members nothing is copied; when a member joins or leaves, each sequence's cache is cut out of the batch and the
+  batch is rebuilt left-padded to the longest, with attention-mask zeros on padding and its own position ids per
+  row. Left padding keeps every sequence's tokens contiguous at the right, which is what the sliding-window layers
+  assume (they keep the last `window - 1` keys and mask by column distance).
+Either way a request's greedy tokens do not depend on who shares its batch (tested).
 """
 
 from __future__ import annotations
@@ -151,7 +157,9 @@ class Sequence:
     generated: int = 0
     cache_len: int = 0  # tokens in the KV cache
     last: int = -1  # the newest token, not yet in the cache
-    past: dict | None = None  # name -> ndarray [1, kv, n, d] while outside a batch
+    past: dict | None = None  # explicit cache: name -> ndarray [1, kv, n, d] while outside a batch
+    slot: int | None = None  # slot cache: its slot
+    prefilling: object = None  # the prompt's remaining prefill chunks (a generator of None..., then the logits)
     rng: np.random.Generator | None = None
     finished: str | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -167,14 +175,11 @@ class GenerationScheduler:
     def __init__(self, pipeline, name: str, max_concurrency: int = 8, max_queue: int = 64):
         self.pipeline, self.name = pipeline, name
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
-        g = pipeline.gen
-        # Per cache input: how many past tokens it keeps (None: all) - the manifest's KV layout, sliding or global.
-        self.keep = {f"past_{kv}.{i}": layer["keep"] for i, layer in enumerate(g["kv_layout"])
-                     for kv in ("key", "value")}
+        form = _Slots if getattr(pipeline, "attention", "explicit") == "gqa" else _Regrouped
+        self.kv = form(pipeline, max_concurrency)
         self.eos = pipeline.eos_ids
         self._waiting: collections.deque[Sequence] = collections.deque()
-        self._active: list[Sequence] = []
-        self._batch: tuple[list[Sequence], dict, np.ndarray] | None = None  # members, their KV, their mask
+        self._active: list[Sequence] = []  # admitted: prefilling or decoding
         self._cv = threading.Condition()
         self._closing = False
         self.steps = self.tokens = 0
@@ -228,19 +233,23 @@ class GenerationScheduler:
                     admit.append(self._waiting.popleft())
             for seq in dropped:
                 self._finish_if_cancelled(seq)
-            for seq in admit:  # prefilled one by one, unpadded; they join the batch at the next step
+            for seq in admit:
                 if not self._finish_if_cancelled(seq):
-                    self._prefill(seq)
+                    self._start(seq)
+            for seq in [s for s in self._active if s.prefilling is not None]:  # one more chunk of long prompts
+                self._prefill_chunk(seq)
             self._active = [s for s in self._active if not s.finished and not self._finish_if_cancelled(s)]
-            if self._active:
+            decoding = [s for s in self._active if s.prefilling is None]
+            if decoding:
                 try:
-                    self._decode_step()
+                    self._decode_step(decoding)
                 except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
                     log.error("%s: decode step failed (%s); %d requests ended", self.name, type(e).__name__,
-                              len(self._active))
-                    for s in self._active:
+                              len(decoding))
+                    for s in decoding:
                         self._finish(s, "error", "inference failed on the server")
-                    self._active, self._batch = [], None
+                    self._active = [s for s in self._active if not s.finished]
+                    self.kv.reset()
 
     def _finish_if_cancelled(self, seq: Sequence) -> bool:
         if seq.cancelled and not seq.finished:
@@ -248,23 +257,33 @@ class GenerationScheduler:
         return bool(seq.cancelled)
 
     def _finish(self, seq: Sequence, kind: str, value: str) -> None:
-        seq.finished, seq.past = value, None
+        seq.finished, seq.prefilling = value, None
+        self.kv.release(seq)
         self.finished["error" if kind == "error" else value] += 1
         _safe_emit(seq, kind, value)
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _start(self, seq: Sequence) -> None:
+        seq.rng = np.random.default_rng(seq.params.seed)
         try:
-            logits, seq.past = self.pipeline.prefill(seq.ids, seq.pixel_values)
+            seq.prefilling = self.kv.prefill(seq)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             log.error("%s: prefill failed (%s)", self.name, type(e).__name__)
             self._finish(seq, "error", "inference failed on the server")
             return
-        seq.pixel_values = None  # not needed again: free it
+        self._active.append(seq)  # its first chunk runs in this loop's prefill pass
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        try:
+            logits = next(seq.prefilling)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            log.error("%s: prefill failed (%s)", self.name, type(e).__name__)
+            self._finish(seq, "error", "inference failed on the server")
+            return
+        if logits is None:  # more chunks to come
+            return
+        seq.prefilling = seq.pixel_values = None  # not needed again: free them
         seq.cache_len = len(seq.ids)
-        seq.rng = np.random.default_rng(seq.params.seed)
         self._accept(seq, logits[None])
-        if not seq.finished:
-            self._active.append(seq)
 
     def _accept(self, seq: Sequence, logits: np.ndarray) -> None:
         """Choose the next token from [1, V] logits; emit it or finish (as `GemmaPipeline.stream` decides)."""
@@ -281,32 +300,86 @@ class GenerationScheduler:
         if seq.generated >= seq.params.max_new_tokens:
             self._finish(seq, "done", "length")
 
-    def _decode_step(self) -> None:
-        if self._batch is None or self._batch[0] != self._active:
-            self._regroup()
-        members, past, mask = self._batch
-        mask = np.concatenate([mask, np.ones((len(members), 1), np.int64)], axis=1)
-        logits, present = self.pipeline.decode(np.array([s.last for s in members]), mask,
-                                               np.array([s.cache_len for s in members]), past)
-        self._batch = (members, present, mask)
+    def _decode_step(self, members: list[Sequence]) -> None:
+        logits = self.kv.decode(members)
         self.steps += 1
         for row, seq in enumerate(members):
             seq.cache_len += 1
             self._accept(seq, logits[row:row + 1])
 
-    def _regroup(self) -> None:
+
+class _Slots:
+    """KV slots updated in place (ORT-flavour decoders): one slot per admitted request, lowest free first."""
+
+    def __init__(self, pipeline, slots: int):
+        self.pipeline, self.cache = pipeline, pipeline.new_cache(slots)
+        self.free = list(range(slots))
+
+    def prefill(self, seq: Sequence):
+        seq.slot = self.free.pop(0)
+        return self.pipeline.prefill_steps(self.cache, seq.slot, seq.ids, seq.pixel_values)
+
+    def decode(self, members: list[Sequence]) -> np.ndarray:
+        hi = max(s.slot for s in members) + 1
+        tokens, new = np.zeros((hi, 1), np.int64), np.zeros(hi, np.int64)
+        for s in members:
+            tokens[s.slot], new[s.slot] = s.last, 1
+        logits = self.pipeline.step(self.cache, 0, hi, self.pipeline._embed(tokens), new, np.zeros((hi, 1), np.int64))
+        return logits[[s.slot for s in members], 0]
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.cache.reset(seq.slot)
+            self.free = sorted(self.free + [seq.slot])
+            seq.slot = None
+
+    def reset(self) -> None:
+        pass  # the failed requests have released their slots
+
+
+class _Regrouped:
+    """The explicit decoder's cache, passed from step to step; rebuilt left-padded when the batch changes."""
+
+    def __init__(self, pipeline, slots: int):
+        self.pipeline = pipeline
+        # Per cache input: how many past tokens it keeps (None: all) - the manifest's KV layout, sliding or global.
+        self.keep = {f"past_{kv}.{i}": layer["keep"] for i, layer in enumerate(pipeline.gen["kv_layout"])
+                     for kv in ("key", "value")}
+        self._batch: tuple[list[Sequence], dict, np.ndarray] | None = None  # members, their KV, their mask
+
+    def prefill(self, seq: Sequence):
+        """Unpadded, exactly as a single `GemmaPipeline.stream`; the sequence joins the batch at the next step."""
+        logits, seq.past = self.pipeline.prefill(seq.ids, seq.pixel_values)
+        return iter([logits])
+
+    def decode(self, members: list[Sequence]) -> np.ndarray:
+        if self._batch is None or self._batch[0] != members:
+            self._regroup(members)
+        members, past, mask = self._batch
+        mask = np.concatenate([mask, np.ones((len(members), 1), np.int64)], axis=1)
+        logits, present = self.pipeline.decode(np.array([s.last for s in members]), mask,
+                                               np.array([s.cache_len for s in members]), past)
+        self._batch = (members, present, mask)
+        return logits
+
+    def release(self, seq: Sequence) -> None:
+        seq.past = None
+
+    def reset(self) -> None:
+        self._batch = None
+
+    def _regroup(self, members: list[Sequence]) -> None:
         """Cut each member's cache out of the old batch, then build the new batch left-padded to the longest."""
         if self._batch is not None:
             old, past, _ = self._batch
             arrays = {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in past.items()}
             for row, seq in enumerate(old):
-                if seq in self._active:
+                if seq in members:
                     seq.past = {k: a[row:row + 1, :, a.shape[2] - self._kept(k, seq.cache_len):].copy()
                                 for k, a in arrays.items()}
-        members = list(self._active)
         longest = max(s.cache_len for s in members)
         past = {}
-        for k, keep in self.keep.items():
+        for k in self.keep:
             length = self._kept(k, longest)
             first = members[0].past[k]
             arr = np.zeros((len(members), first.shape[1], length, first.shape[3]), first.dtype)
@@ -318,7 +391,7 @@ class GenerationScheduler:
         for row, seq in enumerate(members):
             mask[row, longest - seq.cache_len:] = 1
             seq.past = None  # the batch holds it now
-        self._batch = (members, past, mask)
+        self._batch = (list(members), past, mask)
 
     def _kept(self, name: str, cache_len: int) -> int:
         keep = self.keep[name]

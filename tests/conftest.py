@@ -102,6 +102,16 @@ def gemma_fp32(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gemma_portable(tmp_path_factory):
+    """The explicit-attention decoder (standard ops, the cache passed step to step): what TensorRT targets get."""
+    from medc.compile.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("gemma") / "portable"
+    build(BuildOptions(model="medgemma-tiny", out=out, flavour="portable"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def gemma_int8(tmp_path_factory):
     from medc.compile.build import BuildOptions, build
 

@@ -131,11 +131,14 @@ def test_token_type_ids_matter(gemma_tiny):
     assert np.abs(a - b).max() > 1e-3
 
 
+@pytest.mark.parametrize("form", ["gqa", "explicit"])
 @pytest.mark.parametrize("case", ["text", "image", "batch"])
-def test_greedy_equals_hf_generate(gemma_fp32, gemma_tiny, case):
+def test_greedy_equals_hf_generate(gemma_fp32, gemma_portable, gemma_tiny, case, form):
+    """Both decoder forms: the ORT flavour (GroupQueryAttention, slots) and the portable one (explicit attention)."""
     images = {"text": None, "image": [builtin_images()[:1]], "batch": None}[case]
     prompts = PROMPTS if case == "batch" else PROMPTS[:1]
-    with medc.runtime.load(gemma_fp32) as m:
+    with medc.runtime.load(gemma_fp32 if form == "gqa" else gemma_portable) as m:
+        assert m.attention == form
         ours = m.generate_ids(prompts, images=images, max_new_tokens=24)
         batch, ref = _hf_generate(gemma_tiny.hf_model, m.assets, prompts, images, 24)
     assert batch.input_ids.shape[1] > gemma3.text_config(gemma_tiny.config).sliding_window
@@ -172,12 +175,19 @@ def test_int8_decoder_gate(gemma_int8):
         assert len(model.generate_ids([PROMPTS[0]], max_new_tokens=4)[0]) >= 1
 
 
-def test_manifest_records_kv_layout(gemma_fp32):
+def test_manifest_records_kv_layout(gemma_fp32, gemma_portable):
+    """Explicit decoder: sliding layers keep window - 1 past tokens. ORT flavour: slots of the context, sliding layers
+    a window-sized buffer the operator compacts."""
+    for bundle, sliding_keep in ((gemma_portable, 8 - 1), (gemma_fp32, 8 + 1)):
+        m = Manifest.read(bundle)
+        layout = m.generation["kv_layout"]
+        assert [l["type"] for l in layout] == ["sliding_attention", "full_attention"] * 2
+        assert m.generation["sliding_window"] == 8
+        assert layout[0]["keep"] == sliding_keep and layout[1]["keep"] is None
+        assert m.tokenizer["chat_template"] and m.tokenizer["special_ids"]["image"] == 8
     m = Manifest.read(gemma_fp32)
-    layout = m.generation["kv_layout"]
-    assert [l["type"] for l in layout] == ["sliding_attention", "full_attention"] * 2
-    assert layout[0]["keep"] == m.generation["sliding_window"] - 1 and layout[1]["keep"] is None
-    assert m.tokenizer["chat_template"] and m.tokenizer["special_ids"]["image"] == 8
+    assert m.generation["attention"] == "gqa" and m.generation["kv_cache"]["capacity"] == [9, 512, 9, 512]
+    assert Manifest.read(gemma_portable).generation["attention"] == "explicit"
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -133,8 +133,9 @@ def check_plan_against_bundle(bundle: Path, model: str, rel: float = 0.02) -> di
     m = Manifest.read(bundle)
     recipe = m.build["recipe"]
     config = plan_only(BuildOptions(model=str(model), out=Path("-"))).config
+    context = m.build["memory_plan"]["context"]  # the GroupQueryAttention decoder's rotary tables are sized by it
     plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"],
-                               get_target(m.target), 64, 1, recipe.get("flavour"), recipe.get("options"))
+                               get_target(m.target), context, 1, recipe.get("flavour"), recipe.get("options"))
     seen = {}
     for c in plan.components:
         entry = m.components[c.name]
@@ -156,11 +157,19 @@ def test_weights_match_the_tiny_bundles_on_disk(gemma_fp32, gemma_int8, bundle_f
         check_plan_against_bundle(bundle, "medsiglip-tiny")
 
 
-def test_kv_matches_the_runtime(gemma_fp32):
-    """Prefill a prompt longer than the sliding window: the runtime's KV tensors are the bytes the planner says."""
+def test_kv_matches_the_runtime(gemma_fp32, gemma_portable):
+    """The runtime's KV buffers are the bytes the planner says: the ORT flavour's slots (sized for the context), and
+    the explicit decoder's present tensors after a prompt longer than the sliding window."""
     import medc.runtime
 
+    cfg = MODELS["medgemma-tiny"].config
     with medc.runtime.load(gemma_fp32) as model:
+        assert model.attention == "gqa"
+        cache = model.new_cache(2)
+        model.prefill_slot(cache, 1, [2] + [20 + i % 50 for i in range(39)])
+        context = model.gen["kv_cache"]["context"]
+        assert sum(b.nbytes for b in cache.buffers.values()) == planner._kv(cfg, context, 2, 4, "gqa")[0]
+    with medc.runtime.load(gemma_portable) as model:
         ids = np.array([[2] + [20 + i % 50 for i in range(39)]], np.int64)
         s = ids.shape[1]
         feeds = {"inputs_embeds": model._embed(ids), "attention_mask": np.ones((1, s), np.int64),
@@ -168,7 +177,6 @@ def test_kv_matches_the_runtime(gemma_fp32):
                  "logits_positions": np.array([s - 1], np.int64)}
         _, past = model._step(model._sessions["decoder"].open(), feeds, model._empty_past(1))
         runtime_bytes = sum(v.numpy().nbytes for v in past.values())
-    cfg = MODELS["medgemma-tiny"].config
     assert s > cfg["text_config"]["sliding_window"]
     assert planner._kv(cfg, s, 1, 4)[0] == runtime_bytes
 

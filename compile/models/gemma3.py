@@ -284,7 +284,16 @@ DECODER_TOLERANCES = {**DEFAULT_TOLERANCES, "fp32": Tolerance(min_cosine=0.99999
                       "int4": Tolerance(min_cosine=0.75)}
 
 
-def components(config) -> tuple[ComponentSpec, ...]:
+ATTENTION = ("explicit", "gqa")  # the decoder's attention form: this file's, or gemma3_gqa.py's (ORT flavour)
+
+
+def components(config, attention: str = "explicit", context: int | None = None) -> tuple[ComponentSpec, ...]:
+    """vision_encoder (multimodal models), embed_tokens and decoder. `attention` "gqa": the ORT-flavour decoder
+    (gemma3_gqa.py), whose cos/sin tables and cache are sized for `context` tokens."""
+    if attention == "gqa":
+        from medc.compile.models import gemma3_gqa
+
+        return gemma3_gqa.components_for(config, context or default_context(config))
     tcfg = text_config(config)
     layout = kv_layout(tcfg)
     past, present = [], []
@@ -325,7 +334,12 @@ def components(config) -> tuple[ComponentSpec, ...]:
 
 
 # -- bundle assets -----------------------------------------------------------------------------------------------------
-def write_assets(loaded, out: Path) -> dict:
+def default_context(config) -> int:
+    """The context a build serves unless told (--context): 4096 tokens, or the model's limit when smaller."""
+    return min(4096, int(text_config(config).max_position_embeddings))
+
+
+def write_assets(loaded, out: Path, attention: str = "explicit", context: int | None = None) -> dict:
     import shutil
 
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -339,8 +353,16 @@ def write_assets(loaded, out: Path) -> dict:
         "generation": {"kv_layout": kv_layout(tcfg), "sliding_window": tcfg.sliding_window,
                        "num_layers": tcfg.num_hidden_layers, "num_kv_heads": tcfg.num_key_value_heads,
                        "head_dim": tcfg.head_dim, "vocab_size": tcfg.vocab_size,
-                       "max_positions": tcfg.max_position_embeddings},
+                       "max_positions": tcfg.max_position_embeddings, "attention": attention},
     }
+    if attention == "gqa":  # KV slots updated in place, sized for the build's context (runtime/kvcache.py)
+        from medc.compile.models import gemma3_gqa
+
+        context = context or default_context(loaded.config)
+        kv = gemma3_gqa.kv_cache(tcfg, context)
+        sections["generation"].update(kv_cache=kv, max_positions=context, kv_layout=[
+            {"type": t, "keep": cap if t == "sliding_attention" else None}
+            for t, cap in zip(tcfg.layer_types, kv["capacity"])])
     if loaded.preprocessor_config:
         (out / "preprocessor_config.json").write_text(json.dumps(loaded.preprocessor_config, indent=2) + "\n")
         sections["preprocessing"] = {"image": loaded.preprocessing.to_json(),

@@ -128,7 +128,7 @@ def _text_calibration(loaded, folder):
     return [{"input_ids": loaded.tokenizer([p])} for p in PROMPTS], {"source": "builtin-prompts", "count": len(PROMPTS)}
 
 
-def components(config) -> tuple[ComponentSpec, ...]:
+def components(config, **graph) -> tuple[ComponentSpec, ...]:
     v, t = config.vision_config, config.text_config
     dim_img, dim_txt = v.hidden_size, getattr(t, "projection_size", None) or t.hidden_size
     return (
@@ -149,7 +149,7 @@ def components(config) -> tuple[ComponentSpec, ...]:
     )
 
 
-def write_assets(loaded, out: Path) -> dict:
+def write_assets(loaded, out: Path, **graph) -> dict:
     """Copy the tokenizer and preprocessor config into the bundle; return the manifest sections describing them."""
     import json
 
