@@ -7,7 +7,9 @@ Given bundles, it starts `medc serve` itself (separate processes, as in producti
 - `batched` (the defaults) and, for embeddings, `unbatched` (--max-batch 1), both up at once: each point runs
   `--rounds` times, alternating the two, and the rounds are pooled, so a load change on a shared machine hits both;
 - `overload` (--max-queue 4 --max-concurrency 2) with chat at concurrency 64: what clients above the queue limit see
-  (429 with Retry-After, after which a worker waits 50 ms as a polite client would; never a timeout or a 5xx).
+  (429 with Retry-After, after which a worker waits 50 ms as a polite client would; never a timeout or a 5xx);
+- `--soak SECONDS`: every workload at once against the batched server (embeddings at the highest concurrency,
+  chat at 4) for that long, the server's RSS sampled every 5 s: memory must stay bounded under sustained load.
 Each run is a closed loop: `concurrency` workers, one keep-alive connection each, send requests back to back. Chat is
 streamed with `ignore_eos`, so every request decodes exactly --max-tokens tokens; TTFT is the time to the first
 content chunk, ITL the gaps between content chunks. The client is a minimal asyncio HTTP/1.1 client (Content-Length
@@ -267,6 +269,37 @@ def point(servers: list[ServerProcess], workload: str, body: tuple[str, dict], c
     return results
 
 
+def soak(server: ServerProcess, bodies: dict, workloads: list[str], seconds: float, concurrency: int,
+         log=print) -> dict:
+    """All `workloads` together for `seconds`; the server's RSS every 5 s. -> counts and the RSS series."""
+    samples = [(0.0, server.rss_mib())]
+
+    async def sample():
+        t0 = time.perf_counter()
+        while (t := time.perf_counter() - t0) < seconds:
+            await asyncio.sleep(5.0)
+            samples.append((round(t + 5.0, 1), server.rss_mib()))
+
+    async def run_all():
+        jobs = [_run(server.url, bodies[w][0], w, bodies[w][1], 4 if w == "chat-stream" else concurrency, seconds, 0.5)
+                for w in workloads if w in bodies]
+        *runs, _ = await asyncio.gather(*jobs, sample())
+        return runs
+
+    runs = asyncio.run(run_all())
+    records = [r for recs, _ in runs for r in recs]
+    rss = [m for _, m in samples if m is not None]
+    out = {"seconds": seconds, "workloads": [w for w in workloads if w in bodies], "requests": len(records),
+           "ok": sum(r[0] == 200 for r in records), "errors": sum(r[0] not in (200, 429, 503) for r in records),
+           "rejected": sum(r[0] in (429, 503) for r in records),
+           "rss_mib": {"start": rss[0], "max": max(rss), "end": rss[-1],
+                       "after_first_minute_max": max((m for t, m in samples if t >= 60 and m is not None),
+                                                     default=None)},
+           "rss_series": samples}
+    log(f"soak {seconds:.0f} s: {out['ok']} ok, {out['errors']} errors, RSS MiB {out['rss_mib']}")
+    return out
+
+
 def in_process_ms(bundle: str, threads: int | None = None, repeat: int = 300) -> float:
     """p50 of the same one-text embedding through medc.runtime, without HTTP."""
     import medc.runtime
@@ -334,6 +367,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="Chat: tokens decoded per request.")
     ap.add_argument("--workloads", default="embed-text,embed-image,chat-stream")
     ap.add_argument("--threads", type=int, help="Passed to medc serve: ONNX Runtime intra-op threads per session.")
+    ap.add_argument("--soak", type=float, default=0.0, help="Seconds of every workload at once (RSS sampled).")
     ap.add_argument("--out", type=Path, help="Write OUT.json and OUT.md.")
     args = ap.parse_args(argv)
     if bool(args.bundles) == bool(args.server):
@@ -342,7 +376,7 @@ def main(argv=None) -> None:
 
     conc = [int(c) for c in args.concurrency.split(",")]
     workloads = args.workloads.split(",")
-    results, in_process = [], None
+    results, in_process, soaked = [], None, None
     load_before = os.getloadavg()
     common = ["--threads", str(args.threads)] if args.threads else []
     if args.server:
@@ -369,6 +403,8 @@ def main(argv=None) -> None:
             if "chat-stream" in bodies and "chat-stream" in workloads:
                 for c in conc:
                     results += point([main_server], "chat-stream", bodies["chat-stream"], c, args.duration, 1)
+            if args.soak:
+                soaked = soak(main_server, bodies, workloads, args.soak, max(conc))
         if "chat-stream" in bodies and "chat-stream" in workloads:
             chat = [b for b in args.bundles if b != siglip]
             with ServerProcess("overload", chat, ["--max-queue", "4", "--max-concurrency", "2", *common]) as s:
@@ -378,6 +414,9 @@ def main(argv=None) -> None:
             "max_tokens": args.max_tokens, "threads": args.threads, "in_process_p50_ms": in_process,
             "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
     meta["headline"] = headline(results, in_process)
+    if soaked:
+        meta["soak"] = soaked
+        meta["headline"]["soak"] = {k: soaked[k] for k in ("seconds", "ok", "errors", "rss_mib")}
     print(json.dumps(meta["headline"], indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

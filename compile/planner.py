@@ -31,8 +31,8 @@ ORT_NBITS_PREPACK = 0.64
 GIB = 2**30
 
 # Weight-only and Q/DQ storage as medc writes it (compile/quantize.py): bytes per parameter of a quantised matrix.
-# ORT flavour: MatMulNBits, int8 symmetric blocks of 16 (fp32 scale per block), int4 HQQ blocks of 32 (fp32 scale
-# and fp32 zero point per block: HQQ's zero points are floats). Portable flavour: int8 per output channel, int4
+# ORT flavour: MatMulNBits, int8 symmetric blocks of 16 (fp32 scale per block), int4 asymmetric blocks of 32 (fp32
+# scale and a uint4 zero point per block); an int4 lm_head adds its int8 rescoring rows. Portable flavour: int8 per output channel, int4
 # symmetric blocks of 32 (fp32 scales, packed int4). Encoders at int8: Q/DQ per output channel (fp32 scale + int8
 # zero point), patch-embedding Conv included (dynamic int8, the CPU's other candidate, leaves some small tensors
 # float: the plan sizes the static form). fp16 / bf16 / fp8: plain storage.
@@ -55,7 +55,7 @@ def _linear_bytes(precision: str, flavour: str, decoder: bool, k: int, n: int, o
     if precision == "int4":
         block = int(options.get("int4_block_size", 32))
         blocks = n * -(-k // block)
-        zero_points = 4.0 * blocks if (decoder and flavour == "ort") else 0.0
+        zero_points = -(-(-(-k // block)) // 2) * n if (decoder and flavour == "ort") else 0.0  # uint4, per column
         return 0.5 * params + 4.0 * blocks + zero_points
     raise ValueError(precision)
 
@@ -223,6 +223,18 @@ def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int, attention: str
     return int(per_token_layer * sum(kept)), per_token_layer * len(kept)
 
 
+def _rescore_rows(cfg: dict, recipe: dict, options: dict) -> int:
+    """An int4 lm_head's int8 copy for rescoring (gemma3_gqa.py): V x H bytes + an fp32 scale per 32. Memory only:
+    a step reads the rows of its top candidates."""
+    from medc.compile.build import DEFAULT_RESCORE
+
+    if recipe.get("lm_head") != "int4" or not int(options.get("lm_head_rescore", DEFAULT_RESCORE)):
+        return 0
+    t = cfg.get("text_config", cfg)
+    v, h = t["vocab_size"], t["hidden_size"]
+    return v * h + v * (h // 32) * 4
+
+
 def _rotary_tables(cfg: dict, context: int) -> int:
     """The GroupQueryAttention decoder's cos and sin tables: [context, head_dim / 2] fp32 per rotary kind."""
     t = cfg.get("text_config", cfg)
@@ -287,8 +299,8 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
 
     attention = attention_form(flavour, target, recipe.get("decoder", "fp32")) if "decoder" in per else "explicit"
     if attention == "gqa":
-        per["decoder"].append(_rotary_tables(cfg, context))
-        decoder_bytes += _rotary_tables(cfg, context)
+        per["decoder"] += [_rotary_tables(cfg, context), _rescore_rows(cfg, recipe, options)]
+        decoder_bytes += _rotary_tables(cfg, context)  # bytes read per token: not the rescoring rows
     kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per, attention)
     comps = [ComponentBytes(name, recipe.get(name, "fp32"), params[name], int(sum(bs)),
                             _activations(cfg, name, recipe.get(name, "fp32"), context, batch,

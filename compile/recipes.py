@@ -43,12 +43,16 @@ PRESETS: dict[str, Preset] = {
     "fp32": Preset("the reference: every component fp32", "fp32"),
     "fp16": Preset("GPU targets: every component fp16, Gemma 3's overflow-prone parts kept fp32", "fp16"),
     "int8": Preset("encoders int8 (calibrated Q/DQ or dynamic), decoder and lm_head int8 weight-only", "int8"),
-    # lm_head int8: on Gemma 3 270M an int4 lm_head alone costs +5.9% perplexity (int8: +0.1%).
-    "int4": Preset("vision encoder int8, decoder int4 weight-only (blocks of 32), lm_head int8", "int4",
-                   {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8", "lm_head": "int8"}),
+    # The lm_head too: on the ORT flavour its top 1024 logits are rescored from int8 rows (Gemma 3 270M: int4 lm_head
+    # +6.9% perplexity, rescored +0.14%); the portable flavour (TensorRT) has no rescoring, and its gate decides.
+    "int4": Preset("vision encoder int8, decoder and lm_head int4 weight-only (blocks of 32; ORT flavour: the "
+                   "lm_head's top logits rescored from int8 rows)", "int4",
+                   {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8"}),
 }
 
 OPTION_KEYS = {"int4_block_size": (32, 64, 128), "int8_block_size": (16, 32, 64, 128),
+               # ORT flavour, int4 lm_head: how many of its top logits are recomputed from int8 rows (0: none)
+               "lm_head_rescore": (0, 64, 256, 1024, 4096),
                # which decoder projections an int4 decoder keeps in int4 (the others int8); default all
                "int4_projections": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 

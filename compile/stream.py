@@ -419,15 +419,18 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
         nodes = matmuls.get(init, [])
         prec = chosen(init) if nodes and weight_only else "fp32"
         w = source.get(name, _stored_shape(value, transposed)).numpy()
-        if prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
+        gathers = [u.node for u in value.uses() if u.node.op_type == "Gather" and u.idx == 0]
+        if weight_only and not qdq and not nodes and gathers and len(value.shape) == 2:  # the lm_head's rescoring rows
+            _write_int8_rows(graph, value, gathers, np.ascontiguousarray(w.T if transposed else w), data)
+            graph.initializers.pop(init)
+            record["lm_head_rescore"] = quantize.rescore_record(options.get("rescore"))
+        elif prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
             bits, block = quantize.WEIGHT_ONLY[prec]
             block = int(options.get(f"{prec}_block_size", block))
             if qdq and bits == 8:
                 form = _write_int8_channels(graph, value, nodes, w, transposed, data)
             elif qdq:
                 form = _write_qdq(model, value, nodes, w, transposed, block, data)
-            elif bits == 4:
-                form = _write_hqq(graph, value, nodes, w, transposed, block, data)
             else:
                 form = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
             graph.initializers.pop(init)
@@ -474,7 +477,8 @@ def _kn_columns(w: np.ndarray, transposed: bool, n0: int, n1: int) -> np.ndarray
 
 
 def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int, block: int, data) -> str:
-    """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales): DefaultWeightOnlyQuantizer's QOperator form, symmetric."""
+    """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales[, zero_points]): DefaultWeightOnlyQuantizer's QOperator form,
+    int8 symmetric, int4 asymmetric (quantize.nbits_form)."""
     import onnx_ir as ir
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
@@ -482,9 +486,11 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int
     kpack = 8 // bits
     k_blocks = (K + block - 1) // block
     blob = (block + kpack - 1) // kpack
+    symmetric = bits == 8
     packed = np.zeros((N, k_blocks, blob), np.uint8)
     scales = np.zeros((N, k_blocks), np.float32)
-    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    zero_points = np.zeros((N, (k_blocks + kpack - 1) // kpack), np.uint8)
+    pack = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     step = max(1, CHUNK_BYTES // (4 * K))
     for n0 in range(0, N, step):  # blocks run along K within one column: columns quantise independently
         n1 = min(N, n0 + step)
@@ -494,54 +500,43 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int
         p = np.zeros((n1 - n0, k_blocks, blob), np.uint8)
         s = np.zeros((n1 - n0, k_blocks), np.float32)
         z = np.zeros((n1 - n0, (k_blocks + kpack - 1) // kpack), np.uint8)
-        quantize(p, part, s, z, block, n1 - n0, K, True)
-        packed[n0:n1], scales[n0:n1] = p, s
+        pack(p, part, s, z, block, n1 - n0, K, symmetric)
+        packed[n0:n1], scales[n0:n1], zero_points[n0:n1] = p, s, z
     bq = _initializer(graph, f"{value.name}_Q{bits}", data.add(f"{value.name}_Q{bits}", [packed], ir.DataType.UINT8,
                                                                packed.shape))
     sc = _initializer(graph, f"{value.name}_scales", data.add(f"{value.name}_scales", [scales], ir.DataType.FLOAT,
                                                               scales.shape))
+    inputs = [bq, sc]
+    if not symmetric:
+        inputs.append(_initializer(graph, f"{value.name}_zero_points", data.add(
+            f"{value.name}_zero_points", [zero_points], ir.DataType.UINT8, zero_points.shape)))  # as ORT's quantiser
     for node in nodes:
-        new = ir.node("MatMulNBits", [node.inputs[0], bq, sc], domain="com.microsoft",
+        new = ir.node("MatMulNBits", [node.inputs[0], *inputs], domain="com.microsoft",
                       attributes={"K": K, "N": N, "bits": bits, "block_size": block, "accuracy_level": 4},
                       name=f"{node.name}_Q{bits}" if node.name else None)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
     graph.opset_imports.setdefault("com.microsoft", 1)
-    return f"int{bits} symmetric, blocks of {block}"
+    from medc.compile import quantize
+
+    return quantize.nbits_form(bits, block)
 
 
-def _write_hqq(graph, value, nodes, w: np.ndarray, transposed: bool, block: int, data) -> str:
-    """MatMul(A, W) -> MatMulNBits(A, W_Q4, scales, zero_points): ONNX Runtime's HQQ quantizer on this one weight.
-
-    Whole, not in slices: HQQ stops iterating when the error over the whole tensor stops falling, so slices could
-    stop elsewhere. At most ~8 fp32 copies of one projection (10240 x 2560 at 4B: ~0.8 GB); an int4 lm_head (the
-    int4 preset's is int8) would need them of the 2.7 GB vocabulary matrix."""
-    import warnings
-
+def _write_int8_rows(graph, value, gathers, w: np.ndarray, data) -> None:
+    """Gather(W, idx) -> GatherBlockQuantized(W int8, idx, scales): quantize._int8_gather_tables."""
     import onnx_ir as ir
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 
-    kn = np.ascontiguousarray(w.T if transposed else w)
-    mini = helper.make_graph([], "weight", [], [], initializer=[numpy_helper.from_array(kn, value.name)])
-    del kn
-    proto = helper.make_node("MatMul", ["A", value.name], ["Y"], name=nodes[0].name or value.name)
-    with warnings.catch_warnings():  # HQQ wraps read-only numpy weights in torch tensors (it only reads)
-        warnings.simplefilter("ignore", UserWarning)
-        (qnode,) = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block, bits=4)).quantize(proto, [mini])
-    made = {t.name: t for t in mini.initializer if t.name != value.name}
-    del mini
-    inputs = []
-    for n in qnode.input[1:]:
-        arr = numpy_helper.to_array(made.pop(n))
-        inputs.append(_initializer(graph, n, data.add(n, [arr], ir.DataType.from_numpy(arr.dtype), arr.shape)))
-    attributes = {a.name: helper.get_attribute_value(a) for a in qnode.attribute}
-    attributes.setdefault("accuracy_level", 4)  # as quantize._weight_only: HQQ leaves 0 (fp32 arithmetic)
-    for node in nodes:
-        new = ir.node("MatMulNBits", [node.inputs[0], *inputs], domain="com.microsoft", attributes=attributes,
-                      name=f"{node.name}_Q4" if node.name else None)
+    from medc.compile import quantize
+
+    q, scales = quantize.int8_rows(w)
+    name = value.name
+    qv = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", [q], ir.DataType.UINT8, q.shape))
+    sv = _initializer(graph, f"{name}_scales", data.add(f"{name}_scales", [scales], ir.DataType.FLOAT, scales.shape))
+    for node in gathers:
+        new = ir.node("GatherBlockQuantized", [qv, node.inputs[1], sv], domain="com.microsoft",
+                      attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": quantize.RESCORE_BLOCK, "bits": 8},
+                      name=f"{node.name}_int8" if node.name else None)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
     graph.opset_imports.setdefault("com.microsoft", 1)
-    return f"int4 asymmetric (HQQ), blocks of {block}"
 
 
 def _write_int8_channels(graph, value, nodes, w: np.ndarray, transposed: bool, data) -> str:

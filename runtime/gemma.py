@@ -290,7 +290,12 @@ class GemmaPipeline(Pipeline):
         held = cache.lengths[lo:hi]
         total = held + new
         sess = self._sessions["decoder"].open()._sess
-        binding = sess.io_binding()
+        binding = cache.bindings.get((lo, hi))
+        if binding is None:  # the cache stays bound between steps over the same slots; only the inputs change
+            binding = cache.bindings[(lo, hi)] = sess.io_binding()
+            for name, value in cache.values(lo, hi).items():  # past and present: the same memory
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
         feeds = {"inputs_embeds": embeds, "seqlens_k": np.maximum(total - 1, 0).astype(np.int32),
                  "total_sequence_length": np.array(max(int(total.max()), 1), np.int32),
                  "query_seqlens": new.astype(np.int32), "logits_index": np.asarray(logits_index, np.int64),
@@ -298,9 +303,6 @@ class GemmaPipeline(Pipeline):
                  "image_bias": (np.zeros((2, 0, embeds.shape[1]), np.float32) if image_bias is None else image_bias)}
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.require(arr, requirements="C"))
-        for name, value in cache.values(lo, hi).items():  # past and present: the same memory
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
         binding.bind_output("logits", "cpu")
         sess.run_with_iobinding(binding)
         cache.lengths[lo:hi] = total

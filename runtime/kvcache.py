@@ -49,6 +49,7 @@ class SlotCache:
         self.buffers = {n: np.zeros(shape(self.capacities[i // 2]), dtype) for i, n in enumerate(self.names)}
         self.lengths = np.zeros(slots, np.int64)  # tokens each slot holds
         self._values: dict[tuple[int, int], dict] = {}
+        self.bindings: dict[tuple[int, int], object] = {}  # the decoder's IOBinding per slot range (GemmaPipeline.step)
 
     @property
     def slots(self) -> int:

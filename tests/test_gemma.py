@@ -251,7 +251,7 @@ def test_int4_ort_and_portable_flavours(tmp_path_factory):
                            flavour=flavour))
     q = {f: Manifest.read(b).components["decoder"].quantization for f, b in bundles.items()}
     assert q["ort"]["format"] == "MatMulNBits" and q["portable"]["format"].startswith("DequantizeLinear")
-    assert q["ort"]["weights"] == "int4 asymmetric (HQQ), blocks of 32"  # MatMulNBits takes zero points
+    assert q["ort"]["weights"] == "int4 asymmetric (uint4 zero points), blocks of 32"  # MatMulNBits takes zero points
     assert q["portable"]["weights"] == "int4 symmetric, blocks of 32"  # TensorRT: zero point 0
     assert q["portable"]["lm_head"] == "int8 symmetric, per output channel"  # TensorRT: int8 weights per channel
     assert Manifest.read(bundles["portable"]).build["recipe"]["flavour"] == "portable"

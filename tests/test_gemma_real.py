@@ -47,7 +47,7 @@ def real_int8(gguf_file, tmp_path_factory) -> Path:
 def real_int4(gguf_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("g270") / "int4"
     # Every projection in int4 costs +22% perplexity on these weights (the GGUF keeps most of them in 5-8 bits):
-    # the shipped recipe keeps int4 where the gate allows (README "Precisions").
+    # the shipped recipe puts the lm_head in int4, rescored (README "Precisions").
     build(BuildOptions(model=str(gguf_file), out=out, recipe=RECIPES / "gemma3-270m-int4.toml"))
     return out
 
@@ -64,14 +64,19 @@ def test_quantised_within_perplexity_gate(precision, limit, request):
     # The next-token distributions stay close, not only the average likelihood.
     assert gate["top1_agreement"] > (0.95 if precision == "int8" else 0.85) and gate["kl_mean"] < 0.05
     dec = m.components["decoder"]
-    assert dec.precision == precision and dec.quantization["method"] == "weight-only"
-    assert dec.quantization["lm_head"].startswith("int8")
-    if precision == "int4":
-        assert dec.quantization["weights"] == "int4 asymmetric (HQQ), blocks of 32"
-        assert m.build["recipe"]["source"] == "file:gemma3-270m-int4.toml"
+    assert dec.precision == "int8" and dec.quantization["method"] == "weight-only"
+    assert dec.quantization["weights"] == "int8 symmetric, blocks of 16"
     graph = onnx.load(str(bundle / dec.file), load_external_data=False).graph
+    if precision == "int4":  # the lm_head int4, its top 1024 logits rescored from int8 rows
+        assert dec.quantization["lm_head"] == "int4 asymmetric (uint4 zero points), blocks of 32"
+        assert dec.quantization["lm_head_rescore"]["top_k"] == 1024
+        assert m.build["recipe"]["source"] == "file:gemma3-270m-int4.toml"
+        assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 1
+    else:
+        assert dec.quantization["lm_head"] == "int8 symmetric, blocks of 16"
     weights = {t.name for t in graph.initializer}
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * 18 + 1  # q k v o gate up down x 18, lm_head
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 18
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # none left fp32
     with medc.runtime.load(bundle) as model:  # text on an unseen prompt, through the runtime
         assert len(model.generate(UNSEEN_PROMPTS[0], max_new_tokens=8)) > 0
@@ -85,8 +90,9 @@ def test_fp32_whole_model_gate(real_fp32):
     assert 15 < gate["reference_perplexity"] < 25  # GPL-3, 8 x 512: 19.93 with HF fp32 (shared/README.md)
     assert m.model["source"]["format"] == "gguf" and len(m.model["source"]["sha256"]) == 64
     assert m.tokenizer["chat_template"] is None  # a base model: plain completion
-    layout = m.generation["kv_layout"]
-    assert [i for i, l in enumerate(layout) if l["keep"] is None] == [5, 11, 17] and layout[0]["keep"] == 511
+    layout = m.generation["kv_layout"]  # slots: global layers the context, sliding ones a window + 1/8
+    assert [i for i, l in enumerate(layout) if l["keep"] is None] == [5, 11, 17] and layout[0]["keep"] == 576
+    assert m.generation["attention"] == "gqa" and m.generation["kv_cache"]["context"] == 4096
 
 
 def test_fp32_on_unseen_prompts_and_text(real_fp32):
@@ -113,6 +119,31 @@ def test_fp32_on_unseen_prompts_and_text(real_fp32):
         ours = evaluate.perplexity(evaluate.bundle_logits_fn(m), wins)["perplexity"]
     ref = evaluate.perplexity(hf_logits_fn(hf), wins)["perplexity"]
     assert abs(ours / ref - 1) < 1e-5 and np.isfinite(ours)
+
+
+def test_fp32_past_the_sliding_cache(real_fp32):
+    """A prompt longer than the sliding layers' buffer (576 rows): prefilled in two chunks, the operator compacts the
+    buffer, then decodes: greedy tokens == HF fp32."""
+    import torch
+
+    from medc.compile.gates import reference_model
+    from medc.runtime import evaluate
+
+    with medc.runtime.load(real_fp32) as m:
+        hf = reference_model(m.bundle.manifest.model["source"])
+        text = evaluate.default_text().read_text()
+        ids = [m.assets.special_ids["bos"]] + m.assets.tokenizer.encode(text, add_special_tokens=False).ids[:699]
+        assert len(ids) > m.gen["kv_cache"]["capacity"][0] and len(ids) > m.PREFILL_CHUNK
+        cache = m.new_cache(1)
+        logits = m.prefill_slot(cache, 0, ids)
+        ours = [int(logits.argmax())]
+        for _ in range(15):
+            logits = m.step(cache, 0, 1, m._embed(np.array([[ours[-1]]])), [1], [[0]])[0, 0]
+            ours.append(int(logits.argmax()))
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
+                          do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref
 
 
 def test_eval_cli(real_fp32):

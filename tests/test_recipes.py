@@ -18,9 +18,11 @@ def _plan(tmp_path, **kw):
 def test_presets(tmp_path):
     p = _plan(tmp_path, precision="int4")
     assert p.recipe["precisions"] == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder": "int4",
-                                      "lm_head": "int8"}
+                                      "lm_head": "int4"}
     dec = {c.name: c for c in p.components}["decoder"]
-    assert dec.methods == ["weight-only"] and dec.options["format"] == "nbits" and dec.options["lm_head"] == "int8"
+    assert dec.methods == ["weight-only"] and dec.options["format"] == "nbits" and dec.options["lm_head"] == "int4"
+    # CPU target, ORT flavour: GroupQueryAttention decoder whose int4 lm_head rescores its top 1024 logits
+    assert p.graph == {"attention": "gqa", "context": 512, "rescore": 1024} and dec.options["rescore"] == 1024
     assert any("embed_tokens has no int4 form" in n for n in p.notes)
     # A GPU target: embeddings step down to fp16 instead of fp32, the vision encoder is calibrated Q/DQ only.
     g = {c.name: c for c in _plan(tmp_path, precision="int4", target="cuda").components}
@@ -37,8 +39,10 @@ def test_explicit_list_and_lm_head(tmp_path):
 
 
 def test_portable_flavour(tmp_path):
-    dec = {c.name: c for c in _plan(tmp_path, precision="int4", flavour="portable").components}["decoder"]
+    p = _plan(tmp_path, precision="int4", flavour="portable")
+    dec = {c.name: c for c in p.components}["decoder"]
     assert dec.options["format"] == "qdq" and dec.optimizer == "none"
+    assert p.graph == {"attention": "explicit", "context": 512} and "rescore" not in dec.options
     assert "portable" in _plan(tmp_path, precision="int4", flavour="portable").render()
 
 
@@ -51,8 +55,9 @@ def test_recipe_file(tmp_path):
     dec = {c.name: c for c in p.components}["decoder"]
     assert dec.options["int4_block_size"] == 64 and dec.options["lm_head"] == "int8"
     shipped = Path(__file__).parents[1] / "benchmarks" / "recipes" / "gemma3-270m-int4.toml"
-    assert {c.name: c for c in _plan(tmp_path, recipe=shipped).components}["decoder"].options["int4_projections"] == [
-        "o_proj"]
+    shipped_dec = {c.name: c for c in _plan(tmp_path, recipe=shipped).components}["decoder"]
+    assert shipped_dec.precision == "int8" and shipped_dec.options["lm_head"] == "int4"
+    assert shipped_dec.options["rescore"] == 1024
     js = tmp_path / "r.json"
     js.write_text(json.dumps({"precision": {"decoder": "int8"}}))
     assert _plan(tmp_path, recipe=js).recipe["precisions"]["decoder"] == "int8"

@@ -35,8 +35,14 @@ def full():
     return loader.load("medgemma-tiny")
 
 
-def _decoder(loaded):
-    comp = {c.name: c for c in loaded.family.components(loaded.config)}["decoder"]
+# The decoder forms a build streams: the CPU target's (GroupQueryAttention, an int4 lm_head rescored from int8 rows)
+# and TensorRT's (explicit attention, standard ops).
+FORMS = {"gqa": {"attention": "gqa", "context": 64}, "gqa-rescored": {"attention": "gqa", "context": 64, "rescore": 16},
+         "explicit": {}}
+
+
+def _decoder(loaded, form: str = "gqa"):
+    comp = {c.name: c for c in loaded.family.components(loaded.config, **FORMS[form])}["decoder"]
     return comp, comp.extract(loaded.hf_model), comp.dummy_inputs(loaded, 2, np.random.default_rng(0))
 
 
@@ -60,8 +66,16 @@ def test_empty_model_holds_no_values_and_keeps_ties(empty, full):
 
 @pytest.fixture(scope="module")
 def weightless(empty):
-    comp, module, example = _decoder(empty)
-    return stream.export_weightless(module, comp, example, empty.hf_model)
+    """form -> the weightless export of that decoder (made on first use)."""
+    made = {}
+
+    def get(form: str = "gqa"):
+        if form not in made:
+            comp, module, example = _decoder(empty, form)
+            made[form] = stream.export_weightless(module, comp, example, empty.hf_model)
+        return made[form]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +97,19 @@ def reference(empty):
 
 @pytest.fixture(scope="module")
 def optimised(tmp_path_factory, full):
-    """The normal path's decoder graph before conversion: export with weights + the xformers optimiser."""
-    comp, module, example = _decoder(full)
-    folder = tmp_path_factory.mktemp("normal")
-    export.export_component(module, comp, example, folder / "raw.onnx")
-    optimize.optimize(folder / "raw.onnx", folder / "opt.onnx", "xformers")
-    return folder / "opt.onnx"
+    """form -> the normal path's decoder graph before conversion: export with weights + the xformers optimiser."""
+    made = {}
+
+    def get(form: str = "gqa"):
+        if form not in made:
+            comp, module, example = _decoder(full, form)
+            folder = tmp_path_factory.mktemp(f"normal-{form}")
+            export.export_component(module, comp, example, folder / "raw.onnx")
+            optimize.optimize(folder / "raw.onnx", folder / "opt.onnx", "xformers")
+            made[form] = folder / "opt.onnx"
+        return made[form]
+
+    return get
 
 
 def _nodes(path) -> list:
@@ -97,32 +118,36 @@ def _nodes(path) -> list:
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return [(n.op_type, [inits[i] for i in n.input if i in inits and inits[i].size > 1],
              {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
-            for n in model.graph.node if n.op_type in ("MatMulNBits", "DequantizeLinear", "MatMul")]
+            for n in model.graph.node if n.op_type in ("MatMulNBits", "DequantizeLinear", "MatMul",
+                                                       "GatherBlockQuantized")]
 
 
-@pytest.mark.parametrize("options", [
-    {**INT4, "lm_head": "int8"},  # the int4 preset: HQQ int4 projections, symmetric int8 lm_head
-    {**INT4, "int4_projections": ["q_proj", "k_proj", "o_proj"]},  # int4 lm_head, some projections int8
-    {**INT4, "lm_head": "int8", "format": "qdq"},  # portable: blocked int4 and per-channel int8 DequantizeLinear
-], ids=["preset", "mixed", "portable"])
-def test_streamed_int4_decoder_is_the_quantisers(tmp_path, full, weightless, optimised, options):
+@pytest.mark.parametrize("form, options", [
+    ("gqa", {**INT4, "lm_head": "int8"}),  # int4 projections (uint4 zero points), symmetric int8 lm_head
+    # int4 lm_head rescored from int8 rows, some projections int8
+    ("gqa-rescored", {**INT4, "int4_projections": ["q_proj", "k_proj", "o_proj"], "rescore": 16}),
+    ("explicit", {**INT4, "lm_head": "int8", "format": "qdq"}),  # portable: blocked int4, per-channel int8 DQ
+], ids=["int4", "mixed-rescored", "portable"])
+def test_streamed_int4_decoder_is_the_quantisers(tmp_path, full, weightless, optimised, form, options):
     """Weightless export + streamed conversion == export + xformers optimiser + quantize._weight_only, byte for byte."""
-    comp, _, _ = _decoder(full)
+    comp, _, _ = _decoder(full, form)
     normal = tmp_path / "normal.onnx"
-    expected = quantize.convert("weight-only", optimised, normal, None, options)
+    expected = quantize.convert("weight-only", optimised(form), normal, None, options)
+    assert ("lm_head_rescore" in expected) == ("rescore" in options)
     streamed = tmp_path / "streamed" / "decoder.onnx"
-    record, optimizations = stream.write_component(weightless, stream.RandomWeights(SPEC.seed), streamed, "xformers",
-                                                   "weight-only", options)
+    record, optimizations = stream.write_component(weightless(form), stream.RandomWeights(SPEC.seed), streamed,
+                                                   "xformers", "weight-only", options)
     assert {k: v for k, v in record.items() if k != "streamed"} == expected and optimizations["streamed"]
     assert (streamed.parent / "decoder.onnx.data").stat().st_size > 0
     a, b = _nodes(normal), _nodes(streamed)
-    assert len(a) == len(b) >= 4 * 7 + 1  # 7 projections per layer + lm_head
+    assert len(a) == len(b) >= 4 * 7 + 1 + ("rescore" in options)  # 7 projections per layer + lm_head (+ its rows)
     for (op_a, wa, attrs_a), (op_b, wb, attrs_b) in zip(a, b):
         assert (op_a, attrs_a) == (op_b, attrs_b)
         assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
     feeds = comp.dummy_inputs(full, 3, np.random.default_rng(1))  # another batch than the export's
-    outs = [ort.InferenceSession(str(p)).run(None, feeds) for p in (normal, streamed)]
-    assert max(float(np.abs(x - y).max()) for x, y in zip(*outs)) == 0.0
+    gated = [t.name for t in comp.outputs if comp.gated_outputs is None or t.name in comp.gated_outputs]
+    outs = [ort.InferenceSession(str(p)).run(gated, feeds) for p in (normal, streamed)]  # (cache rows a step does
+    assert max(float(np.abs(x - y).max()) for x, y in zip(*outs)) == 0.0                 # not write: unspecified)
 
 
 def test_reference_holds_one_module_at_a_time(full, reference):
@@ -133,15 +158,17 @@ def test_reference_holds_one_module_at_a_time(full, reference):
     with torch.no_grad():
         for case in cases.values():
             outs = module(*export.module_args(module, comp, case["in"]))
-            for t, o in zip(comp.outputs, outs):
-                assert np.array_equal(o.numpy(), case["ref"][t.name]), t.name
+            ref = comp.reference(outs)
+            assert ref.keys() == case["ref"].keys()
+            for name, arr in ref.items():
+                assert np.array_equal(arr, case["ref"][name]), name
 
 
 @pytest.mark.parametrize("method,precision", [("fp32", "fp32"), ("weight-only", "int8")])
 def test_streamed_decoder_passes_its_gate(tmp_path, empty, weightless, reference, method, precision):
     comp, _, _ = _decoder(empty)
     dst = tmp_path / "decoder.onnx"
-    stream.write_component(weightless, stream.RandomWeights(SPEC.seed), dst, "xformers", method,
+    stream.write_component(weightless(), stream.RandomWeights(SPEC.seed), dst, "xformers", method,
                            {"precision": precision, "lm_head": precision})
     with OrtSession(dst, ["CPUExecutionProvider"]) as sess:
         result = evaluate(sess.run, reference[0], comp.tolerances[precision])
@@ -194,19 +221,20 @@ def test_packing_by_slices_is_the_quantisers(monkeypatch, K, N, bits, block, qdq
 
     monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 96 * 7)  # a few columns (or one block of rows) at a time
     w = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)  # as HF stores a Linear: [N, K]
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=bits == 8, bits=bits,
                                           quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
     if qdq:  # the portable form: positive scales (quantize.int4_blocks; TensorRT refuses ORT's signed ones)
         from medc.compile import quantize
 
         packed, scales = quantize.int4_blocks(np.ascontiguousarray(w.T), block)
     else:
-        packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w.T))
+        packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w.T))
     written = {}
 
     class Data:
         def add(self, name, chunks, dtype, shape):
-            written["scales" if name.endswith("scales") else "packed"] = b"".join(c.tobytes() for c in chunks)
+            key = next((k for k in ("scales", "zero_points") if name.endswith(k)), "packed")
+            written[key] = b"".join(c.tobytes() for c in chunks)
             return ir.Tensor(np.zeros(1, np.float32), name=name)
 
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 20})
@@ -215,5 +243,8 @@ def test_packing_by_slices_is_the_quantisers(monkeypatch, K, N, bits, block, qdq
         stream._write_qdq(ir.Model(graph, ir_version=10), value, [], w, True, block, Data())
     else:
         stream._write_nbits(graph, value, [], w, True, bits, block, Data())
-    assert written == {"packed": packed.tobytes(), "scales": scales.tobytes()}
+    expected = {"packed": packed.tobytes(), "scales": scales.tobytes()}
+    if bits == 4 and not qdq:  # int4 MatMulNBits: asymmetric, uint4 zero points
+        expected["zero_points"] = zero_points.tobytes()
+    assert written == expected
     assert b"".join(c.tobytes() for c in stream._rows(w, True)) == w.T.tobytes()

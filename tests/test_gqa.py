@@ -1,0 +1,126 @@
+"""The ORT-flavour decoder (compile/models/gemma3_gqa.py, runtime/kvcache.py): GroupQueryAttention with KV slots
+updated in place, chunked prefill, slots that decode together, the image rows' two-way attention, and the int4
+lm_head's rescoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import medc.runtime
+from medc.compile import loader
+from medc.compile.build import BuildOptions, build
+from medc.compile.models import gemma3
+from medc.compile.models.siglip import builtin_images
+from medc.manifest import Manifest
+from medc.runtime.gemma import build_prompt_batch, image_attention
+from medc.runtime.kvcache import resident
+
+PROMPT = "List three causes of pleural effusion in an adult patient, and how each is found on imaging."
+
+
+def test_resident_layout_follows_the_operator_contract():
+    """min(T, W) <= L(T) <= min(T, C), and it depends on T alone (so any split of the steps gives one layout)."""
+    for window, capacity in ((8, 9), (8, 16), (512, 576)):
+        for t in range(0, 3 * capacity):
+            held = resident(t, capacity, window)
+            assert min(t, window) <= held <= min(t, capacity)
+        assert resident(capacity + 1, capacity, window) == capacity + 1 - (capacity - window + 1)
+    assert resident(10_000, 4096, None) == 10_000  # global layers: everything (the context bounds it)
+
+
+def test_image_attention_mask_is_hfs():
+    """Rows of image tokens; two-way inside an image, causal elsewhere, and the window on sliding layers."""
+    is_image = np.array([0, 1, 1, 1, 0, 0, 1, 1, 0], bool)
+    rows, bias = image_attention(is_image, window=2)
+    assert rows.tolist() == [1, 2, 3, 6, 7]
+    ok = bias == 0
+    assert ok[0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0]  # first image token sees its whole image (global)
+    assert ok[1, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0]  # later keys of its image are never cut by the window
+    assert ok[1, 2].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0]  # third: the window (2) drops earlier keys, image ones too
+    assert ok[0, 3].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0]  # second image: causal + its own image only
+
+
+def test_chunked_prefill_equals_one_step(gemma_fp32, monkeypatch):
+    with medc.runtime.load(gemma_fp32) as m:
+        ids = build_prompt_batch(m.assets, [PROMPT]).input_ids[0].tolist()
+        cache = m.new_cache(1)
+        whole = m.prefill_slot(cache, 0, ids)
+        monkeypatch.setattr(type(m), "PREFILL_CHUNK", 7)  # several chunks, each past the sliding window (8)
+        chunks = list(m.prefill_steps(cache, 0, ids))
+        assert len(chunks) == -(-len(ids) // 7) and all(c is None for c in chunks[:-1])
+        assert np.abs(chunks[-1] - whole).max() < 1e-4
+
+
+def test_slots_decode_together_as_alone(gemma_fp32):
+    """Three sequences of different lengths in slots 0..2 of one cache, the middle one idle for a step: each row's
+    logits equal the same sequence decoded alone (rows of idle slots leave their cache untouched)."""
+    with medc.runtime.load(gemma_fp32) as m:
+        prompts = [build_prompt_batch(m.assets, [p]).input_ids[0].tolist()
+                   for p in (PROMPT, "Is there a pneumothorax?", "Describe the heart size.")]
+        cache = m.new_cache(3)
+        first = [int(m.prefill_slot(cache, i, ids).argmax()) for i, ids in enumerate(prompts)]
+        tokens = np.array([[first[0]], [first[1]], [first[2]]])
+        together = m.step(cache, 0, 3, m._embed(tokens), [1, 0, 1], np.zeros((3, 1), np.int64))[:, 0]
+        assert cache.lengths.tolist() == [len(prompts[0]) + 1, len(prompts[1]), len(prompts[2]) + 1]
+        later = m.step(cache, 1, 2, m._embed(tokens[1:2]), [1], [[0]])[0, 0]  # the idle one catches up alone
+        for row, logits in ((0, together[0]), (1, later), (2, together[2])):
+            alone = m.new_cache(1)
+            m.prefill_slot(alone, 0, prompts[row])
+            ref = m.step(alone, 0, 1, m._embed(tokens[row:row + 1]), [1], [[0]])[0, 0]
+            assert np.abs(logits - ref).max() < 1e-4, row
+
+
+def test_image_prompt_rows_attend_both_ways(gemma_fp32, gemma_tiny):
+    """Prefill with an image == HF's logits; without the image rows' correction (treated as text) they differ."""
+    with medc.runtime.load(gemma_fp32) as m:
+        images = builtin_images()[:1]
+        batch = build_prompt_batch(m.assets, [PROMPT], [images])
+        ids = batch.input_ids[0].tolist()
+        pixels = m.preprocess(images)
+        ours = m.prefill_slot(m.new_cache(1), 0, ids, pixels)
+        with torch.no_grad():
+            ref = gemma_tiny.hf_model(input_ids=torch.from_numpy(batch.input_ids), pixel_values=torch.from_numpy(pixels),
+                                      token_type_ids=torch.from_numpy(batch.token_type_ids)).logits[0, -1].numpy()
+        assert np.abs(ours - ref).max() < 1e-4
+        # the same embeddings as a causal prefill (no image rows): not HF's result
+        cache = m.new_cache(1)
+        embeds = m._embed(batch.input_ids)
+        feats = m._sessions["vision_encoder"].run({"pixel_values": pixels})["image_features"]
+        embeds[0, batch.token_type_ids[0] == 1] = feats.reshape(-1, embeds.shape[-1])
+        causal = m.step(cache, 0, 1, embeds, [len(ids)], [[len(ids) - 1]])[0, -1]
+        assert np.abs(causal - ref).max() > 1e-3
+
+
+def test_context_limit_and_rebuild_hint(gemma_fp32):
+    from medc.errors import MedcError
+
+    with medc.runtime.load(gemma_fp32) as m:
+        cache = m.new_cache(1)
+        with pytest.raises(MedcError, match="exceed this build's context of 512.*--context"):
+            m.prefill_slot(cache, 0, [2] * 513)
+
+
+def test_int4_lm_head_is_rescored(tmp_path):
+    """An int4 lm_head: TopK of its logits, those rows recomputed from int8 rows (GatherBlockQuantized). The perplexity
+    effect is measured on real weights (tests/test_gemma_real.py)."""
+    out = tmp_path / "b"
+    m = build(BuildOptions(model="medgemma-tiny", out=out, precision="decoder=int8,lm_head=int4"))
+    q = m.components["decoder"].quantization
+    assert q["lm_head"] == "int4 asymmetric (uint4 zero points), blocks of 32"
+    assert q["lm_head_rescore"]["top_k"] == 1024 and m.build["recipe"]["flavour"] == "ort"
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == 1
+    # tiny vocab (384) < 1024: every logit is rescored, so the head is effectively int8
+    fp32 = loader.load("medgemma-tiny")
+    ids = build_prompt_batch(fp32.prompt_assets(), [PROMPT]).input_ids
+    with torch.no_grad():
+        ref = fp32.hf_model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
+    with medc.runtime.load(out) as model:
+        ours = model.prefill_slot(model.new_cache(1), 0, ids[0].tolist())
+    cos = float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref))
+    assert cos > 0.99  # int8 decoder and (rescored) head on random weights
+    assert gemma3.text_config(fp32.config).vocab_size < 1024
