@@ -421,7 +421,7 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
         w = source.get(name, _stored_shape(value, transposed)).numpy()
         gathers = [u.node for u in value.uses() if u.node.op_type == "Gather" and u.idx == 0]
         if weight_only and not qdq and not nodes and gathers and len(value.shape) == 2:  # the lm_head's rescoring rows
-            _write_int8_rows(graph, value, gathers, np.ascontiguousarray(w.T if transposed else w), data)
+            _write_int8_rows(graph, value, gathers, w.T if transposed else w, data)
             graph.initializers.pop(init)
             record["lm_head_rescore"] = quantize.rescore_record(options.get("rescore"))
         elif prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
@@ -527,9 +527,17 @@ def _write_int8_rows(graph, value, gathers, w: np.ndarray, data) -> None:
 
     from medc.compile import quantize
 
-    q, scales = quantize.int8_rows(w)
+    v, h = w.shape
+    scales = np.zeros((v, h // quantize.RESCORE_BLOCK), np.float32)
+    step = max(1, CHUNK_BYTES // (4 * h))
+
+    def rows():  # a slice of rows at a time: MedGemma's table is 2.7 GB in fp32
+        for r in range(0, v, step):
+            q, scales[r:r + step] = quantize.int8_rows(w[r:r + step])
+            yield q
+
     name = value.name
-    qv = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", [q], ir.DataType.UINT8, q.shape))
+    qv = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.UINT8, (v, h)))
     sv = _initializer(graph, f"{name}_scales", data.add(f"{name}_scales", [scales], ir.DataType.FLOAT, scales.shape))
     for node in gathers:
         new = ir.node("GatherBlockQuantized", [qv, node.inputs[1], sv], domain="com.microsoft",

@@ -68,7 +68,7 @@ def test_quantised_within_perplexity_gate(precision, limit, request):
     assert dec.quantization["weights"] == "int8 symmetric, blocks of 16"
     graph = onnx.load(str(bundle / dec.file), load_external_data=False).graph
     if precision == "int4":  # the lm_head int4, its top 1024 logits rescored from int8 rows
-        assert dec.quantization["lm_head"] == "int4 asymmetric (uint4 zero points), blocks of 32"
+        assert dec.quantization["lm_head"] == "int4 asymmetric (uint4 zero points), blocks of 64"
         assert dec.quantization["lm_head_rescore"]["top_k"] == 1024
         assert m.build["recipe"]["source"] == "file:gemma3-270m-int4.toml"
         assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 1
