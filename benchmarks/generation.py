@@ -186,8 +186,13 @@ def medc_info(pipe, threads: int | None) -> dict:
 
     m = pipe.bundle.manifest
     dec = m.components["decoder"]
+    method = dec.quantization.get("method", "none")
+    head = dec.quantization.get("lm_head", "")
+    if head and not head.startswith(dec.precision):  # a recipe's lm_head of its own, e.g. int4 rescored
+        rescore = dec.quantization.get("lm_head_rescore") or {}
+        method += f"; lm_head {head.split()[0]}" + (f", top {rescore['top_k']} rescored" if rescore else "")
     return {"model": m.model["name"], "bundle": pipe.bundle.path.name, "backend": "onnxruntime",
-            "precision": dec.precision, "method": dec.quantization.get("method", "none"),
+            "precision": dec.precision, "method": method,
             "threads": threads or os.cpu_count() or 1,
             "providers": ",".join(pipe._sessions["decoder"].active_providers), "ort_version": ort.__version__,
             "cpu": cpu_info(), "commit": git_commit()}

@@ -182,13 +182,10 @@ def plan_only(opts: BuildOptions) -> Plan:
         spec = MODELS[opts.model]
         config = spec.config
     elif opts.model.endswith(".gguf") and Path(opts.model).is_file():
-        from transformers import AutoConfig
-
-        from medc.compile.loader import check_gguf
+        from medc.compile.loader import gguf_config
 
         model_path = Path(opts.model)
-        check_gguf(model_path)
-        config = AutoConfig.from_pretrained(model_path.parent, gguf_file=model_path.name).to_dict()
+        config = gguf_config(model_path)
         spec = ModelSpec(name=model_path.stem, family=family_for_model_type("gemma3_text"), description="",
                          config=config, preprocessor={})
     else:

@@ -248,16 +248,50 @@ def load_checkpoint(path: Path, spec: ModelSpec | None, pad_to_square: bool = Fa
     return loaded
 
 
+# GGUF metadata value types (ggml's gguf.h): fixed sizes; 8 is a string, 9 an array (element type, count, items).
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
 def gguf_architecture(path: Path) -> str:
-    """The `general.architecture` of a GGUF file, read from its header (memory-mapped, no weights loaded)."""
+    """The `general.architecture` of a GGUF file, read from the first header entries.
+
+    Not gguf.GGUFReader: it parses every field up front, and the 262k-entry vocabulary of a Gemma 3 file takes it
+    18 s; the architecture is the first key llama.cpp's writers emit, so this reads a few hundred bytes."""
+    import struct
+
+    def read(f, n: int) -> bytes:
+        b = f.read(n)
+        if len(b) != n:
+            raise EOFError
+        return b
+
+    def skip(f, kind: int) -> None:
+        if kind == 8:
+            f.seek(struct.unpack("<Q", read(f, 8))[0], 1)
+        elif kind == 9:
+            item, count = struct.unpack("<IQ", read(f, 12))
+            if item in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            f.seek(_GGUF_SIZES[kind], 1)
+
     try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise MedcError("reading GGUF files needs the `gguf` package: pip install 'medc[build]'.") from None
-    try:
-        field = GGUFReader(str(path)).fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise ValueError, KeyError, struct errors...
+        with open(path, "rb") as f:
+            magic, version = struct.unpack("<4sI", read(f, 8))
+            if magic != b"GGUF" or version < 2:
+                raise ValueError("not GGUF v2+")
+            _, kv_count = struct.unpack("<QQ", read(f, 16))
+            for _ in range(kv_count):
+                key = read(f, struct.unpack("<Q", read(f, 8))[0]).decode()
+                kind = struct.unpack("<I", read(f, 4))[0]
+                if key == "general.architecture" and kind == 8:
+                    return read(f, struct.unpack("<Q", read(f, 8))[0]).decode()
+                skip(f, kind)
+        raise KeyError("general.architecture")
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt files raise EOFError, KeyError, struct errors...
         raise MedcError(f"{path.name} is not a readable GGUF file ({type(e).__name__}); download it again.") from None
 
 
@@ -267,11 +301,34 @@ def check_gguf(path: Path) -> None:
         raise MedcError(f"{path.name} is a GGUF of a {arch!r} model; medc builds Gemma 3 GGUF files (gemma3).")
 
 
+def gguf_cache(path: Path, digest: str | None = None) -> tuple[Path, Path]:
+    """(tokenizer folder, fp32 checkpoint folder) of a GGUF file's conversion under ~/.cache/medc/gguf/<sha256>/.
+    The checkpoint is keyed by the transformers version too: it is that version's dequantisation."""
+    from importlib import metadata
+
+    from medc.manifest import sha256_file
+
+    cache = Path.home() / ".cache" / "medc" / "gguf" / (digest or sha256_file(path))[:16]
+    return cache, cache / f"fp32-transformers-{metadata.version('transformers')}"
+
+
+def gguf_config(path: Path) -> dict:
+    """A Gemma 3 GGUF's config: from its cached conversion when there is one (parsing the file costs ~20 s)."""
+    check_gguf(path)
+    converted = gguf_cache(path)[1] / "config.json"
+    if converted.is_file():
+        return json.loads(converted.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+
+
 def load_gguf(path: Path) -> LoadedModel:
     """A Gemma 3 GGUF file (e.g. Gemma 3 270M Q4_K_M): dequantised to fp32 by transformers, as Gemma3ForCausalLM.
 
-    The tokenizer is converted from the GGUF once and cached (with the config) under ~/.cache/medc/gguf/<sha256>/,
-    which then serves as the checkpoint folder for the tokenizer and chat template.
+    The first load converts: the tokenizer (then the checkpoint folder for the tokenizer and chat template) and the
+    fp32 weights as safetensors go to ~/.cache/medc/gguf/<sha256>/, and later loads read those (1 s, not 75 s: the
+    GGUF parse and dequantisation). The manifest still names the GGUF file and its hash as the source.
     """
     import shutil
 
@@ -281,26 +338,34 @@ def load_gguf(path: Path) -> LoadedModel:
     path = Path(path).resolve()
     check_gguf(path)
     digest = sha256_file(path)
-    cache = Path.home() / ".cache" / "medc" / "gguf" / digest[:16]
+    cache, converted = gguf_cache(path, digest)
     try:
         from transformers import AutoTokenizer, Gemma3ForCausalLM
 
-        model = Gemma3ForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32",
-                                                  trust_remote_code=False)
         if not (cache / "tokenizer.json").is_file():
-            tmp = cache.with_name(cache.name + ".tmp")
+            tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
             shutil.rmtree(cache, ignore_errors=True)
             tmp.rename(cache)
+        if (converted / "model.safetensors").is_file():
+            model = Gemma3ForCausalLM.from_pretrained(converted, local_files_only=True, use_safetensors=True,
+                                                      dtype="float32", trust_remote_code=False)
+        else:
+            model = Gemma3ForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32",
+                                                      trust_remote_code=False)
+            # transformers keeps the GGUF quantizer on the model and refuses save_pretrained; the weights are fp32.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            tmp = converted.with_name(converted.name + f".tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, converted)  # whole or absent: a killed conversion leaves only a .tmp folder
     except MedcError:
         raise
     except Exception as e:  # noqa: BLE001
         raise MedcError(f"cannot load {path.name} as Gemma3ForCausalLM: {str(e).splitlines()[0][:300]}") from None
-    # transformers keeps the GGUF quantizer on the model and then refuses save_pretrained; the weights are fp32 now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     family = FAMILIES["Gemma3ForCausalLM"]
     spec = ModelSpec(name=path.stem, family=family, description=f"Gemma 3 GGUF ({path.name}), dequantised to fp32",
                      config=model.config.to_dict(), preprocessor={})

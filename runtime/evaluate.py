@@ -41,18 +41,21 @@ def windows(tokenizer, bos_id: int, text: str, window: int = 512, max_windows: i
     return np.concatenate([np.full((n, 1), bos_id, np.int64), body], axis=1)
 
 
+def logsumexp(logits: np.ndarray, rows: int = 64) -> np.ndarray:
+    """float64 [S]: log sum exp over the vocabulary of float32 `logits` [S, V]. exp in float32, summed pairwise in
+    float64, a slice of rows at a time: a 512 x 262k window is 0.5 GB in float32, and float64 copies of it made the
+    perplexity gate take longer than the model that produced the logits."""
+    out = np.empty(len(logits), np.float64)
+    for r in range(0, len(logits), rows):
+        x = logits[r:r + rows]
+        m = x.max(-1, keepdims=True)
+        out[r:r + rows] = m[:, 0].astype(np.float64) + np.log(np.exp(x - m).sum(-1, dtype=np.float64))
+    return out
+
+
 def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood of `targets` [S] under `logits` [S, V] (float64 log-softmax)."""
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(-1)))
-    return float((logz - x[np.arange(len(targets)), targets]).sum())
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+    """Summed negative log-likelihood of `targets` [S] under `logits` [S, V]."""
+    return float((logsumexp(logits) - logits[np.arange(len(targets)), targets]).sum())
 
 
 def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.ndarray, keep_top: int = 0,
@@ -67,23 +70,22 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
     total, count, tops, kls, agree = 0.0, 0, [], [], []
     for w, row in enumerate(token_windows):
         logits = logits_fn(row)
-        total += nll_sum(logits[:-1], row[1:])
+        logz = logsumexp(logits)  # log-probabilities are logits - logz: only the ones needed are formed
+        total += float((logz[:-1] - logits[np.arange(len(row) - 1), row[1:]]).sum())
         count += len(row) - 1
-        if keep_top or reference_top is not None:
-            lp = log_softmax(logits)
-            if keep_top:
-                ids = np.argpartition(-lp, keep_top, axis=-1)[:, :keep_top]  # top K unordered: O(V), not a sort
-                ids = np.take_along_axis(ids, np.argsort(-np.take_along_axis(lp, ids, -1), axis=-1), -1)
-                tops.append({"ids": ids, "logprobs": np.take_along_axis(lp, ids, -1)})
-            if reference_top is not None and w < len(reference_top):
-                ref = reference_top[w]
-                ref_ids, ref_lp = np.asarray(ref["ids"]), np.asarray(ref["logprobs"], np.float64)
-                ours = np.take_along_axis(lp, ref_ids, -1)
-                p_ref, p_ours = np.exp(ref_lp), np.exp(ours)
-                tail_ref = np.clip(1 - p_ref.sum(-1), 1e-12, 1)
-                tail_ours = np.clip(1 - p_ours.sum(-1), 1e-12, 1)
-                kls.append((p_ref * (ref_lp - ours)).sum(-1) + tail_ref * np.log(tail_ref / tail_ours))
-                agree.append(lp.argmax(-1) == ref_ids[:, 0])
+        if keep_top:
+            ids = np.argpartition(-logits, keep_top, axis=-1)[:, :keep_top]  # top K unordered: O(V), not a sort
+            ids = np.take_along_axis(ids, np.argsort(-np.take_along_axis(logits, ids, -1), axis=-1), -1)
+            tops.append({"ids": ids, "logprobs": np.take_along_axis(logits, ids, -1) - logz[:, None]})
+        if reference_top is not None and w < len(reference_top):
+            ref = reference_top[w]
+            ref_ids, ref_lp = np.asarray(ref["ids"]), np.asarray(ref["logprobs"], np.float64)
+            ours = np.take_along_axis(logits, ref_ids, -1) - logz[:, None]
+            p_ref, p_ours = np.exp(ref_lp), np.exp(ours)
+            tail_ref = np.clip(1 - p_ref.sum(-1), 1e-12, 1)
+            tail_ours = np.clip(1 - p_ours.sum(-1), 1e-12, 1)
+            kls.append((p_ref * (ref_lp - ours)).sum(-1) + tail_ref * np.log(tail_ref / tail_ours))
+            agree.append(logits.argmax(-1) == ref_ids[:, 0])
     out = {"perplexity": float(np.exp(total / count)), "tokens": count, "windows": int(len(token_windows)),
            "window": int(token_windows.shape[1])}
     if keep_top:

@@ -14,7 +14,6 @@ from medc.compile import loader
 from medc.compile.build import BuildOptions, build
 from medc.compile.models import gemma3
 from medc.compile.models.siglip import builtin_images
-from medc.manifest import Manifest
 from medc.runtime.gemma import build_prompt_batch, image_attention
 from medc.runtime.kvcache import resident
 
