@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
-from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence
+from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence, gather_limit
 
 log = logging.getLogger("medc.serve")
 
@@ -134,6 +134,12 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
             m.texts = MicroBatcher(pipeline.embed_texts, f"{model_id} text", cfg.max_batch, window, cfg.max_queue)
             m.images = MicroBatcher(lambda px, pl=pipeline: pl.embed_pixel_values(np.stack(px)), f"{model_id} image",
                                     cfg.max_batch, window, cfg.max_queue)
+            if cfg.max_batch > 1:  # measured, not assumed: batching can cost more than it saves (gather_limit)
+                samples = ((m.texts, "a chest radiograph"), (m.images, np.zeros((3, p.height, p.width), np.float32)))
+                for batcher, sample in samples:
+                    batcher.limit, per_item = gather_limit(batcher.fn, sample, cfg.max_batch)
+                    log.info("%s: gathering up to %d per call (ms per item by batch: %s)", batcher.name,
+                             batcher.limit, ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
         models[model_id] = m
         log.info("loaded %s (%s) from %s", model_id, m.kind, path)
     return list(models.values())

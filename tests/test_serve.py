@@ -168,6 +168,7 @@ def test_embeddings_are_batched(server, pipelines):
     siglip, _ = pipelines
     texts = [f"finding number {i}" for i in range(24)]
     batcher = server.state.by_id["medsiglip-tiny"].texts
+    batcher.limit = batcher.max_batch  # what the startup measurement chose is tested in test_gather_limit
     before = (batcher.batches, batcher.items)
     with httpx.Client() as c, ThreadPoolExecutor(12) as pool:
         rs = list(pool.map(lambda t: c.post(server.url + "/v1/embeddings", json={"input": t}), texts))
@@ -176,6 +177,32 @@ def test_embeddings_are_batched(server, pipelines):
     np.testing.assert_allclose(got, siglip.embed_texts(texts), atol=1e-5)  # batch company does not change vectors
     batches, items = batcher.batches - before[0], batcher.items - before[1]
     assert items == 24 and batches < 24
+
+
+def test_gather_limit():
+    """The batch an encoder is given is measured: a fixed cost per call is worth sharing, a cost per item that grows
+    with the batch (activations out of cache) is not, and a slow encoder is not timed past the budget."""
+    import time
+
+    from medc.runtime.scheduler import gather_limit
+
+    def per_call(items):  # 5 ms per call, 0.1 ms per item: batching divides the cost
+        time.sleep(0.005 + 1e-4 * len(items))
+        return np.zeros((len(items), 1))
+
+    def growing(items):  # 1 ms per item at batch 1, 2 ms per item at batch 4
+        time.sleep(1e-3 * len(items) * (1 + (len(items) - 1) / 3))
+        return np.zeros((len(items), 1))
+
+    def slow(items):
+        time.sleep(0.25 * len(items))
+        return np.zeros((len(items), 1))
+
+    assert gather_limit(per_call, "x", 16)[0] == 16
+    assert gather_limit(per_call, "x", 12)[1].keys() == {1, 2, 4, 8, 12}
+    assert gather_limit(growing, "x", 16)[0] == 1
+    limit, per_item = gather_limit(slow, "x", 16, budget_s=1.5)
+    assert limit in (1, 2) and per_item.keys() <= {1, 2}  # two calls at 1 (0.5 s); at 2 (1 s) fits; at 4 would not
 
 
 # -- continuous batching --------------------------------------------------------------------------------------------
