@@ -53,11 +53,6 @@ def logsumexp(logits: np.ndarray, rows: int = 64) -> np.ndarray:
     return out
 
 
-def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood of `targets` [S] under `logits` [S, V]."""
-    return float((logsumexp(logits) - logits[np.arange(len(targets)), targets]).sum())
-
-
 def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.ndarray, keep_top: int = 0,
                reference_top: list | None = None) -> dict:
     """`logits_fn(ids [S]) -> logits [S, V]` over every window; returns perplexity and counts.

@@ -155,8 +155,8 @@ def gather_limit(fn: Callable[[list], np.ndarray], sample, max_batch: int, budge
     is left of `budget_s` are not tried (a full-size encoder on a small CPU), so startup stays bounded.
     Returns (limit, {batch: seconds per item})."""
     per_item: dict[int, float] = {}
-    spent, b = 0.0, 1
-    while b <= max_batch:
+    spent = 0.0
+    for b in sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)}):  # 1, 2, 4 … max_batch
         if per_item and 2 * b * min(per_item.values()) > budget_s - spent:
             break
         items = [sample] * b
@@ -168,7 +168,6 @@ def gather_limit(fn: Callable[[list], np.ndarray], sample, max_batch: int, budge
             spent += dt
             best = min(best, dt)
         per_item[b] = best / b
-        b = b * 2 if b * 2 <= max_batch or b == max_batch else max_batch
     low = min(per_item.values())
     return max(k for k, v in per_item.items() if v <= low * (1 + tie)), per_item
 

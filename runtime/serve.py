@@ -127,19 +127,18 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
             pipeline.generate_ids(["warm-up"], max_new_tokens=1)  # opens the sessions before the first request
             m.scheduler = GenerationScheduler(pipeline, model_id, cfg.max_concurrency, cfg.max_queue)
         else:
-            pipeline.embed_texts(["warm-up"])
             p = pipeline.preprocess
-            pipeline.embed_pixel_values(np.zeros((1, 3, p.height, p.width), np.float32))
             window = cfg.batch_window_ms / 1000
             m.texts = MicroBatcher(pipeline.embed_texts, f"{model_id} text", cfg.max_batch, window, cfg.max_queue)
             m.images = MicroBatcher(lambda px, pl=pipeline: pl.embed_pixel_values(np.stack(px)), f"{model_id} image",
                                     cfg.max_batch, window, cfg.max_queue)
-            if cfg.max_batch > 1:  # measured, not assumed: batching can cost more than it saves (gather_limit)
-                samples = ((m.texts, "a chest radiograph"), (m.images, np.zeros((3, p.height, p.width), np.float32)))
-                for batcher, sample in samples:
-                    batcher.limit, per_item = gather_limit(batcher.fn, sample, cfg.max_batch)
-                    log.info("%s: gathering up to %d per call (ms per item by batch: %s)", batcher.name,
-                             batcher.limit, ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
+            samples = ((m.texts, "a chest radiograph"), (m.images, np.zeros((3, p.height, p.width), np.float32)))
+            for batcher, sample in samples:
+                # Opens the sessions before the first request and measures what batching pays (gather_limit);
+                # with --max-batch 1 only the warm-up call runs.
+                batcher.limit, per_item = gather_limit(batcher.fn, sample, cfg.max_batch)
+                log.info("%s: gathering up to %d per call (ms per item by batch: %s)", batcher.name,
+                         batcher.limit, ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
         models[model_id] = m
         log.info("loaded %s (%s) from %s", model_id, m.kind, path)
     return list(models.values())
