@@ -21,6 +21,7 @@ Either way a request's greedy tokens do not depend on who shares its batch (test
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -94,12 +95,24 @@ class MicroBatcher:
 
     def submit(self, items: list) -> Future:
         fut: Future = Future()
+        self._put(items, fut)
+        return fut
+
+    def submit_async(self, items: list) -> asyncio.Future:
+        """`submit` for a caller on an asyncio loop. A batch's results reach each loop in ONE thread-safe call: a
+        concurrent Future wrapped per request wakes the loop once per request (7% of this thread's time at
+        concurrency 16 on the tiny text encoder, all of it holding the GIL the HTTP loop needs)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._put(items, (loop, fut))
+        return fut
+
+    def _put(self, items: list, waiter) -> None:
         with self._cv:
             self.check()
-            self._jobs.append((items, fut))
+            self._jobs.append((items, waiter))
             self._queued += len(items)
             self._cv.notify()
-        return fut
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop."""
@@ -130,18 +143,41 @@ class MicroBatcher:
         while (jobs := self._take()) is not None:
             flat = [x for items, _ in jobs for x in items]
             try:
-                # A job larger than the limit runs alone, in chunks of the limit.
-                out = np.concatenate([self.fn(flat[i:i + self.limit]) for i in range(0, len(flat), self.limit)])
+                # A job larger than the limit runs alone, in chunks of the limit. `fn` returns an array, or a tuple
+                # of arrays (embeddings, token counts), each with one row per item.
+                parts = [self.fn(flat[i:i + self.limit]) for i in range(0, len(flat), self.limit)]
+                out = (tuple(np.concatenate(p) for p in zip(*parts)) if isinstance(parts[0], tuple)
+                       else np.concatenate(parts))
             except Exception as e:  # noqa: BLE001 - every waiter must hear about it; the HTTP layer maps it
-                for _, fut in jobs:
-                    fut.set_exception(e)
+                _deliver([(waiter, e) for _, waiter in jobs])
                 continue
             self.batches += 1
             self.items += len(flat)
-            start = 0
-            for items, fut in jobs:
-                fut.set_result(out[start:start + len(items)])
-                start += len(items)
+            results, start = [], 0
+            for items, waiter in jobs:
+                end = start + len(items)
+                results.append((waiter, tuple(o[start:end] for o in out) if isinstance(out, tuple) else out[start:end]))
+                start = end
+            _deliver(results)
+
+
+def _deliver(results: list) -> None:
+    """Answer each waiter (a concurrent Future, or (loop, asyncio Future)) with a value or an exception."""
+    by_loop: dict = {}
+    for waiter, value in results:
+        if isinstance(waiter, Future):
+            (waiter.set_exception if isinstance(value, BaseException) else waiter.set_result)(value)
+        else:
+            by_loop.setdefault(waiter[0], []).append((waiter[1], value))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle, pairs)
+
+
+def _settle(pairs: list) -> None:
+    for fut, value in pairs:
+        if not fut.cancelled():  # the client went away
+            (fut.set_exception if isinstance(value, BaseException) else fut.set_result)(value)
 
 
 def gather_limit(fn: Callable[[list], np.ndarray], sample, max_batch: int, budget_s: float = 8.0,

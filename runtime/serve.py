@@ -129,7 +129,8 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
         else:
             p = pipeline.preprocess
             window = cfg.batch_window_ms / 1000
-            m.texts = MicroBatcher(pipeline.embed_texts, f"{model_id} text", cfg.max_batch, window, cfg.max_queue)
+            m.texts = MicroBatcher(pipeline.embed_texts_counted, f"{model_id} text", cfg.max_batch, window,
+                                   cfg.max_queue)
             m.images = MicroBatcher(lambda px, pl=pipeline: pl.embed_pixel_values(np.stack(px)), f"{model_id} image",
                                     cfg.max_batch, window, cfg.max_queue)
             samples = ((m.texts, "a chest radiograph"), (m.images, np.zeros((3, p.height, p.width), np.float32)))
@@ -574,8 +575,8 @@ async def _cancel_on_disconnect(request, seq: Sequence) -> None:
 
 
 # -- embeddings and zero-shot -----------------------------------------------------------------------------------------
-async def _encode(batcher: MicroBatcher, items: list) -> np.ndarray:
-    return await asyncio.wrap_future(batcher.submit(items))
+async def _encode(batcher: MicroBatcher, items: list):
+    return await batcher.submit_async(items)
 
 
 async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndarray:
@@ -590,7 +591,6 @@ async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndar
 
 
 async def embeddings(srv: "Server", request):
-    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
 
     body = await read_json(request, srv.max_body)
@@ -607,10 +607,8 @@ async def embeddings(srv: "Server", request):
     tokens = 0
     if body.get("input") is not None:
         texts = _strings(body["input"], "input", srv.cfg.max_inputs)
-        vectors = await _encode(model.texts, texts)
-        count = lambda: sum(len(model.pipeline.tokenizer.encode(t)) for t in texts)  # noqa: E731
-        # Counting is microseconds for usual inputs; megabytes of text are counted off the event loop.
-        tokens = count() if sum(map(len, texts)) < 10_000 else await run_in_threadpool(count)
+        vectors, counts = await _encode(model.texts, texts)  # counted as they are tokenized, in the worker
+        tokens = int(counts.sum())
     else:
         vectors = await _images(srv, model, body["images"], "images")
     encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if fmt == "base64"
@@ -631,7 +629,7 @@ async def classify(srv: "Server", request):
     if not all(label.strip() for label in labels):
         raise ApiError(400, "labels must not be empty strings.", "invalid_value", "labels")
     image_embeds = await _images(srv, model, body.get("images"), "images")
-    text_embeds = await _encode(model.texts, labels)
+    text_embeds, _ = await _encode(model.texts, labels)
     # SigLIP scores each label independently: sigmoid(exp(scale) * cos + bias), not a softmax over labels.
     probs = 1 / (1 + np.exp(-model.pipeline.logits(image_embeds, text_embeds)))
     data = [{"object": "classification", "index": i,

@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 
 class OrtSession:
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
-                 provider_options: list[dict] | None = None):
+                 provider_options: list[dict] | None = None, config: dict[str, str] | None = None):
         self.path = Path(path)
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.provider_options = provider_options  # one dict per provider; None: ONNX Runtime's defaults
+        self.config = config or {}  # session config entries (onnxruntime_session_options_config_keys.h)
         self._sess = None
 
     def open(self) -> "OrtSession":
@@ -39,6 +40,8 @@ class OrtSession:
             so.log_severity_level = 3  # ORT warnings name nodes, not data, but are noise for users
             if self.threads:
                 so.intra_op_num_threads = self.threads
+            for key, value in self.config.items():
+                so.add_session_config_entry(key, value)
             extra = {} if self.provider_options is None else {"provider_options": self.provider_options}
             try:
                 self._sess = ort.InferenceSession(str(self.path), so, providers=self.providers, **extra)
@@ -64,6 +67,17 @@ class OrtSession:
         sess = self.open()._sess
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds)))
+
+
+def stand_in_config(engine: str, providers: list[str]) -> dict[str, str]:
+    """Session settings for gating a TensorRT bundle's ONNX graphs on ONNX Runtime's CPU provider, which stands in
+    for the engine there. TensorRT computes Q/DQ int8 GEMMs exactly (int32 accumulation); ORT's CPU provider fuses
+    the same Q/DQ pairs into u8 x s8 kernels, which on CPUs without VNNI (AVX2's vpmaddubsw) saturate int16 pair
+    sums: the tiny MedSigLIP's text encoder falls from cosine 0.9996 to 0.989 on an AVX2-only EPYC. Unfused, the
+    Q/DQ pairs run as dequantise + float GEMM, the same arithmetic as the engine up to float rounding."""
+    if engine == "tensorrt" and providers and providers[0] == "CPUExecutionProvider":
+        return {"session.disable_quant_qdq": "1"}
+    return {}
 
 
 # -- ONNX Runtime's GPU providers --------------------------------------------------------------------------------------

@@ -47,10 +47,15 @@ class SiglipPipeline(Pipeline):
         return self._sessions["image_encoder"].run({"pixel_values": pixel_values.astype(np.float32)})["image_embeds"]
 
     def embed_texts(self, texts) -> np.ndarray:
+        return self.embed_texts_counted(texts)[0]
+
+    def embed_texts_counted(self, texts) -> tuple[np.ndarray, np.ndarray]:
+        """(text embeddings [N, D], token counts [N]): the server's `usage` without tokenizing twice."""
         texts = list(texts)
         if not texts:
             raise MedcError("no texts given.")
-        return self._sessions["text_encoder"].run({"input_ids": self.tokenizer(texts)})["text_embeds"]
+        ids, counts = self.tokenizer(texts, lengths=True)
+        return self._sessions["text_encoder"].run({"input_ids": ids})["text_embeds"], counts
 
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         """[N_images, N_texts] = exp(logit_scale) * cos + logit_bias, as HF SiglipModel's logits_per_image."""

@@ -48,10 +48,14 @@ class SiglipTokenizer:
         ids = [self.sp.piece_to_id(p) for p in pieces][: self.max_length - 1]
         return ids + [self.eos_id]
 
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        """Texts -> int64 [N, max_length], padded with the pad id (SigLIP was trained with max-length padding)."""
+    def __call__(self, texts: list[str], lengths: bool = False):
+        """Texts -> int64 [N, max_length], padded with the pad id (SigLIP was trained with max-length padding);
+        with `lengths`, also each text's token count [N] (eos included; the pad id may equal eos, so the padded
+        rows cannot tell it afterwards)."""
         out = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int64)
+        counts = np.empty(len(texts), dtype=np.int64)
         for i, t in enumerate(texts):
             ids = self.encode(t)
             out[i, : len(ids)] = ids
-        return out
+            counts[i] = len(ids)
+        return (out, counts) if lengths else out

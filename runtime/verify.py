@@ -74,14 +74,17 @@ def evaluate(run, cases: dict, tolerance: Tolerance) -> dict:
 def verify_bundle(bundle_dir: Path, providers: list[str] | None = None) -> dict[str, dict]:
     """Re-run every component's gate from the bundle's golden file. Returns {component: evaluation}."""
     from medc.runtime.bundle import open_bundle
-    from medc.runtime.session import OrtSession
+    from medc.runtime.session import OrtSession, stand_in_config
+    from medc.targets import get_target
 
     bundle = open_bundle(bundle_dir)
     golden = dict(np.load(bundle.path / bundle.manifest.golden))
     report = {}
+    providers = providers or bundle.providers
+    config = stand_in_config(get_target(bundle.manifest.target).engine, providers)  # as the build gated it
     for name, comp in bundle.manifest.components.items():
         tol = Tolerance(**comp.fidelity["tolerance"])
-        with OrtSession(bundle.path / comp.file, providers or bundle.providers) as sess:
+        with OrtSession(bundle.path / comp.file, providers, config=config) as sess:
             report[name] = evaluate(sess.run, golden_cases(golden, name), tol)
     report.update(verify_engines(bundle, golden))
     return report

@@ -175,6 +175,8 @@ def test_embeddings_are_batched(server, pipelines):
     assert all(r.status_code == 200 for r in rs)
     got = np.array([r.json()["data"][0]["embedding"] for r in rs], np.float32)
     np.testing.assert_allclose(got, siglip.embed_texts(texts), atol=1e-5)  # batch company does not change vectors
+    # usage is counted in the batch, as the texts are tokenized: each request gets its own count back
+    assert [r.json()["usage"]["prompt_tokens"] for r in rs] == [len(siglip.tokenizer.encode(t)) for t in texts]
     batches, items = batcher.batches - before[0], batcher.items - before[1]
     assert items == 24 and batches < 24
 
