@@ -220,12 +220,12 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     if unbuilt:
         raise MedcError(f"{', '.join(unbuilt)} builds are not supported by this medc version (`medc plan` sizes "
                         "them); build --precision fp16 (Gemma 3's overflow-prone parts stay fp32), int8 or int4.")
-    deep_int4 = [c.name for c in checked.components if c.precision == "int4" and "weight-only" in c.methods]
-    if checked.source == "random weights" and deep_int4 and not opts.allow_degraded:
+    int4_decoders = [c.name for c in checked.components if c.precision == "int4" and "weight-only" in c.methods]
+    if checked.source == "random weights" and int4_decoders and not opts.allow_degraded:
         # Refused now, not after an hour: on a full-size random model the int4 decoder cannot meet the random-weights
         # bar (MedGemma 4B's shapes: fp32 cosine 1.0000000 at 6 layers; int4 0.61 at 6 layers, 0.37 at all 34).
         raise MedcError(
-            f"{', '.join(deep_int4)} at int4 on random weights: random layers amplify int4 rounding through the "
+            f"{', '.join(int4_decoders)} at int4 on random weights: random layers amplify int4 rounding through the "
             "whole stack, so the fidelity gate would fail after the export (worst cosine 0.37 measured on "
             "medgemma-4b-it). For latency or memory work add --allow-degraded (the bundle is recorded as degraded); "
             "for a bundle that passes, use --precision int8 or fp32.")
@@ -390,8 +390,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         if method == "fp16" and target.available_providers()[0] == "CPUExecutionProvider":
             gated = _cpu_fp16_emulation(path, work)
             info = {**info, "gated_on": "CPU with fp16 rounding emulated (no GPU here; medc verify re-runs it on one)"}
-        if method == "int8-static-qdq" and target.engine == "tensorrt" and stand_in_config(
-                target.engine, target.available_providers()):
+        if method == "int8-static-qdq" and stand_in_config(target.engine, target.available_providers()):
             info = {**info, "gated_on": "ONNX Runtime CPU with Q/DQ left unfused: the engine's exact int8 arithmetic "
                                         "(runtime/session.py stand_in_config)"}
         evaluation, seconds = _gate_and_time(gated, target, ref_cases, tol, example,

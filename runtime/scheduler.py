@@ -27,7 +27,6 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,7 +60,7 @@ class MicroBatcher:
                  max_queue: int = 256):
         self.fn, self.name, self.max_batch, self.window_s, self.max_queue = fn, name, max_batch, window_s, max_queue
         self.limit = max_batch  # items gathered per call: `gather_limit` may lower it for an encoder that gains nothing
-        self._jobs: collections.deque[tuple[list, Future]] = collections.deque()  # max_queue bounds its length
+        self._jobs: collections.deque[tuple[list, tuple]] = collections.deque()  # max_queue bounds its length
         self._queued = 0  # items waiting
         self._cv = threading.Condition()
         self._closing = False
@@ -93,26 +92,18 @@ class MicroBatcher:
                 self._coming -= 1
                 self._cv.notify()
 
-    def submit(self, items: list) -> Future:
-        fut: Future = Future()
-        self._put(items, fut)
-        return fut
-
-    def submit_async(self, items: list) -> asyncio.Future:
-        """`submit` for a caller on an asyncio loop. A batch's results reach each loop in ONE thread-safe call: a
-        concurrent Future wrapped per request wakes the loop once per request (7% of this thread's time at
-        concurrency 16 on the tiny text encoder, all of it holding the GIL the HTTP loop needs)."""
+    def submit(self, items: list) -> asyncio.Future:
+        """Queue `items`; called on an asyncio loop, answered on it. A batch's results reach each loop in ONE
+        thread-safe call: a concurrent Future wrapped per request would wake the loop once per request (7% of this
+        thread's time at concurrency 16 on the tiny text encoder, all of it holding the GIL the HTTP loop needs)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._put(items, (loop, fut))
-        return fut
-
-    def _put(self, items: list, waiter) -> None:
         with self._cv:
             self.check()
-            self._jobs.append((items, waiter))
+            self._jobs.append((items, (loop, fut)))
             self._queued += len(items)
             self._cv.notify()
+        return fut
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued, then stop."""
@@ -121,7 +112,7 @@ class MicroBatcher:
             self._cv.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[tuple[list, Future]] | None:
+    def _take(self) -> list[tuple[list, tuple]] | None:
         with self._cv:
             while not self._jobs and not self._closing:
                 self._cv.wait()
@@ -162,13 +153,10 @@ class MicroBatcher:
 
 
 def _deliver(results: list) -> None:
-    """Answer each waiter (a concurrent Future, or (loop, asyncio Future)) with a value or an exception."""
+    """Answer each waiter, (loop, asyncio Future), with a value or an exception: one call into each loop."""
     by_loop: dict = {}
-    for waiter, value in results:
-        if isinstance(waiter, Future):
-            (waiter.set_exception if isinstance(value, BaseException) else waiter.set_result)(value)
-        else:
-            by_loop.setdefault(waiter[0], []).append((waiter[1], value))
+    for (loop, fut), value in results:
+        by_loop.setdefault(loop, []).append((fut, value))
     for loop, pairs in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
             loop.call_soon_threadsafe(_settle, pairs)

@@ -576,7 +576,7 @@ async def _cancel_on_disconnect(request, seq: Sequence) -> None:
 
 # -- embeddings and zero-shot -----------------------------------------------------------------------------------------
 async def _encode(batcher: MicroBatcher, items: list):
-    return await batcher.submit_async(items)
+    return await batcher.submit(items)
 
 
 async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndarray:
