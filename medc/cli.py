@@ -265,10 +265,16 @@ def _generate(model, prompt, images, params, as_json):
         if not as_json:
             click.echo(text[len(shown):], nl=False)
         shown = text
+    # A random-weights build carries a placeholder tokenizer (a few hundred pieces): most generated ids decode to
+    # nothing, so the ids themselves are what shows that the bundle generated.
+    placeholder = bool(model.bundle.manifest.tokenizer.get("placeholder"))
     if as_json:
-        click.echo(json.dumps({"prompt": prompt, "answer": shown, "tokens": len(ids)}))
+        click.echo(json.dumps({"prompt": prompt, "answer": shown, "tokens": len(ids),
+                               **({"token_ids": ids} if placeholder else {})}))
     else:
         click.echo()
+        if placeholder:
+            click.echo(f"(placeholder tokenizer of a random-weights build; {len(ids)} token ids: {ids})", err=True)
 
 
 def _siglip_run(model, images, labels, texts, as_json):

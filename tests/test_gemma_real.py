@@ -60,7 +60,9 @@ def test_quantised_within_perplexity_gate(precision, limit, request):
     m = Manifest.read(bundle)
     gate = m.build["generation_gate"]
     assert gate["passed"] and gate["rule"] == f"perplexity <= +{limit:.1%} of fp32"
-    assert 0 <= gate["perplexity_increase"] <= limit
+    # An upper gate: quantisation noise may also land a little below fp32 (int8: -0.07% on an AVX-512 VNNI EPYC,
+    # +0.01% on a Xeon; the kernels differ by CPU), but never far from it.
+    assert -limit <= gate["perplexity_increase"] <= limit
     # The next-token distributions stay close, not only the average likelihood.
     assert gate["top1_agreement"] > (0.95 if precision == "int8" else 0.85) and gate["kl_mean"] < 0.05
     dec = m.components["decoder"]
