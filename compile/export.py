@@ -155,9 +155,6 @@ def save_onnx(model, path: Path) -> None:
         onnx.save(model, str(path))
 
 
-_PACKED_4BIT = {21, 22, 23}  # UINT4, INT4, FLOAT4E2M1: two values per byte
-
-
 def _tensor_bytes(t) -> int:
     """A tensor's data size from its shape and type. `ByteSize()` gives the same number but serialises the tensor to
     count it: 11 s of a Gemma 3 270M int8 build went there (py-spy)."""
@@ -168,6 +165,6 @@ def _tensor_bytes(t) -> int:
     if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return t.ByteSize()
     n = math.prod(t.dims)
-    if t.data_type in _PACKED_4BIT:
-        return (n + 1) // 2
+    if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT4E2M1):
+        return (n + 1) // 2  # two values per byte
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
