@@ -67,7 +67,8 @@ def test_quantised_within_perplexity_gate(precision, limit, request):
     assert gate["top1_agreement"] > (0.95 if precision == "int8" else 0.85) and gate["kl_mean"] < 0.05
     dec = m.components["decoder"]
     assert dec.precision == "int8" and dec.quantization["method"] == "weight-only"
-    assert dec.quantization["weights"] == "int8 symmetric, blocks of 16"
+    # int8 projections: blocks of 16 for the int8 preset (its +0.5% gate), 64 in the int4 recipe (faster decode)
+    assert dec.quantization["weights"] == f"int8 symmetric, blocks of {64 if precision == 'int4' else 16}"
     graph = onnx.load(str(bundle / dec.file), load_external_data=False).graph
     if precision == "int4":  # the lm_head int4, its top 1024 logits rescored from int8 rows
         assert dec.quantization["lm_head"] == "int4 asymmetric (uint4 zero points), blocks of 64"

@@ -100,6 +100,22 @@ def gqa(q, k, v, past_k, past_v, seqlens_k, total, qlens, cos, sin, heads: int, 
         attrs, dtypes=[q.dtype, past_k.dtype, past_v.dtype], shapes=[q.shape, past_k.shape, past_v.shape], version=1)
 
 
+def top_candidates(logits, k: int, group: int = 8):
+    """Indices of the k highest logits (in no order), as topk, at half its cost on a 262k vocabulary.
+
+    ONNX Runtime's TopK costs ~1.4 ms for k = 1024 of 262144 on one core, ~6% of a Gemma 3 270M decode step: first
+    take the max of each group of 8 logits, keep the k best groups (TopK over V/8), then the k best of their 8k
+    logits. Exact: fewer than k groups can hold a logit above the k-th best, so its group is always kept."""
+    import torch
+
+    *lead, v = logits.shape
+    if v % group or v // group < k:
+        return logits.topk(min(k, v), dim=-1, sorted=False).indices
+    best = logits.view(*lead, v // group, group).amax(-1).topk(k, dim=-1, sorted=False).indices
+    cand = (best.unsqueeze(-1) * group + torch.arange(group)).flatten(-2)  # [..., k * group]
+    return cand.gather(-1, logits.gather(-1, cand).topk(k, dim=-1, sorted=False).indices)
+
+
 def _decoder(model, context: int, rescore: int = 0):
     import torch
 
@@ -160,7 +176,7 @@ def _decoder(model, context: int, rescore: int = 0):
             h = self.lm.norm(h.gather(1, logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])))
             logits = self.head(h)
             if rescore:  # int4 lm_head: its top `rescore` logits recomputed from int8 rows (quantize.py)
-                top = logits.topk(min(rescore, logits.shape[-1]), dim=-1).indices  # [b, L, K]
+                top = top_candidates(logits, rescore)  # [b, L, K]
                 rows = torch.nn.functional.embedding(top, self.head.weight)  # a Gather: [b, L, K, H]
                 exact = (rows @ h.unsqueeze(-1)).squeeze(-1)
                 logits = logits.scatter(-1, top, exact)
