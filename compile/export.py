@@ -65,18 +65,28 @@ def trace(module, comp: ComponentSpec, example: dict[str, np.ndarray], optimize:
 
 
 def cache_key(loaded, comp: ComponentSpec) -> str | None:
-    """Identity of an export: same weights, same component code, same exporter -> same graph. None when the weights
-    have no stable identity (tiny and random models are rebuilt each time; they export in seconds)."""
+    """Identity of an export: same weights, same component code, same exporter -> same graph. Tiny built-in models
+    are keyed by their config and seed (their weights are a function of both and of loader.py): exporting a 4-layer
+    decoder still takes ~25 s of tracing, and the tests build the same tiny components many times. None for
+    full-size random weights (gigabytes each, built for one-off memory and speed runs)."""
     import hashlib
     import inspect
     import json
     from importlib import metadata
 
+    from medc.compile import loader as loader_module
+
     source = loaded.source
-    if source.get("kind") != "checkpoint":
-        return None
-    weights = source.get("sha256") or _fingerprint(Path(source["path"]))
     code = [Path(__file__), Path(inspect.getsourcefile(comp.extract))]
+    if source.get("kind") == "checkpoint":
+        weights = source.get("sha256") or _fingerprint(Path(source["path"]))
+    elif source.get("kind") == "tiny":
+        spec = loaded.spec
+        weights = {"tiny": spec.name, "seed": source.get("seed"), "config": spec.config,
+                   "pad_to_square": loaded.pad_to_square}
+        code.append(Path(inspect.getsourcefile(loader_module)))  # random_parameter makes the weights
+    else:
+        return None
     h = hashlib.sha256(json.dumps({
         "weights": weights, "component": comp.name, "opset": OPSET,
         "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)], "variant": comp.variant,

@@ -44,7 +44,8 @@ def tiny(tmp_path_factory):
     comp = {c.name: c for c in loaded.family.components(loaded.config)}["decoder"]
     module = comp.extract(loaded.hf_model)
     work = tmp_path_factory.mktemp("fp16")
-    export.export_component(module, comp, comp.dummy_inputs(loaded, 2, np.random.default_rng(0)), work / "raw.onnx")
+    example = comp.dummy_inputs(loaded, 2, np.random.default_rng(0))
+    export.export_cached(module, comp, example, work / "raw.onnx", export.cache_key(loaded, comp))  # builds' export
     mlp = gemma3._parts(loaded.hf_model)[0].layers[0].mlp
     peaks = {}  # max |output| of layer 0's up_proj and down_proj in torch fp32
 

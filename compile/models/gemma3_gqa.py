@@ -100,6 +100,26 @@ def gqa(q, k, v, past_k, past_v, seqlens_k, total, qlens, cos, sin, heads: int, 
         attrs, dtypes=[q.dtype, past_k.dtype, past_v.dtype], shapes=[q.shape, past_k.shape, past_v.shape], version=1)
 
 
+def _image_rows_attention(out, q, k, v, rows, bias, cos, sin, scale):
+    """Attention of a prompt's image rows over the step's own keys with the runtime's bidirectional mask `bias`
+    (batch 1, empty cache: positions are row numbers). q [b, s, heads, d], k [b, s, kv_heads, d], v [b, s, kv * d]."""
+    import torch
+
+    b, s, heads, d = q.shape
+    kv_heads = k.shape[2]
+    c, sn = cos[:s][:, None], sin[:s][:, None]
+    qi = rotate(q, c, sn).index_select(1, rows).reshape(b, -1, kv_heads, heads // kv_heads, d).permute(0, 2, 3, 1, 4)
+    kt = rotate(k, c, sn).permute(0, 2, 3, 1).unsqueeze(2)  # [b, kv, 1, d, s]
+    scores = (qi @ kt) * scale + bias
+    vv = v.view(b, s, kv_heads, d).permute(0, 2, 1, 3).unsqueeze(2)
+    rows_out = (torch.softmax(scores, -1) @ vv).permute(0, 3, 1, 2, 4).reshape(b, -1, heads * d)
+    return out.index_copy(1, rows, rows_out)
+
+
+def _unchanged(out, q, k, v, rows, bias, cos, sin, scale):
+    return out.clone()
+
+
 def top_candidates(logits, k: int, group: int = 8):
     """Indices of the k highest logits (in no order), as topk, at half its cost on a 262k vocabulary.
 
@@ -140,6 +160,8 @@ def _decoder(model, context: int, rescore: int = 0):
                     image_bias, past):
             b, s, _ = inputs_embeds.shape
             h = inputs_embeds
+            scale = torch.full((), float(self.lm.layers[0].self_attn.scaling))  # the same in every layer
+            biases = {False: image_bias[0], True: image_bias[1]}  # global, sliding
             presents = []
             for i, layer in enumerate(self.lm.layers):
                 attn, sliding = layer.self_attn, kinds[i] == "sliding_attention"
@@ -154,22 +176,11 @@ def _decoder(model, context: int, rescore: int = 0):
                                   past[2 * i + 1], seqlens_k, total_sequence_length, query_seqlens, cos, sin, heads,
                                   kv_heads, float(attn.scaling), tcfg.sliding_window if sliding else -1, sliding)
 
-                def image_rows_attention(out, q, k, v, rows, bias, cos=cos, sin=sin, sliding=sliding, attn=attn):
-                    # batch 1, empty cache: positions are row numbers; keys are this step's own
-                    c, sn = cos[:s][:, None], sin[:s][:, None]
-                    rep = heads // kv_heads
-                    qi = rotate(q, c, sn).index_select(1, rows).reshape(b, -1, kv_heads, rep, d).permute(0, 2, 3, 1, 4)
-                    kt = rotate(k, c, sn).permute(0, 2, 3, 1).unsqueeze(2)  # [b, kv, 1, d, s]
-                    scores = (qi @ kt) * attn.scaling + bias[int(sliding)]
-                    vv = v.view(b, s, kv_heads, d).permute(0, 2, 1, 3).unsqueeze(2)
-                    rows_out = (torch.softmax(scores, -1) @ vv).permute(0, 3, 1, 2, 4).reshape(b, -1, heads * d)
-                    return out.index_copy(1, rows, rows_out)
-
-                def unchanged(out, q, k, v, rows, bias):
-                    return out.clone()
-
-                out = torch.cond(image_rows.shape[0] > 0, image_rows_attention, unchanged,
-                                 (out, q, k, v, image_rows, image_bias))
+                # One branch function for every layer, its per-layer values passed as operands: the exporter
+                # traces a torch.cond's branches with dynamo, which then reuses one trace for all layers instead of
+                # retracing a closure per layer (most of an export's time otherwise).
+                out = torch.cond(image_rows.shape[0] > 0, _image_rows_attention, _unchanged,
+                                 (out, q, k, v, image_rows, biases[sliding], cos, sin, scale))
                 h = residual + layer.post_attention_layernorm(attn.o_proj(out))
                 h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
                 presents += [pk, pv]
