@@ -176,9 +176,9 @@ def _decoder(model, context: int, rescore: int = 0):
                                   past[2 * i + 1], seqlens_k, total_sequence_length, query_seqlens, cos, sin, heads,
                                   kv_heads, float(attn.scaling), tcfg.sliding_window if sliding else -1, sliding)
 
-                # One branch function for every layer, its per-layer values passed as operands: the exporter
-                # traces a torch.cond's branches with dynamo, which then reuses one trace for all layers instead of
-                # retracing a closure per layer (most of an export's time otherwise).
+                # The exporter traces each torch.cond's branches with dynamo: module-level functions whose per-layer
+                # values come as tensor operands trace faster than a closure per layer over its modules (a tiny
+                # decoder's export: 41 s with closures, 25 s so).
                 out = torch.cond(image_rows.shape[0] > 0, _image_rows_attention, _unchanged,
                                  (out, q, k, v, image_rows, biases[sliding], cos, sin, scale))
                 h = residual + layer.post_attention_layernorm(attn.o_proj(out))
