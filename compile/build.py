@@ -337,10 +337,10 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
         log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
 
     step(f"{cp.name}: reference outputs")
-    ref_cases = {}
+    ref_cases, ref_module = {}, comp.reference_module(loaded.hf_model)
     with torch.no_grad():
         for case, feeds in comp.golden_inputs(loaded).items():
-            ref = comp.reference(module(*export.module_args(module, comp, feeds)))
+            ref = comp.reference(ref_module(*export.module_args(ref_module, comp, feeds)))
             ref_cases[case] = {"in": feeds, "ref": ref}
             for kind, arrays in (("in", feeds), ("ref", ref)):
                 for name, arr in arrays.items():

@@ -42,6 +42,13 @@ class ComponentSpec:
     gated_outputs: tuple[str, ...] | None = None
     # Build settings baked into the graph (e.g. the decoder's attention form and context): part of its identity.
     variant: dict = field(default_factory=dict)
+    # HF model -> the module the fidelity gate compares against; None: `extract`'s. A graph that skips work whose
+    # result HF throws away (the text encoder runs its last layer for the pooled token only) names HF's own
+    # computation here, so the gate checks the skipping too.
+    reference_extract: Callable[[Any], Any] | None = None
+
+    def reference_module(self, hf_model):
+        return (self.reference_extract or self.extract)(hf_model)
 
     def reference(self, outputs) -> dict[str, np.ndarray]:
         """The torch module's outputs (a tensor or tuple) as the gate's reference arrays, gated outputs only."""

@@ -688,7 +688,7 @@ class StreamedBuild:
                 resident.enter_context(self.weights.resident(module))
                 export.export_component(module, comp, example, raw)
             step(f"{cp.name}: reference outputs (bounded memory)")
-            ref_cases = self.reference(comp, module)
+            ref_cases = self.reference(comp, comp.reference_module(loaded.hf_model))
             if "int8-static-qdq" in cp.methods:
                 step(f"{cp.name}: calibration data")
                 calibration = comp.calibration(loaded, opts.calibration)
@@ -740,7 +740,8 @@ class StreamedBuild:
             "chat_template": loaded.chat_template, "special_ids": loaded.special_ids,
             "versions": [metadata.version(p) for p in ("torch", "transformers", "numpy")],
         }, sort_keys=True, default=str).encode())
-        for f in sorted({inspect.getsourcefile(comp.golden_inputs), inspect.getsourcefile(comp.extract),
+        for f in sorted({inspect.getsourcefile(comp.golden_inputs),
+                         inspect.getsourcefile(comp.reference_extract or comp.extract),
                          str(loaded.tokenizer_file)}):
             h.update(Path(f).read_bytes())
         return Path.home() / ".cache" / "medc" / "reference" / f"{loaded.spec.name}-{comp.name}-{h.hexdigest()[:24]}.npz"

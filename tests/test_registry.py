@@ -89,3 +89,25 @@ def test_dry_run_plan(name):
     assert "fidelity gate" in plan.render()
     if name == "medgemma-4b-pt":
         assert spec.chat_template is None
+
+
+def test_text_encoder_skips_only_discarded_work():
+    """The exported text encoder runs its last layer for the pooled (last) position only; on MedSigLIP-448's text
+    shapes (2 of its 27 layers, random weights) it gives HF's embedding for real prompts and random ids."""
+    spec = MODELS["medsiglip-448"]
+    cfg = dict(spec.config, text_config={**spec.config["text_config"], "num_hidden_layers": 2})
+    cfg["vision_config"] = {**spec.config["vision_config"], "num_hidden_layers": 1}
+    torch.manual_seed(0)
+    model = loader._hf_class(spec.family)(loader._config_from_dict(spec.family, cfg)).eval()
+    loader.randomize_(model, seed=0)
+    comp = {c.name: c for c in spec.family.components(model.config)}["text_encoder"]
+    assert comp.reference_extract is not None and comp.reference_extract is not comp.extract
+    ids = torch.from_numpy(np.random.default_rng(0).integers(2, cfg["text_config"]["vocab_size"], (3, 64)))
+    with torch.no_grad():
+        ours, hf = comp.extract(model)(ids), comp.reference_module(model)(ids)
+        hf_direct = model.get_text_features(input_ids=ids)
+    hf_direct = getattr(hf_direct, "pooler_output", hf_direct)
+    assert ours.shape == (3, 1152)
+    assert torch.allclose(hf, hf_direct / hf_direct.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert (ours - hf).abs().max().item() < 1e-5
+    assert torch.nn.functional.cosine_similarity(ours, hf).min().item() > 0.999999
