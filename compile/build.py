@@ -321,6 +321,7 @@ class _Prepared:
     # Streamed components (compile/stream.py): (method, work) -> (graph, quantization record, optimisations),
     # optimised and converted while the weights are read; None: optimise + convert the raw export.
     produce: Callable | None = None
+    export_key: str | None = None  # the raw export's cache key: its optimised forms are cached under it too
 
 
 def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, golden: dict, step) -> _Prepared:
@@ -332,8 +333,8 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
     module = comp.extract(loaded.hf_model)
     example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
     step(f"{cp.name}: export")
-    raw = work / f"{cp.name}.raw.onnx"
-    if export.export_cached(module, comp, example, raw, export.cache_key(loaded, comp)):
+    raw, key = work / f"{cp.name}.raw.onnx", export.cache_key(loaded, comp)
+    if export.export_cached(module, comp, example, raw, key):
         log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
 
     step(f"{cp.name}: reference outputs")
@@ -349,7 +350,7 @@ def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, gol
     if "int8-static-qdq" in cp.methods:
         step(f"{cp.name}: calibration data")
         calibration = comp.calibration(loaded, opts.calibration)
-    return _Prepared(raw, example, ref_cases, calibration)
+    return _Prepared(raw, example, ref_cases, calibration, export_key=key)
 
 
 def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, stage: Path, work: Path,
@@ -363,7 +364,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         if optimizer not in graphs:
             step(f"{cp.name}: optimise ({optimizer})")
             path = work / f"{cp.name}.{optimizer}.onnx"
-            graphs[optimizer] = (path, optimize.optimize(prep.raw, path, optimizer))
+            graphs[optimizer] = (path, optimize.optimize_cached(prep.raw, path, optimizer, prep.export_key))
         return graphs[optimizer]
 
     tol = comp.tolerances[cp.precision]

@@ -105,11 +105,19 @@ def _fingerprint(path: Path) -> list:
 def export_cached(module, comp: ComponentSpec, example: dict[str, np.ndarray], path: Path, key: str | None) -> bool:
     """`export_component`, reusing ~/.cache/medc/exports/KEY when a previous build exported the same thing (a
     build of another precision from the same checkpoint skips the minute-long export). True on a cache hit."""
+    hit, _ = cached(key, path, lambda: export_component(module, comp, example, path))
+    return hit
+
+
+def cached(key: str | None, path: Path, make) -> tuple[bool, dict | None]:
+    """Run `make()`, which writes the graph `path` (and `path.data`) and returns a JSON record or None, unless
+    ~/.cache/medc/exports/KEY holds its result from an earlier build: then link or copy that in. KEY None: no
+    caching. Returns (cache hit, the record)."""
+    import json
     import shutil
 
     if key is None:
-        export_component(module, comp, example, path)
-        return False
+        return False, make()
     cache = Path.home() / ".cache" / "medc" / "exports" / key
     # Files keep the exported names: a graph with external data refers to its .data file by name.
     names = [path.name, path.name + ".data"]
@@ -117,16 +125,19 @@ def export_cached(module, comp: ComponentSpec, example: dict[str, np.ndarray], p
         for n in names:
             if (cache / n).is_file():
                 _link_or_copy(cache / n, path.with_name(n))
-        return True
-    export_component(module, comp, example, path)
+        record = cache / "record.json"
+        return True, json.loads(record.read_text()) if record.is_file() else None
+    record = make()
     tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for n in names:
         if path.with_name(n).is_file():
             shutil.copyfile(path.with_name(n), tmp / n)
+    if record is not None:
+        (tmp / "record.json").write_text(json.dumps(record))
     shutil.rmtree(cache, ignore_errors=True)
     os.replace(tmp, cache)
-    return False
+    return False, record
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

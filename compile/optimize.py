@@ -79,6 +79,30 @@ def optimize(src: Path, dst: Path, optimizer: str = "xformers", isolate: bool | 
             "nodes_after": sum(after.values()), "ops_after": dict(sorted(after.items()))}
 
 
+def optimize_cached(src: Path, dst: Path, optimizer: str, export_key: str | None) -> dict:
+    """`optimize`, reused from ~/.cache/medc/exports when the same export was optimised the same way before (the
+    270M decoder's xformers pass takes ~30 s, and every build of another precision repeats it). The key adds the
+    optimiser, this file and the rewriters' versions to the export's key; no export key, no caching."""
+    import hashlib
+    from importlib import metadata
+
+    import onnxruntime  # onnxruntime or onnxruntime-gpu, one module name: its own version, not a package's
+
+    key = None
+    if export_key is not None:
+        h = hashlib.sha256(f"{export_key}/{optimizer}/{dst.name}".encode())
+        h.update(Path(__file__).read_bytes())
+        versions = [metadata.version(p) for p in ("onnxscript", "onnx_ir", "onnx")] + [onnxruntime.__version__]
+        h.update(str(versions).encode())
+        key = f"{export_key}-opt-{h.hexdigest()[:16]}"
+    from medc.compile.export import cached
+
+    hit, record = cached(key, dst, lambda: optimize(src, dst, optimizer))
+    if hit:
+        log.info("optimised %s with %s: reused from ~/.cache/medc/exports", src.name, optimizer)
+    return record
+
+
 def _op_counts(path: Path) -> Counter:
     import onnx
 

@@ -79,3 +79,36 @@ def test_golden_holds_real_inputs(bundle_fp32):
     real = golden["image_encoder/real_images_b3/in/pixel_values"]
     assert real.shape == (3, 3, 224, 224) and real.std() > 0.1
     assert golden["image_encoder/real_images_b3/ref/image_embeds"].shape == (3, 64)
+
+
+def test_optimised_graph_cached_under_its_export(tmp_path, monkeypatch, caplog):
+    """A build of another precision reuses the optimised graph (the 270M decoder's pass: ~30 s): the same bytes and
+    record as optimising again; a different export key or optimiser misses; no key, no cache."""
+    import logging
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from medc.compile import optimize
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8])], [w])
+    raw = tmp_path / "raw.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), raw)
+    caplog.set_level(logging.INFO, logger="medc.compile.optimize")
+    first = optimize.optimize_cached(raw, tmp_path / "a.xformers.onnx", "xformers", "k1")
+    assert "reused" not in caplog.text
+    (tmp_path / "b").mkdir()
+    again = optimize.optimize_cached(raw, tmp_path / "b" / "a.xformers.onnx", "xformers", "k1")
+    assert "reused from ~/.cache/medc/exports" in caplog.text
+    assert again == first and first["nodes_after"] == 2
+    assert (tmp_path / "b" / "a.xformers.onnx").read_bytes() == (tmp_path / "a.xformers.onnx").read_bytes()
+    cached = sorted(p.name for p in (tmp_path / "home" / ".cache" / "medc" / "exports").iterdir())
+    assert len(cached) == 1 and cached[0].startswith("k1-opt-")
+    optimize.optimize_cached(raw, tmp_path / "a.none.onnx", "none", "k1")  # another optimiser: its own entry
+    optimize.optimize_cached(raw, tmp_path / "c.xformers.onnx", "xformers", None)  # no export key: not cached
+    assert len(list((tmp_path / "home" / ".cache" / "medc" / "exports").iterdir())) == 2
