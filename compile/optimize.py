@@ -88,6 +88,8 @@ def optimize_cached(src: Path, dst: Path, optimizer: str, export_key: str | None
 
     import onnxruntime  # onnxruntime or onnxruntime-gpu, one module name: its own version, not a package's
 
+    from medc.compile.export import cached
+
     key = None
     if export_key is not None:
         h = hashlib.sha256(f"{export_key}/{optimizer}/{dst.name}".encode())
@@ -95,8 +97,6 @@ def optimize_cached(src: Path, dst: Path, optimizer: str, export_key: str | None
         versions = [metadata.version(p) for p in ("onnxscript", "onnx_ir", "onnx")] + [onnxruntime.__version__]
         h.update(str(versions).encode())
         key = f"{export_key}-opt-{h.hexdigest()[:16]}"
-    from medc.compile.export import cached
-
     hit, record = cached(key, dst, lambda: optimize(src, dst, optimizer))
     if hit:
         log.info("optimised %s with %s: reused from ~/.cache/medc/exports", src.name, optimizer)

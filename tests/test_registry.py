@@ -93,7 +93,7 @@ def test_dry_run_plan(name):
 
 def test_text_encoder_skips_only_discarded_work():
     """The exported text encoder runs its last layer for the pooled (last) position only; on MedSigLIP-448's text
-    shapes (2 of its 27 layers, random weights) it gives HF's embedding for real prompts and random ids."""
+    shapes (2 of its 27 layers, random weights) it gives HF's embedding for random token ids."""
     spec = MODELS["medsiglip-448"]
     cfg = dict(spec.config, text_config={**spec.config["text_config"], "num_hidden_layers": 2})
     cfg["vision_config"] = {**spec.config["vision_config"], "num_hidden_layers": 1}

@@ -82,7 +82,7 @@ def _pooled_token_layer(layer, x):
     import torch.nn.functional as F
 
     attn = layer.self_attn
-    batch, length, dim = x.shape
+    batch, _, dim = x.shape
     h = layer.layer_norm1(x)
 
     def heads(t):  # [B, T, D] -> [B, heads, T, head_dim]
