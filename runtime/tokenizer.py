@@ -41,12 +41,13 @@ class SiglipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         # As HF: prefix the SentencePiece word marker, canonicalise, then encode "<unk>" + text and drop the unk
-        # pieces (so SentencePiece adds no dummy prefix of its own).
+        # pieces (so SentencePiece adds no dummy prefix of its own). HF maps pieces to ids one by one; asking
+        # SentencePiece for ids gives the same ids (an unknown piece is the unk id either way) in a sixth of the
+        # time. (Its list form is slower still for one text: ~40 us to set up its thread pool per call.)
         text = self.canonicalize(_WORD + text.replace(_WORD, " "))
-        pieces = self.sp.encode(self._unk + text, out_type=str)
-        pieces = pieces[self._unk_len:] if len(pieces) >= self._unk_len else pieces
-        ids = [self.sp.piece_to_id(p) for p in pieces][: self.max_length - 1]
-        return ids + [self.eos_id]
+        ids = self.sp.encode(self._unk + text, out_type=int)
+        ids = ids[self._unk_len:] if len(ids) >= self._unk_len else ids
+        return ids[: self.max_length - 1] + [self.eos_id]
 
     def __call__(self, texts: list[str], lengths: bool = False):
         """Texts -> int64 [N, max_length], padded with the pad id (SigLIP was trained with max-length padding);

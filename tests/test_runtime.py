@@ -16,7 +16,7 @@ from medc.runtime.preprocess import ImagePreprocessing
 from medc.runtime.tokenizer import SiglipTokenizer
 
 TEXTS = ["A chest X-ray showing Pneumothorax!", "no   acute   findings.", "Cardiomegaly; pleural effusion (left)",
-         "", "ÉDEMA pulmonar", "x" * 300]
+         "", "ÉDEMA pulmonar", "x" * 300, "▁marker  and\ttabs", "ß 肺 🧪?"]
 
 
 def _hf_processor(config: dict):

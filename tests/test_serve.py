@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -409,7 +410,13 @@ def test_misc_routes_and_metrics(server):
     assert httpx.get(u + "/health").json() == {"status": "ok"}
     assert httpx.get(u + "/ready").json()["models"] == ["medsiglip-tiny", "medgemma-tiny"]
     assert _is_error(httpx.get(u + "/nope"), 404)["code"] == "not_found"
-    assert _is_error(httpx.delete(u + "/v1/models"), 405)
+    r = httpx.delete(u + "/v1/models")
+    assert _is_error(r, 405)["code"] == "method_not_allowed" and r.headers["allow"] == "GET, HEAD"
+    assert httpx.get(u + "/v1/models/").json()["data"][0]["id"] == "medsiglip-tiny"  # a trailing slash: same route
+    r = httpx.head(u + "/health")
+    assert r.status_code == 200 and r.content == b"" and r.headers["content-type"] == "application/json"
+    rids = {httpx.get(u + "/health").headers["x-request-id"] for _ in range(3)}
+    assert len(rids) == 3 and all(re.fullmatch(r"[0-9a-f]{16}", rid) for rid in rids)
     r = httpx.options(u + "/v1/embeddings", headers={"Origin": "https://evil.example",
                                                      "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in r.headers  # CORS off
@@ -422,6 +429,16 @@ def test_misc_routes_and_metrics(server):
                    'medc_generated_tokens_total{model="medgemma-tiny"}', 'medc_images_encoded_total{model=',
                    'medc_queue_depth{model="medgemma-tiny",queue="chat"} 0', "medc_active_generations"):
         assert needle in text, needle
+
+    def encoder_counts():  # (calls, items) of the text encoder
+        text = httpx.get(u + "/metrics").text
+        return tuple(int(re.search(rf'{name}{{model="medsiglip-tiny",queue="text"}} (\d+)', text).group(1))
+                     for name in ("medc_encoder_calls_total", "medc_encoder_items_total"))
+
+    before = encoder_counts()
+    assert httpx.post(u + "/v1/embeddings", json={"input": ["a", "b", "c", "d", "e"]}).status_code == 200
+    after = encoder_counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 5)  # five texts of one request: one encoder call
 
 
 def test_no_content_in_logs(server, real_images, caplog):
