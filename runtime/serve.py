@@ -253,8 +253,10 @@ async def read_json(request, limit: int) -> dict:
     except orjson.JSONDecodeError:
         try:  # what orjson refuses but Python's json reads: integers past 64 bits, NaN; a range check then names them
             data = json.loads(body)
+            json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate (\ud800) would fail every later encode
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...]]]]
-            raise ApiError(400, "the request body is not valid JSON.", "invalid_json") from None
+            raise ApiError(400, "the request body is not valid JSON (or holds a lone UTF-16 surrogate escape).",
+                           "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object.", "invalid_json")
     return data

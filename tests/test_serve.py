@@ -357,7 +357,7 @@ def _fuzz_cases() -> list[tuple[str, bytes | dict]]:
         "/v1/classify": {"model": "medsiglip-tiny", "images": [png], "labels": ["a", "b"]},
     }
     weird = [None, True, False, 0, -1, 1.5, 10**30, -10**30, float("nan"), "", "x" * 300, [], [None], [1, 2], {},
-             {"a": 1}, [[[]]], "\u0000\ud7ff", 2**64]
+             {"a": 1}, [[[]]], "\u0000\ud7ff", 2**64, "\ud800", ["\udfff x"]]
     cases = []
     for route, body in valid.items():
         for key in body:
