@@ -364,7 +364,8 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         if optimizer not in graphs:
             step(f"{cp.name}: optimise ({optimizer})")
             path = work / f"{cp.name}.{optimizer}.onnx"
-            graphs[optimizer] = (path, optimize.optimize_cached(prep.raw, path, optimizer, prep.export_key))
+            graphs[optimizer] = (path, optimize.optimize_cached(prep.raw, path, optimizer, prep.export_key,
+                                                                optimize.split_for(target)))
         return graphs[optimizer]
 
     tol = comp.tolerances[cp.precision]

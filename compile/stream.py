@@ -300,9 +300,11 @@ def export_weightless(module, comp, example: dict[str, np.ndarray], model) -> We
 
 
 # -- optimise and convert, a weight at a time -------------------------------------------------------------------------
-def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: str, options: dict) -> tuple[dict, dict]:
-    """Optimise the weightless graph as the normal path would, then write `dst` (+ `dst.data`) reading one weight
-    at a time. Returns (quantization record, optimisation record) for the manifest."""
+def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: str, options: dict,
+                    split: bool = False) -> tuple[dict, dict]:
+    """Optimise the weightless graph as the normal path would (split: CPU targets' unfused residual-add norms,
+    optimize.split_for), then write `dst` (+ `dst.data`) reading one weight at a time. Returns (quantization
+    record, optimisation record) for the manifest."""
     import onnx
     import onnx_ir as ir
 
@@ -314,7 +316,7 @@ def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: s
             value.const_value = ir.Tensor(source.get(name, _stored_shape(value, False)).numpy(), name=init)
             del names[init]
     before = graph.num_nodes()
-    fused = _optimise(model, optimizer)
+    fused = _optimise(model, optimizer, split)
     names = _fold_transposes(graph, names)
     ops = {}
     for node in graph:
@@ -333,7 +335,7 @@ def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: s
     return record, optimizations
 
 
-def _optimise(model, optimizer: str) -> dict[str, int]:
+def _optimise(model, optimizer: str, split: bool = False) -> dict[str, int]:
     """What export(optimize=True) then optimize.OPTIMIZERS[optimizer] do, on a graph without weight values."""
     import onnxscript.optimizer
 
@@ -351,6 +353,10 @@ def _optimise(model, optimizer: str) -> dict[str, int]:
         from onnxscript.rewriter.ort_fusions._core import fuse_xformers
 
         _, counts = fuse_xformers(model)
+        if split:
+            from medc.compile.optimize import split_skip_norms
+
+            counts["skip_norms_split"] = split_skip_norms(model)
         onnxscript.optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
         return {k: int(v) for k, v in counts.items() if v}
     finally:
@@ -670,9 +676,10 @@ class StreamedBuild:
         return not comp.static_int8 and set(cp.methods) <= {"weight-only"}
 
     def prepare(self, cp, comp, opts, work: Path, golden: dict, step):
-        from medc.compile import export
+        from medc.compile import export, optimize
         from medc.compile.build import _Prepared
         from medc.runtime.verify import golden_key
+        from medc.targets import get_target
 
         loaded = self.loaded
         module = comp.extract(loaded.hf_model)
@@ -682,7 +689,8 @@ class StreamedBuild:
             if self.streams(cp, comp):
                 step(f"{cp.name}: export without weights (streamed)")
                 weightless = export_weightless(module, comp, example, loaded.hf_model)
-                produce = _Producer(weightless, self.source, cp, opts.optimizer)
+                produce = _Producer(weightless, self.source, cp, opts.optimizer,
+                                    optimize.split_for(get_target(opts.target)))
             else:  # small enough for the normal path: its weights are resident until its reference is done
                 step(f"{cp.name}: export")
                 resident.enter_context(self.weights.resident(module))
@@ -758,11 +766,12 @@ class StreamedBuild:
 class _Producer:
     """build._Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations)."""
 
-    def __init__(self, weightless: Weightless, source, cp, optimizer: str):
-        self.weightless, self.source, self.cp, self.optimizer = weightless, source, cp, optimizer
+    def __init__(self, weightless: Weightless, source, cp, optimizer: str, split: bool = False):
+        self.weightless, self.source, self.cp, self.optimizer, self.split = weightless, source, cp, optimizer, split
 
     def __call__(self, method: str, work: Path):
         dst = work / f"stream-{self.cp.name}-{method}" / self.cp.file
         optimizer = self.cp.optimizer or self.optimizer
-        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method, self.cp.options)
+        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method, self.cp.options,
+                                                self.split)
         return dst, record, optimizations

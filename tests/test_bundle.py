@@ -112,3 +112,5 @@ def test_optimised_graph_cached_under_its_export(tmp_path, monkeypatch, caplog):
     optimize.optimize_cached(raw, tmp_path / "a.none.onnx", "none", "k1")  # another optimiser: its own entry
     optimize.optimize_cached(raw, tmp_path / "c.xformers.onnx", "xformers", None)  # no export key: not cached
     assert len(list((tmp_path / "home" / ".cache" / "medc" / "exports").iterdir())) == 2
+    optimize.optimize_cached(raw, tmp_path / "a.xformers.onnx", "xformers", "k1", split=True)  # CPU form: its own
+    assert len(list((tmp_path / "home" / ".cache" / "medc" / "exports").iterdir())) == 3

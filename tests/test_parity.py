@@ -58,6 +58,10 @@ def test_manifest_records_gate(request, precision):
         # int8 starts from a graph with attention left as MatMuls, so those MatMuls are quantised too
         assert c.optimizations["optimizer"] == ("ort-transformers" if precision == "int8" else "xformers")
         assert c.optimizations["fused"], "no fusion recorded"
+        # CPU targets keep the residual-add norms unfused (ORT's CPU Skip*Norm kernels are the slower form); the
+        # CUDA target of the fp16 bundle keeps the fused kernel.
+        skip = c.optimizations["ops_after"].get("SkipLayerNormalization", 0)
+        assert (skip > 0) if precision == "fp16" else (skip == 0 and c.optimizations["ops_after"]["LayerNormalization"])
 
 
 def test_fp32_gate_uses_real_images(bundle_fp32):
@@ -139,3 +143,41 @@ def test_isolated_conversion_equals_in_process(bundle_fp32, tmp_path):
     info = quantize.convert("int8-dynamic", src, tmp_path / "qb.onnx", isolate=True)
     assert info["method"] == "int8-dynamic"
     assert (tmp_path / "qa.onnx").read_bytes() == (tmp_path / "qb.onnx").read_bytes()
+
+
+def test_split_skip_norms_matches_the_fused_ops():
+    """optimize.split_skip_norms: both ONNX Runtime skip norms (with beta, bias and the residual-sum output used
+    downstream and as a graph output) become Add + the plain norm, with the same outputs on ONNX Runtime."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from medc.compile.optimize import split_skip_norms
+
+    rng = np.random.default_rng(7)
+    d = 48
+    w = {n: numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), n) for n in ("g1", "b1", "bias", "g2")}
+    nodes = [
+        helper.make_node("SkipLayerNormalization", ["x", "skip", "g1", "b1", "bias"], ["n1", "", "", "s1"],
+                         domain="com.microsoft", epsilon=1e-6),
+        helper.make_node("SkipSimplifiedLayerNormalization", ["n1", "s1", "g2"], ["n2", "", "", "s2"],
+                         domain="com.microsoft", epsilon=1e-5),
+        helper.make_node("Mul", ["n2", "s2"], ["y"]),
+    ]
+    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", "s", d])  # noqa: E731
+    proto = helper.make_model(helper.make_graph(nodes, "g", [vi("x"), vi("skip")], [vi("y"), vi("s1")], list(w.values())),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = ir.serde.deserialize_model(proto)
+    assert split_skip_norms(model) == 2
+    split = ir.serde.serialize_model(model)
+    ops = [n.op_type for n in split.graph.node]
+    assert ops.count("Add") == 3 and "LayerNormalization" in ops and "SimplifiedLayerNormalization" in ops
+    assert not any(op.startswith("Skip") for op in ops)
+    feeds = {"x": rng.standard_normal((2, 5, d)).astype(np.float32),
+             "skip": rng.standard_normal((2, 5, d)).astype(np.float32)}
+    import onnxruntime as ort
+
+    outs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y", "s1"], feeds)
+            for m in (proto, split)]
+    for fused, unfused in zip(*outs):
+        np.testing.assert_allclose(unfused, fused, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[1][1], feeds["x"] + feeds["skip"] + numpy_helper.to_array(w["bias"]), atol=1e-6)
