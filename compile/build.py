@@ -128,8 +128,9 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
         options = {}
         if c.parts:  # weight-only conversion of a decoder: its lm_head's precision and the weight format
             options = {"precision": p, **{part: recipe.precisions[part] for part in c.parts},
-                       "format": "qdq" if flavour == "portable" else "nbits", **recipe.options,
-                       **({"rescore": graph["rescore"]} if graph.get("rescore") else {})}
+                       "format": "qdq" if flavour == "portable" else "nbits", **recipe.options}
+            if graph.get("attention") == "gqa" and recipe.precisions.get("lm_head") == "int4":
+                options["rescore"] = int(recipe.options.get("lm_head_rescore", DEFAULT_RESCORE))
         methods = _methods(p, target, c)
         if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
             methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
@@ -156,13 +157,10 @@ def _graph_settings(comps, recipe, flavour: str, target, opts, hf_config) -> dic
     from medc.compile.models.gemma3 import default_context
 
     attention = attention_form(flavour, target, recipe.precisions[decoder.name])
-    graph = {"attention": attention, "context": opts.context or default_context(hf_config)}
-    if attention == "gqa" and recipe.precisions.get("lm_head") == "int4":
-        graph["rescore"] = int(recipe.options.get("lm_head_rescore", DEFAULT_RESCORE))
-    return graph
+    return {"attention": attention, "context": opts.context or default_context(hf_config)}
 
 
-DEFAULT_RESCORE = 1024  # an int4 lm_head's logits recomputed from int8 rows (compile/models/gemma3_gqa.py)
+DEFAULT_RESCORE = 1024  # an int4 lm_head's logits recomputed from int8 rows (quantize.add_rescoring)
 
 
 def attention_form(flavour: str, target, decoder_precision: str) -> str:

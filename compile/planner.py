@@ -224,8 +224,8 @@ def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int, attention: str
 
 
 def _rescore_rows(cfg: dict, recipe: dict, options: dict) -> int:
-    """An int4 lm_head's int8 copy for rescoring (gemma3_gqa.py): V x H bytes + an fp32 scale per 32. Memory only:
-    a step reads the rows of its top candidates."""
+    """An int4 lm_head's int8 copy for rescoring (quantize.add_rescoring): V x H bytes + an fp32 scale per 32.
+    Memory only: a step reads the rows of its top candidates."""
     from medc.compile.build import DEFAULT_RESCORE
 
     if recipe.get("lm_head") != "int4" or not int(options.get("lm_head_rescore", DEFAULT_RESCORE)):

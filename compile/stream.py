@@ -425,12 +425,7 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
         nodes = matmuls.get(init, [])
         prec = chosen(init) if nodes and weight_only else "fp32"
         w = source.get(name, _stored_shape(value, transposed)).numpy()
-        gathers = [u.node for u in value.uses() if u.node.op_type == "Gather" and u.idx == 0]
-        if weight_only and not qdq and not nodes and gathers and len(value.shape) == 2:  # the lm_head's rescoring rows
-            _write_int8_rows(graph, value, gathers, w.T if transposed else w, data)
-            graph.initializers.pop(init)
-            record["lm_head_rescore"] = quantize.rescore_record(options.get("rescore"))
-        elif prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
+        if prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
             bits, block = quantize.WEIGHT_ONLY[prec]
             block = int(options.get(f"{prec}_block_size", block))
             if qdq and bits == 8:
@@ -438,7 +433,12 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
             elif qdq:
                 form = _write_qdq(model, value, nodes, w, transposed, block, data)
             else:
-                form = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
+                form, new_nodes = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
+                if init == head and prec == "int4" and quantize.rescores(options):  # as quantize._weight_only
+                    rows, scales = _int8_table(graph, "lm_head.rows", w if transposed else w.T, data)
+                    quantize.add_rescoring(graph, new_nodes[0].outputs[0], new_nodes[0].inputs[0], rows, scales,
+                                           int(options["rescore"]))
+                    record["lm_head_rescore"] = quantize.rescore_record(options["rescore"])
             graph.initializers.pop(init)
             record["lm_head" if init == head else "weights" if prec == precision else f"weights_{prec}"] = form
         else:
@@ -482,9 +482,10 @@ def _kn_columns(w: np.ndarray, transposed: bool, n0: int, n1: int) -> np.ndarray
     return np.ascontiguousarray(w[n0:n1].T if transposed else w[:, n0:n1])
 
 
-def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int, block: int, data) -> str:
+def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int, block: int,
+                 data) -> tuple[str, list]:
     """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales[, zero_points]): DefaultWeightOnlyQuantizer's QOperator form,
-    int8 symmetric, int4 asymmetric (quantize.nbits_form)."""
+    int8 symmetric, int4 asymmetric (quantize.nbits_form). Returns that form and the new nodes."""
     import onnx_ir as ir
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
@@ -516,19 +517,22 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int
     if not symmetric:
         inputs.append(_initializer(graph, f"{value.name}_zero_points", data.add(
             f"{value.name}_zero_points", [zero_points], ir.DataType.UINT8, zero_points.shape)))  # as ORT's quantiser
+    made = []
     for node in nodes:
         new = ir.node("MatMulNBits", [node.inputs[0], *inputs], domain="com.microsoft",
                       attributes={"K": K, "N": N, "bits": bits, "block_size": block, "accuracy_level": 4},
                       name=f"{node.name}_Q{bits}" if node.name else None)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        made.append(new)
     graph.opset_imports.setdefault("com.microsoft", 1)
     from medc.compile import quantize
 
-    return quantize.nbits_form(bits, block)
+    return quantize.nbits_form(bits, block), made
 
 
-def _write_int8_rows(graph, value, gathers, w: np.ndarray, data) -> None:
-    """Gather(W, idx) -> GatherBlockQuantized(W int8, idx, scales): quantize._int8_gather_tables."""
+def _int8_table(graph, name: str, w: np.ndarray, data):
+    """A [V, H] table as GatherBlockQuantized's int8 rows and scales (quantize.int8_rows), written a slice of rows
+    at a time (MedGemma's is 2.7 GB in fp32)."""
     import onnx_ir as ir
 
     from medc.compile import quantize
@@ -537,20 +541,14 @@ def _write_int8_rows(graph, value, gathers, w: np.ndarray, data) -> None:
     scales = np.zeros((v, h // quantize.RESCORE_BLOCK), np.float32)
     step = max(1, CHUNK_BYTES // (4 * h))
 
-    def rows():  # a slice of rows at a time: MedGemma's table is 2.7 GB in fp32
+    def rows():
         for r in range(0, v, step):
             q, scales[r:r + step] = quantize.int8_rows(w[r:r + step])
             yield q
 
-    name = value.name
-    qv = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.UINT8, (v, h)))
-    sv = _initializer(graph, f"{name}_scales", data.add(f"{name}_scales", [scales], ir.DataType.FLOAT, scales.shape))
-    for node in gathers:
-        new = ir.node("GatherBlockQuantized", [qv, node.inputs[1], sv], domain="com.microsoft",
-                      attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": quantize.RESCORE_BLOCK, "bits": 8},
-                      name=f"{node.name}_int8" if node.name else None)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
-    graph.opset_imports.setdefault("com.microsoft", 1)
+    rows_value = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.UINT8, (v, h)))
+    return rows_value, _initializer(graph, f"{name}_scales", data.add(f"{name}_scales", [scales], ir.DataType.FLOAT,
+                                                                       scales.shape))
 
 
 def _write_int8_channels(graph, value, nodes, w: np.ndarray, transposed: bool, data) -> str:

@@ -123,3 +123,44 @@ def test_int4_lm_head_is_rescored(tmp_path):
     cos = float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref))
     assert cos > 0.99  # int8 decoder and (rescored) head on random weights
     assert gemma3.text_config(fp32.config).vocab_size < 1024
+
+
+@pytest.mark.parametrize("vocab, top_k", [(4096, 64), (100, 64)], ids=["two-stage", "one-topk"])
+def test_rescoring_recomputes_exactly_the_top_logits(vocab, top_k):
+    """quantize.add_rescoring on a graph whose head is coarse: the top_k logits by the coarse head, and only those,
+    become the int8 rows' dot products; the two-stage top-k picks the same set as one TopK over the vocabulary."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from medc.compile import quantize
+
+    rng = np.random.default_rng(0)
+    hidden_size = 64
+    w = rng.standard_normal((vocab, hidden_size)).astype(np.float32)
+    coarse = np.round(w * 2) / 2  # a head with int4-like error
+    x = ir.Value(name="hidden", shape=ir.Shape([2, 3, hidden_size]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 20}, name="head")
+    weight = quantize._constant(graph, "w", np.ascontiguousarray(coarse.T))
+    head = ir.node("MatMul", [x, weight], name="head")
+    graph.append(head)
+    logits = head.outputs[0]
+    logits.name = "logits"
+    graph.outputs.append(logits)
+    rows, scales = quantize.int8_rows(w)
+    quantize.add_rescoring(graph, logits, x, quantize._constant(graph, "rows", rows),
+                           quantize._constant(graph, "scales", scales), top_k)
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    h = rng.standard_normal((2, 3, hidden_size)).astype(np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"hidden": h})[0]
+    before = h @ coarse.T
+    exact = h @ (((rows.astype(np.int16) - 128).reshape(vocab, -1, quantize.RESCORE_BLOCK)
+                  * scales[..., None]).reshape(vocab, hidden_size)).T
+    k = min(top_k, vocab)
+    top = np.argsort(-before, axis=-1)[..., :k]
+    expected = before.copy()
+    np.put_along_axis(expected, top, np.take_along_axis(exact, top, -1), -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    changed = np.abs(got - before) > 1e-4
+    assert changed.sum(-1).max() <= k and changed.any()

@@ -35,10 +35,9 @@ def full():
     return loader.load("medgemma-tiny")
 
 
-# The decoder forms a build streams: the CPU target's (GroupQueryAttention, an int4 lm_head rescored from int8 rows)
-# and TensorRT's (explicit attention, standard ops).
-FORMS = {"gqa": {"attention": "gqa", "context": 64}, "gqa-rescored": {"attention": "gqa", "context": 64, "rescore": 16},
-         "explicit": {}}
+# The decoder forms a build streams: the CPU target's (GroupQueryAttention) and TensorRT's (explicit attention,
+# standard ops).
+FORMS = {"gqa": {"attention": "gqa", "context": 64}, "explicit": {}}
 
 
 def _decoder(loaded, form: str = "gqa"):
@@ -125,8 +124,8 @@ def _nodes(path) -> list:
 
 @pytest.mark.parametrize("form, options", [
     ("gqa", {**INT4, "lm_head": "int8"}),  # int4 projections (uint4 zero points), symmetric int8 lm_head
-    # int4 lm_head rescored from int8 rows, some projections int8
-    ("gqa-rescored", {**INT4, "int4_projections": ["q_proj", "k_proj", "o_proj"], "rescore": 16}),
+    # int4 lm_head rescored from int8 rows (two-stage top 16 of 384), some projections int8
+    ("gqa", {**INT4, "int4_projections": ["q_proj", "k_proj", "o_proj"], "rescore": 16}),
     ("explicit", {**INT4, "lm_head": "int8", "format": "qdq"}),  # portable: blocked int4, per-channel int8 DQ
 ], ids=["int4", "mixed-rescored", "portable"])
 def test_streamed_int4_decoder_is_the_quantisers(tmp_path, full, weightless, optimised, form, options):

@@ -287,15 +287,13 @@ DECODER_TOLERANCES = {**DEFAULT_TOLERANCES, "fp32": Tolerance(min_cosine=0.99999
 ATTENTION = ("explicit", "gqa")  # the decoder's attention form: this file's, or gemma3_gqa.py's (ORT flavour)
 
 
-def components(config, attention: str = "explicit", context: int | None = None,
-               rescore: int = 0) -> tuple[ComponentSpec, ...]:
+def components(config, attention: str = "explicit", context: int | None = None) -> tuple[ComponentSpec, ...]:
     """vision_encoder (multimodal models), embed_tokens and decoder. `attention` "gqa": the ORT-flavour decoder
-    (gemma3_gqa.py), whose cos/sin tables and cache are sized for `context` tokens, and whose int4 lm_head rescores
-    its top `rescore` logits."""
+    (gemma3_gqa.py), whose cos/sin tables and cache are sized for `context` tokens."""
     if attention == "gqa":
         from medc.compile.models import gemma3_gqa
 
-        return gemma3_gqa.components_for(config, context or default_context(config), rescore)
+        return gemma3_gqa.components_for(config, context or default_context(config))
     tcfg = text_config(config)
     layout = kv_layout(tcfg)
     past, present = [], []
@@ -341,7 +339,7 @@ def default_context(config) -> int:
     return min(4096, int(text_config(config).max_position_embeddings))
 
 
-def write_assets(loaded, out: Path, attention: str = "explicit", context: int | None = None, rescore: int = 0) -> dict:
+def write_assets(loaded, out: Path, attention: str = "explicit", context: int | None = None) -> dict:
     import shutil
 
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,8 @@ slot (0: idle); `seqlens_k` [B] tokens the slot holds after the step minus one; 
 `logits_index` [B, L] the rows whose logits are wanted (vocab is 262k: the last valid row when generating).
 The eager forward (used for the build's reference outputs) implements the operator's documented semantics in torch.
 
-An int4 lm_head (the vocabulary projection, most of the bytes and arithmetic of a decode step on small models) comes
-with *rescoring*: the `rescore` highest int4 logits are recomputed from an int8 copy of their rows (a
-GatherBlockQuantized, exact for weights that were int8 to begin with, like Gemma 3 270M's Q8_0 table), so every
-token that can win a greedy or top-k/top-p choice has int8-accurate logits, and only the tail of the softmax keeps
-int4 error. Measured on Gemma 3 270M (GPL-3 perplexity, lm_head alone): int4 +6.9%, with rescoring of the top
-1024 +0.1 to +0.3%; the int8 rows cost V x H bytes of memory but only K rows are read per token.
+An int4 lm_head gets its top logits rescored from int8 rows by the weight-only conversion, an edit of the converted
+graph (`medc.compile.quantize.add_rescoring`): the export is the same for every precision.
 """
 
 from __future__ import annotations
@@ -120,23 +116,7 @@ def _unchanged(out, q, k, v, rows, bias, cos, sin, scale):
     return out.clone()
 
 
-def top_candidates(logits, k: int, group: int = 8):
-    """Indices of the k highest logits (in no order), as topk, at half its cost on a 262k vocabulary.
-
-    ONNX Runtime's TopK costs ~1.4 ms for k = 1024 of 262144 on one core, ~6% of a Gemma 3 270M decode step: first
-    take the max of each group of 8 logits, keep the k best groups (TopK over V/8), then the k best of their 8k
-    logits. Exact: fewer than k groups can hold a logit above the k-th best, so its group is always kept."""
-    import torch
-
-    *lead, v = logits.shape
-    if v % group or v // group < k:
-        return logits.topk(min(k, v), dim=-1, sorted=False).indices
-    best = logits.view(*lead, v // group, group).amax(-1).topk(k, dim=-1, sorted=False).indices
-    cand = (best.unsqueeze(-1) * group + torch.arange(group)).flatten(-2)  # [..., k * group]
-    return cand.gather(-1, logits.gather(-1, cand).topk(k, dim=-1, sorted=False).indices)
-
-
-def _decoder(model, context: int, rescore: int = 0):
+def _decoder(model, context: int):
     import torch
 
     lm, head, _, _ = gemma3._parts(model)
@@ -186,11 +166,6 @@ def _decoder(model, context: int, rescore: int = 0):
                 presents += [pk, pv]
             h = self.lm.norm(h.gather(1, logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1])))
             logits = self.head(h)
-            if rescore:  # int4 lm_head: its top `rescore` logits recomputed from int8 rows (quantize.py)
-                top = top_candidates(logits, rescore)  # [b, L, K]
-                rows = torch.nn.functional.embedding(top, self.head.weight)  # a Gather: [b, L, K, H]
-                exact = (rows @ h.unsqueeze(-1)).squeeze(-1)
-                logits = logits.scatter(-1, top, exact)
             if tcfg.final_logit_softcapping is not None:
                 cap = tcfg.final_logit_softcapping
                 logits = torch.tanh(logits / cap) * cap
@@ -237,7 +212,7 @@ def _dummy(loaded, batch, rng, context):
     return feeds
 
 
-def _golden(loaded, context, rescore):
+def _golden(loaded, context):
     """Held-out steps, references from the eager forward: an image (or text) prompt prefilled from an empty slot;
     three text prompts prefilled together right-padded; then one decode step of those three slots."""
     import torch
@@ -250,7 +225,7 @@ def _golden(loaded, context, rescore):
     tcfg = gemma3.text_config(model.config)
     has_vision = gemma3._parts(model)[2] is not None
     assets = loaded.prompt_assets()
-    comp = {c.name: c for c in components_for(model.config, context, rescore)}["decoder"]
+    comp = {c.name: c for c in components_for(model.config, context)}["decoder"]
     decoder = comp.extract(model)
     emb = gemma3._embed_tokens(model)
 
@@ -284,7 +259,7 @@ def _golden(loaded, context, rescore):
     return {"prefill_b1": prefill, "chunks_b3": chunks, "decode_b3": decode}
 
 
-def components_for(config, context: int, rescore: int = 0) -> tuple[ComponentSpec, ...]:
+def components_for(config, context: int) -> tuple[ComponentSpec, ...]:
     """gemma3.components with this decoder in place of the portable one."""
     tcfg = gemma3.text_config(config)
     comps = [c for c in gemma3.components(config) if c.name != "decoder"]
@@ -305,11 +280,11 @@ def components_for(config, context: int, rescore: int = 0) -> tuple[ComponentSpe
                 TensorSpec("image_rows", "int64", ("image_rows",)),
                 TensorSpec("image_bias", "float32", (2, "image_rows", "seq")), *past),
         outputs=(TensorSpec("logits", "float32", ("batch", "logits", tcfg.vocab_size)), *present),
-        extract=lambda model: _decoder(model, context, rescore),
+        extract=lambda model: _decoder(model, context),
         dummy_inputs=lambda loaded, batch, rng: _dummy(loaded, batch, rng, context),
-        golden_inputs=lambda loaded: _golden(loaded, context, rescore),
+        golden_inputs=lambda loaded: _golden(loaded, context),
         calibration=gemma3._no_calibration, precisions=("fp32", "int8", "int4"), static_int8=False,
         tolerances=gemma3.DECODER_TOLERANCES, parts=("lm_head",),
         # The cache outputs are the input buffers updated in place; rows a step does not define are unspecified.
-        gated_outputs=("logits",), variant={"attention": "gqa", "context": context, "rescore": rescore}))
+        gated_outputs=("logits",), variant={"attention": "gqa", "context": context}))
     return tuple(comps)
