@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
-from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence, gather_limit
+from medc.runtime.scheduler import (Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence, gather_limit,
+                                     gather_window)
 
 log = logging.getLogger("medc.serve")
 
@@ -76,7 +77,7 @@ class ServeConfig:
     api_key: str | None = None
     max_queue: int = 64  # requests waiting per chat model and per encoder
     max_batch: int = 16  # items per encoder call
-    batch_window_ms: float = 3.0
+    batch_window_ms: float = 3.0  # the most a batch waits for announced requests (gather_window lowers it)
     max_concurrency: int = 8  # sequences decoding together per chat model
     max_inflight: int = 128  # requests being read and prepared at once: bounds the memory held by bodies
     max_body_mb: float = 32.0
@@ -167,8 +168,10 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
                 # Opens the sessions before the first request and measures what batching pays (gather_limit);
                 # with --max-batch 1 only the warm-up call runs.
                 batcher.limit, per_item = gather_limit(batcher.fn, sample, cfg.max_batch)
-                log.info("%s: gathering up to %d per call (ms per item by batch: %s)", batcher.name,
-                         batcher.limit, ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
+                batcher.window_s = gather_window(per_item, batcher.limit, window)
+                log.info("%s: gathering up to %d per call, waiting up to %.2f ms for announced requests (ms per "
+                         "item by batch: %s)", batcher.name, batcher.limit, batcher.window_s * 1e3,
+                         ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
         models[model_id] = m
         log.info("loaded %s (%s) from %s", model_id, m.kind, path)
     return list(models.values())

@@ -208,6 +208,18 @@ def test_gather_limit():
     assert limit in (1, 2) and per_item.keys() <= {1, 2}  # two calls at 1 (0.5 s); at 2 (1 s) fits; at 4 would not
 
 
+def test_gather_window():
+    """A batch waits for announced requests only as long as running the first alone would cost extra: up to the cap
+    where a call's fixed cost dominates (a GPU), next to nothing for a compute-bound CPU encoder, never at limit 1."""
+    from medc.runtime.scheduler import gather_window
+
+    gpu = {1: 5e-3, 2: 2.6e-3, 4: 1.4e-3, 8: 0.8e-3, 16: 0.5e-3}
+    assert gather_window(gpu, 16, 3e-3) == 3e-3
+    cpu = {1: 1.57e-3, 2: 1.41e-3, 4: 1.32e-3, 8: 1.34e-3}  # the tiny MedSigLIP's images, 2-core Xeon
+    assert abs(gather_window(cpu, 4, 3e-3) - 0.25e-3) < 1e-9
+    assert gather_window(cpu, 1, 3e-3) == 0.0 and gather_window({1: 1e-3, 2: 1.2e-3}, 2, 3e-3) == 0.0
+
+
 # -- continuous batching --------------------------------------------------------------------------------------------
 def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images):
     """A request's greedy tokens are identical alone and with others joining mid-way and leaving early, through
