@@ -139,7 +139,7 @@ def _weight_only(src: Path, dst: Path, calibration=None, options=None) -> dict:
     chosen = {n.name: weight_precision(options, n.name == head, [module_path(n).rsplit(".", 1)[-1]])
               for n in weighted}
     rescore = None  # (hidden, logits, int8 table, scales) of an int4 lm_head, made before its fp32 weight goes
-    if rescores(options) and chosen.get(head) == "int4":
+    if rescores(options) and head is not None:
         from onnx import numpy_helper
 
         node = next(n for n in weighted if n.name == head)
@@ -207,8 +207,8 @@ def int8_rows(w: np.ndarray, block: int = RESCORE_BLOCK) -> tuple[np.ndarray, np
 def rescores(options: dict) -> bool:
     """Whether a weight-only conversion rescores its int4 lm_head (ORT flavour only: TensorRT's graphs stay standard
     ops). Shared with the streamed path (compile/stream.py)."""
-    head = options.get("lm_head", options.get("precision", "int8"))
-    return bool(options.get("rescore")) and options.get("format") != "qdq" and head == "int4"
+    return (bool(options.get("rescore")) and options.get("format") != "qdq"
+            and weight_precision(options, True, []) == "int4")
 
 
 RESCORE_GROUP = 8  # logits per group in the first, coarse stage of the top-k

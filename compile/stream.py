@@ -434,7 +434,7 @@ def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile,
                 form = _write_qdq(model, value, nodes, w, transposed, block, data)
             else:
                 form, new_nodes = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
-                if init == head and prec == "int4" and quantize.rescores(options):  # as quantize._weight_only
+                if init == head and quantize.rescores(options):  # as quantize._weight_only
                     rows, scales = _int8_table(graph, "lm_head.rows", w if transposed else w.T, data)
                     quantize.add_rescoring(graph, new_nodes[0].outputs[0], new_nodes[0].inputs[0], rows, scales,
                                            int(options["rescore"]))
