@@ -149,7 +149,7 @@ def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
 
 def _graph_settings(comps, recipe, flavour: str, target, opts, hf_config) -> dict:
     """A decoder's attention form: ONNX Runtime's GroupQueryAttention (KV updated in place) for the ORT flavour on
-    ONNX Runtime targets, the explicit form (standard ops) for TensorRT, the portable flavour, and fp16 (whose fp32
+    CPU targets, the explicit form (standard ops) for TensorRT, the portable flavour, and fp16 (whose fp32
     islands medc.compile.fp16 places in explicit graphs; CUDA's GroupQueryAttention would compute in fp16)."""
     decoder = next((c for c in comps if c.parts), None)
     if decoder is None:
@@ -164,8 +164,11 @@ DEFAULT_RESCORE = 1024  # an int4 lm_head's logits recomputed from int8 rows (qu
 
 
 def attention_form(flavour: str, target, decoder_precision: str) -> str:
-    """"gqa" or "explicit" (see `_graph_settings`); the planner sizes the KV cache by it."""
-    gqa = flavour == "ort" and target.engine != "tensorrt" and decoder_precision != "fp16"
+    """"gqa" or "explicit" (see `_graph_settings`); the planner sizes the KV cache by it. The GQA slot form is for
+    CPU targets only: it reads GroupQueryAttention's query_seqlens input (onnxruntime >= 1.32), which the newest
+    onnxruntime-gpu (1.31.1) rejects as an invalid graph, and CUDA's GroupQueryAttention kernels take fp16/bf16 only
+    (both seen on an H200, benchmarks/cuda_check.py)."""
+    gqa = flavour == "ort" and target.kind == "cpu" and decoder_precision != "fp16"
     return "gqa" if gqa else "explicit"
 
 

@@ -114,6 +114,7 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *ALWAYS_FP32_OPS],
                                     node_block_list=sorted(kept))
+    _drop_repeated_casts(fp16.graph)
     dropped = _drop_round_trips(fp16.graph)
     _toposort(fp16.graph)  # the converter appends its Casts at the end; ONNX wants producers first
     save_onnx(fp16, dst)
@@ -233,12 +234,28 @@ def activation_maxima(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, fl
 
 # -- graph surgery -----------------------------------------------------------------------------------------------------
 def _name_nodes(graph) -> None:
-    """node_block_list works on names: give every node a unique one."""
+    """node_block_list works on names, and ONNX Runtime refuses a graph with two alike: give every node a unique one."""
     seen = set()
     for k, node in enumerate(graph.node):
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_fp16_{k}"
         seen.add(node.name)
+
+
+def _drop_repeated_casts(graph) -> None:
+    """onnxruntime < 1.32's converter puts one Cast per fp32 reader of an fp16 tensor, all alike (same name, same
+    output): two writers of one tensor, a graph ONNX Runtime refuses. Seen on an H200 host, whose onnxruntime-gpu
+    is 1.31.1 (benchmarks/cuda_check.py). Keep the first of identical nodes and of identical value_info entries."""
+    for field in (graph.node, graph.value_info):
+        seen, kept = set(), []
+        for item in field:
+            key = item.SerializeToString()
+            if key not in seen:
+                seen.add(key)
+                kept.append(item)
+        if len(kept) < len(field):
+            del field[:]
+            field.extend(kept)
 
 
 def _cast_to(node) -> int | None:

@@ -171,6 +171,21 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     return np.array([rng.choice(len(row), p=row) for row in p])
 
 
+GQA_ONNXRUNTIME = (1, 32)  # GroupQueryAttention's query_seqlens input (the slot form, compile/models/gemma3_gqa.py)
+
+
+def _require_onnxruntime(version: tuple[int, int], why: str) -> None:
+    """A bundle whose graphs this onnxruntime would refuse as invalid: say so before loading, with the fix."""
+    import onnxruntime as ort
+
+    have = tuple(int(x) for x in ort.__version__.split(".")[:2] if x.isdigit())
+    if have < version:
+        need = ".".join(map(str, version))
+        raise MedcError(f"this bundle needs onnxruntime >= {need} ({why}); this machine has {ort.__version__}. "
+                        f"Upgrade it (`pip install -U 'onnxruntime>={need}'`), or rebuild the bundle for a GPU target "
+                        "or with --flavour portable (explicit attention, which older onnxruntime runs).")
+
+
 class GemmaPipeline(Pipeline):
     """`with medc.runtime.load(bundle) as m: print(m.generate("Is there a pneumothorax?", images=["cxr.png"]))`."""
 
@@ -184,6 +199,8 @@ class GemmaPipeline(Pipeline):
 
             self.preprocess = ImagePreprocessing.from_json(m.preprocessing["image"])
         self._assets = None
+        if self.attention == "gqa":
+            _require_onnxruntime(GQA_ONNXRUNTIME, "its decoder's GroupQueryAttention reads query_seqlens")
 
     @property
     def assets(self) -> PromptAssets:
@@ -406,7 +423,9 @@ class GemmaPipeline(Pipeline):
                 for i in range(g["num_layers"]) for kv in ("key", "value")}
 
     def _step(self, session, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:
-        """One decoder call with IOBinding: past KV goes in as the OrtValues the previous step produced."""
+        """One decoder call with IOBinding: past KV goes in as the OrtValues the previous step produced. On a GPU
+        provider the present KV stays in device memory (only the logits come back): copying the whole cache to the
+        host and back every step would cost more than the step."""
         sess = session._sess
         binding = sess.io_binding()
         for name, arr in feeds.items():
@@ -414,8 +433,9 @@ class GemmaPipeline(Pipeline):
         for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
         names = [o.name for o in sess.get_outputs()]
+        device = "cuda" if sess.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         for name in names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name, "cpu" if name == "logits" else device)
         sess.run_with_iobinding(binding)
         values = binding.get_outputs()
         logits = values[0].numpy()

@@ -35,6 +35,8 @@ class OrtSession:
         if self._sess is None:
             import onnxruntime as ort
 
+            if any(p != "CPUExecutionProvider" for p in self.providers):
+                _preload_cuda_libraries(ort)
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.log_severity_level = 3  # ORT warnings name nodes, not data, but are noise for users
@@ -42,7 +44,8 @@ class OrtSession:
                 so.intra_op_num_threads = self.threads
             for key, value in self.config.items():
                 so.add_session_config_entry(key, value)
-            extra = {} if self.provider_options is None else {"provider_options": self.provider_options}
+            options = self.provider_options if self.provider_options is not None else provider_options(self.providers)
+            extra = {} if options is None else {"provider_options": options}
             try:
                 self._sess = ort.InferenceSession(str(self.path), so, providers=self.providers, **extra)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
@@ -69,6 +72,19 @@ class OrtSession:
         return dict(zip(names, sess.run(names, feeds)))
 
 
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu links CUDA and cuDNN at run time. Where they come from pip's nvidia-* packages (as with a CUDA
+    build of torch), ORT finds them only after `preload_dlls()` (onnxruntime >= 1.21); system installs (JetPack,
+    /usr/local/cuda) are found by the loader and need nothing. Once per process."""
+    global _PRELOADED
+    if not _PRELOADED and hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia") is not None:
+        ort.preload_dlls()
+    _PRELOADED = True
+
+
+_PRELOADED = False
+
+
 def stand_in_config(engine: str, providers: list[str]) -> dict[str, str]:
     """Session settings for gating a TensorRT bundle's ONNX graphs on ONNX Runtime's CPU provider, which stands in
     for the engine there. TensorRT computes Q/DQ int8 GEMMs exactly (int32 accumulation); ORT's CPU provider fuses
@@ -82,7 +98,8 @@ def stand_in_config(engine: str, providers: list[str]) -> dict[str, str]:
 
 # -- ONNX Runtime's GPU providers --------------------------------------------------------------------------------------
 # Option names: https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html (Configurations) and
-# https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html. Unverified on hardware here.
+# https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html. The CUDA provider ran on an H200
+# (benchmarks/cuda_check.py); the TensorRT provider is unverified on hardware.
 def trt_ep_cache_dir(bundle) -> Path:
     """~/.cache/medc/trt-ep/<bundle hash>: the TensorRT EP's engines and timing cache for exactly this bundle."""
     digest = hashlib.sha256(json.dumps(bundle.manifest.files, sort_keys=True).encode()).hexdigest()[:16]
@@ -111,7 +128,9 @@ def provider_options(providers: list[str], bundle=None, component=None) -> list[
             if component is not None and component.precision == "fp16" and "fp32_islands" not in component.quantization:
                 o["trt_fp16_enable"] = True
         elif p == "CUDAExecutionProvider":
-            o = {"device_id": 0}
+            # TF32 off: ORT's CUDA provider turns it on by default, and fp32 then is not fp32 (on an H200 the tiny
+            # MedSigLIP's fp32 image encoder missed its 1e-4 gate at 2.5e-4). fp16 graphs' fp32 islands keep fp32 too.
+            o = {"device_id": 0, "use_tf32": 0}
         else:
             o = {}
         options.append(o)

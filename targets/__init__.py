@@ -77,8 +77,20 @@ class Target:
         import onnxruntime as ort
 
         have = set(ort.get_available_providers())
+        if "TensorrtExecutionProvider" in have and not tensorrt_libraries():
+            have.discard("TensorrtExecutionProvider")
         chosen = [p for p in self.providers if p in have]
         return chosen or ["CPUExecutionProvider"]
+
+
+def tensorrt_libraries() -> bool:
+    """Whether TensorRT's libraries can be loaded. onnxruntime-gpu lists its TensorRT provider whether or not they are
+    installed; without them every session first fails on libnvinfer, prints an error and falls back to CUDA (seen on
+    an H200 with onnxruntime-gpu 1.31.1), so medc leaves the provider out."""
+    import ctypes.util
+    import importlib.util
+
+    return ctypes.util.find_library("nvinfer") is not None or importlib.util.find_spec("tensorrt") is not None
 
 
 _TUPLES = ("providers", "precisions", "notes", "tensorrt", "sources")

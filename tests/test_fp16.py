@@ -183,3 +183,22 @@ def test_emulation_shows_fp16_overflow(tmp_path):
     half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     x = {"x": np.array([300.0, 1.0], np.float32)}  # 300 * 300 = 90000 > 65504
     assert not np.isfinite(_run(fp16.cpu_emulation(half), x)).all()
+
+
+def test_repeated_casts_from_older_converters_are_dropped():
+    """onnxruntime < 1.32's fp16 converter wrote one Cast per fp32 reader of an fp16 tensor, all alike (same name,
+    same output): ONNX Runtime refuses such a graph (seen with onnxruntime-gpu 1.31.1 on an H200). One is kept."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])
+    ys = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2]) for i in range(2)]
+    cast = lambda: helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], to=TensorProto.FLOAT, name="x_cast_to_fp32_node")  # noqa: E731
+    nodes = [cast(), helper.make_node("Softmax", ["x_cast_to_fp32"], ["y0"]), cast(),
+             helper.make_node("Relu", ["x_cast_to_fp32"], ["y1"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], ys), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(Exception, match="same node name|Duplicate"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fp16._drop_repeated_casts(model.graph)
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Softmax", "Relu"]
+    feeds = {"x": np.array([1.0, -2.0], np.float16)}
+    y0, y1 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(y1, [1.0, 0.0])
+    np.testing.assert_allclose(y0, np.exp([1.0, -2.0]) / np.exp([1.0, -2.0]).sum(), rtol=1e-6)

@@ -272,3 +272,13 @@ def test_int4_ort_and_portable_flavours(tmp_path_factory):
         assert Manifest.read(b).components["decoder"].fidelity["passed"]
         with medc.runtime.load(b) as model:
             assert len(model.generate_ids([PROMPTS[0]], max_new_tokens=3, ignore_eos=True)[0]) == 3
+
+
+def test_gqa_bundles_name_the_onnxruntime_they_need():
+    """The slot-form decoder reads GroupQueryAttention's query_seqlens, which onnxruntime 1.31 (the newest
+    onnxruntime-gpu) refuses as an invalid graph: the runtime says which version it needs and how to get there."""
+    from medc.runtime.gemma import GQA_ONNXRUNTIME, _require_onnxruntime
+
+    _require_onnxruntime(GQA_ONNXRUNTIME, "installed here")  # this machine runs the CPU tests' GQA bundles
+    with pytest.raises(MedcError, match=r"needs onnxruntime >= 99\.0 .*this machine has .*--flavour portable"):
+        _require_onnxruntime((99, 0), "a future op")

@@ -26,8 +26,11 @@ def test_presets(tmp_path):
     assert p.graph == {"attention": "gqa", "context": 512} and dec.options["rescore"] == 1024
     assert any("embed_tokens has no int4 form" in n for n in p.notes)
     # A GPU target: embeddings step down to fp16 instead of fp32, the vision encoder is calibrated Q/DQ only.
-    g = {c.name: c for c in _plan(tmp_path, precision="int4", target="cuda").components}
+    gp = _plan(tmp_path, precision="int4", target="cuda")
+    g = {c.name: c for c in gp.components}
     assert g["embed_tokens"].precision == "fp16" and g["vision_encoder"].methods == ["int8-static-qdq"]
+    # ... and the explicit decoder: onnxruntime-gpu 1.31.1 refuses the GQA slot form (benchmarks/cuda_check.py, H200)
+    assert gp.graph["attention"] == "explicit" and "rescore" not in g["decoder"].options
 
 
 def test_explicit_list_and_lm_head(tmp_path):

@@ -613,7 +613,7 @@ def test_provider_options_and_cpu_unchanged(monkeypatch):
     cache = str(Path.home() / ".cache" / "medc" / "trt-ep")
     assert trt["trt_engine_cache_enable"] and trt["trt_engine_cache_path"].startswith(cache)
     assert trt["trt_timing_cache_enable"] and trt["trt_fp16_enable"] and trt["trt_max_workspace_size"] == 1 << 30
-    assert cuda == {"device_id": 0} and cpu == {}
+    assert cuda == {"device_id": 0, "use_tf32": 0} and cpu == {}  # TF32 off: fp32 stays fp32 (H200 run, 2.5e-4 -> gate)
     _, islands = _fake_bundle({}, quantization={"method": "fp16", "fp32_islands": {}})
     assert "trt_fp16_enable" not in session.provider_options(["TensorrtExecutionProvider"], bundle, islands)[0]
     seen = {}
