@@ -6,6 +6,7 @@
 Given bundles, it starts `medc serve` itself (separate processes, as in production):
 - `batched` (the defaults) and, for embeddings, `unbatched` (--max-batch 1), both up at once: each point runs
   `--rounds` times, alternating the two, and the rounds are pooled, so a load change on a shared machine hits both;
+- chat on `batched`: its concurrencies alternate round by round (`arms`), so c4 / c1 is a ratio of interleaved runs;
 - `overload` (--max-queue 4 --max-concurrency 2) with chat at concurrency 64: what clients above the queue limit see
   (429 with Retry-After, after which a worker waits 50 ms as a polite client would; never a timeout or a 5xx);
 - `--soak SECONDS`: every workload at once against the batched server (embeddings at the highest concurrency,
@@ -255,15 +256,22 @@ def _bodies(url: str, max_tokens: int) -> dict[str, tuple[str, dict]]:
 def point(servers: list[ServerProcess], workload: str, body: tuple[str, dict], concurrency: int, duration: float,
           rounds: int, log=print) -> list[LoadResult]:
     """`rounds` runs per server, alternating servers, pooled per server."""
-    pooled = {s.name: ([], 0.0) for s in servers}
+    return arms([(s, concurrency) for s in servers], workload, body, duration, rounds, log)
+
+
+def arms(pairs: list[tuple[ServerProcess, int]], workload: str, body: tuple[str, dict], duration: float, rounds: int,
+         log=print) -> list[LoadResult]:
+    """`rounds` runs of each (server, concurrency) pair, alternating pairs, pooled per pair: two servers at one
+    concurrency (batched vs unbatched), or one server at several (chat's c4 / c1), so a load change on a shared
+    machine hits every arm of a ratio alike."""
+    pooled = {i: ([], 0.0) for i in range(len(pairs))}
     for _ in range(rounds):
-        for s in servers:
-            records, seconds = asyncio.run(_run(s.url, body[0], workload, body[1], concurrency, duration / rounds,
-                                                warmup=0.5))
-            pooled[s.name] = (pooled[s.name][0] + records, pooled[s.name][1] + seconds)
-    results = [_summarise(*pooled[s.name], workload, s.name, concurrency, s.rss_mib()) for s in servers]
+        for i, (s, c) in enumerate(pairs):
+            records, seconds = asyncio.run(_run(s.url, body[0], workload, body[1], c, duration / rounds, warmup=0.5))
+            pooled[i] = (pooled[i][0] + records, pooled[i][1] + seconds)
+    results = [_summarise(*pooled[i], workload, s.name, c, s.rss_mib()) for i, (s, c) in enumerate(pairs)]
     for r in results:
-        log(f"{r.server:<9} {workload:<11} c={concurrency:<3} {r.throughput_rps:8.1f} req/s  p50 {r.p50_ms} ms  "
+        log(f"{r.server:<9} {workload:<11} c={r.concurrency:<3} {r.throughput_rps:8.1f} req/s  p50 {r.p50_ms} ms  "
             f"ok {r.ok} rejected {r.rejected} errors {r.errors}"
             + (f"  {r.output_tokens_per_s} tok/s" if r.output_tokens_per_s else ""))
     return results
@@ -401,9 +409,9 @@ def main(argv=None) -> None:
             finally:
                 if unbatched:
                     unbatched.stop()
-            if "chat-stream" in bodies and "chat-stream" in workloads:
-                for c in conc:
-                    results += point([main_server], "chat-stream", bodies["chat-stream"], c, args.duration, 1)
+            if "chat-stream" in bodies and "chat-stream" in workloads:  # concurrencies alternate, round by round
+                results += arms([(main_server, c) for c in conc], "chat-stream", bodies["chat-stream"],
+                                args.duration, args.rounds)
             if args.soak:
                 soaked = soak(main_server, bodies, workloads, args.soak, max(conc))
         if "chat-stream" in bodies and "chat-stream" in workloads:

@@ -199,6 +199,7 @@ class GemmaPipeline(Pipeline):
 
             self.preprocess = ImagePreprocessing.from_json(m.preprocessing["image"])
         self._assets = None
+        self._packs: bool | None = None
         if self.attention == "gqa":
             _require_onnxruntime(GQA_ONNXRUNTIME, "its decoder's GroupQueryAttention reads query_seqlens")
 
@@ -218,6 +219,16 @@ class GemmaPipeline(Pipeline):
     @property
     def eos_ids(self) -> set[int]:
         return set(self.bundle.manifest.tokenizer["eos_token_ids"])
+
+    @property
+    def packs(self) -> bool:
+        """Whether the decoder runs only a step's real tokens (`token_rows`, compile/models/gemma3_gqa.py), so a
+        prompt's chunk and other slots' decode tokens share one step at the cost of their tokens, not of padding.
+        Slot-form bundles built before it pad instead; the scheduler then runs prefills as steps of their own."""
+        if self._packs is None:
+            self._packs = self.attention == "gqa" and any(
+                i.name == "token_rows" for i in self._sessions["decoder"].open()._sess.get_inputs())
+        return self._packs
 
     @property
     def attention(self) -> str:
@@ -292,7 +303,7 @@ class GemmaPipeline(Pipeline):
                      "logits_positions": np.zeros(1, np.int64)}
 
     # -- the ORT flavour: KV slots updated in place ----------------------------------------------------------------
-    PREFILL_CHUNK = 512  # text prefills run in chunks of this many tokens (others decode in between, when serving)
+    PREFILL_CHUNK = 512  # prompt tokens per step: a prefill's chunks, or what one serving step carries (scheduler.py)
 
     def new_cache(self, slots: int):
         from medc.runtime.kvcache import SlotCache
@@ -318,6 +329,10 @@ class GemmaPipeline(Pipeline):
                  "query_seqlens": new.astype(np.int32), "logits_index": np.asarray(logits_index, np.int64),
                  "image_rows": np.zeros(0, np.int64) if image_rows is None else image_rows,
                  "image_bias": (np.zeros((2, 0, embeds.shape[1]), np.float32) if image_bias is None else image_bias)}
+        if self.packs:
+            from medc.runtime.kvcache import token_rows
+
+            feeds["token_rows"] = token_rows(new, embeds.shape[1])
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.require(arr, requirements="C"))
         binding.bind_output("logits", "cpu")

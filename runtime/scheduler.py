@@ -8,9 +8,13 @@ prefills newly admitted requests, then runs ONE decoder call for every decoding 
 between steps. How the KV cache is held depends on the bundle's decoder (`GemmaPipeline.attention`):
 
 - "gqa" (ORT flavour, `_Slots`): each request gets a slot of a `SlotCache` that ONNX Runtime updates in place; a
-  step runs over slots [0, highest busy + 1), and rows of idle or still-prefilling slots add nothing. Joining and
-  leaving copy nothing. Long prompts are prefilled in chunks (`GemmaPipeline.PREFILL_CHUNK`), one chunk per loop,
-  so they do not stall the others' decoding.
+  step runs over slots [0, highest busy + 1), and rows of idle slots add nothing. Joining and leaving copy nothing.
+  A text prompt rides in the decode step itself, as llama.cpp's unified batch and vLLM's chunked prefill do: its
+  row of the step adds a chunk of its tokens while the other rows add one each, and the decoder computes only the
+  step's real tokens (`GemmaPipeline.packs`). Up to `GemmaPipeline.PREFILL_CHUNK` prompt tokens go into one step,
+  so a long prompt is prefilled over several steps and does not stall the others' decoding. Prompts with images
+  (their image rows attend both ways, from an empty slot) and decoders built before packing prefill in steps of
+  their own.
 - "explicit" (`_Regrouped`): the cache is the decoder's output values, passed back in. While the batch keeps its
   members nothing is copied; when a member joins or leaves, each sequence's cache is cut out of the batch and the
   batch is rebuilt left-padded to the longest, with attention-mask zeros on padding and its own position ids per
@@ -229,7 +233,9 @@ class Sequence:
     last: int = -1  # the newest token, not yet in the cache
     past: dict | None = None  # explicit cache: name -> ndarray [1, kv, n, d] while outside a batch
     slot: int | None = None  # slot cache: its slot
-    prefilling: object = None  # the prompt's remaining prefill chunks (a generator of None..., then the logits)
+    # The prompt not yet prefilled: a generator of None per chunk, then the logits (a step of its own), or a
+    # `_Prompt` the decode steps carry.
+    prefilling: object = None
     rng: np.random.Generator | None = None
     finished: str | None = None
     submitted: float = field(default_factory=time.monotonic)
@@ -253,6 +259,7 @@ class GenerationScheduler:
         self._cv = threading.Condition()
         self._closing = False
         self.steps = self.tokens = 0
+        self.mixed = 0  # steps that carried a prompt's chunk beside decoding sequences
         self.finished: collections.Counter[str] = collections.Counter()  # by reason: stop, length, cancelled, error
         self._thread = threading.Thread(target=self._loop, name=f"medc-decode-{name}", daemon=True)
         self._thread.start()
@@ -306,17 +313,20 @@ class GenerationScheduler:
             for seq in admit:
                 if not self._finish_if_cancelled(seq):
                     self._start(seq)
-            for seq in [s for s in self._active if s.prefilling is not None]:  # one more chunk of long prompts
-                self._prefill_chunk(seq)
+            for seq in [s for s in self._active if s.prefilling is not None and not isinstance(s.prefilling, _Prompt)]:
+                self._prefill_chunk(seq)  # prompts that prefill in steps of their own: one more chunk
             self._active = [s for s in self._active if not s.finished and not self._finish_if_cancelled(s)]
             decoding = [s for s in self._active if s.prefilling is None]
-            if decoding:
+            carried = _carried([s for s in self._active if isinstance(s.prefilling, _Prompt)],
+                               self.pipeline.PREFILL_CHUNK)
+            if decoding or carried:
                 try:
-                    self._decode_step(decoding)
-                except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
+                    self._decode_step(decoding, carried)
+                except Exception as e:  # noqa: BLE001 - fail this step's requests, keep serving
+                    members = decoding + [s for s, _ in carried]
                     log.error("%s: decode step failed (%s); %d requests ended", self.name, type(e).__name__,
-                              len(decoding))
-                    for s in decoding:
+                              len(members))
+                    for s in members:
                         self._finish(s, "error", "inference failed on the server")
                     self._active = [s for s in self._active if not s.finished]
                     self.kv.reset()
@@ -370,12 +380,40 @@ class GenerationScheduler:
         if seq.generated >= seq.params.max_new_tokens:
             self._finish(seq, "done", "length")
 
-    def _decode_step(self, members: list[Sequence]) -> None:
-        logits = self.kv.decode(members)
+    def _decode_step(self, members: list[Sequence], carried: list[tuple[Sequence, int]]) -> None:
+        """One decoder call: a token for each of `members`, and `carried` prompts' next chunks (seq, tokens)."""
+        logits, prompt_logits = self.kv.decode(members, carried)
         self.steps += 1
+        self.mixed += bool(members and carried)
         for row, seq in enumerate(members):
             seq.cache_len += 1
             self._accept(seq, logits[row:row + 1])
+        for (seq, _), last in zip(carried, prompt_logits):
+            if last is not None:  # its prompt is in the cache now
+                seq.prefilling = None
+                seq.cache_len = len(seq.ids)
+                self._accept(seq, last[None])
+
+
+@dataclass(eq=False)
+class _Prompt:
+    """A text prompt that decode steps carry into its slot, a chunk per step; `done` tokens are in the cache."""
+
+    ids: list[int]
+    done: int = 0
+
+
+def _carried(prompts: list[Sequence], budget: int) -> list[tuple[Sequence, int]]:
+    """Which prompts' next chunks ride in this step, and how many tokens each: up to `budget` prompt tokens in all,
+    first come first served (a long prompt takes the budget alone, over as many steps as it needs)."""
+    out = []
+    for seq in prompts:
+        n = min(len(seq.prefilling.ids) - seq.prefilling.done, budget)
+        if n <= 0:
+            break
+        out.append((seq, n))
+        budget -= n
+    return out
 
 
 class _Slots:
@@ -387,15 +425,30 @@ class _Slots:
 
     def prefill(self, seq: Sequence):
         seq.slot = self.free.pop(0)
+        if self.pipeline.packs and (seq.pixel_values is None or not len(seq.pixel_values)):
+            self.cache.reset(seq.slot)
+            self.cache.check_room(seq.slot, len(seq.ids))
+            return _Prompt(seq.ids)
         return self.pipeline.prefill_steps(self.cache, seq.slot, seq.ids, seq.pixel_values)
 
-    def decode(self, members: list[Sequence]) -> np.ndarray:
-        hi = max(s.slot for s in members) + 1
-        tokens, new = np.zeros((hi, 1), np.int64), np.zeros(hi, np.int64)
+    def decode(self, members: list[Sequence], carried: list[tuple[Sequence, int]] = ()):
+        """One step: a token per member, the next chunk of each carried prompt. -> (logits [members, V], per
+        carried prompt its last position's logits [V] once its last chunk has run, else None)."""
+        hi = max(s.slot for s in [*members, *(s for s, _ in carried)]) + 1
+        width = max([1, *(n for _, n in carried)])
+        tokens, new = np.zeros((hi, width), np.int64), np.zeros(hi, np.int64)
+        index = np.zeros((hi, 1), np.int64)
         for s in members:
-            tokens[s.slot], new[s.slot] = s.last, 1
-        logits = self.pipeline.step(self.cache, 0, hi, self.pipeline._embed(tokens), new, np.zeros((hi, 1), np.int64))
-        return logits[[s.slot for s in members], 0]
+            tokens[s.slot, 0], new[s.slot] = s.last, 1
+        for s, n in carried:
+            p = s.prefilling
+            tokens[s.slot, :n], new[s.slot], index[s.slot] = p.ids[p.done:p.done + n], n, n - 1
+        logits = self.pipeline.step(self.cache, 0, hi, self.pipeline._embed(tokens), new, index)[:, 0]
+        last = []
+        for s, n in carried:
+            s.prefilling.done += n
+            last.append(logits[s.slot] if s.prefilling.done == len(s.prefilling.ids) else None)
+        return logits[[s.slot for s in members]], last
 
     def release(self, seq: Sequence) -> None:
         if seq.slot is not None:
@@ -422,7 +475,8 @@ class _Regrouped:
         logits, seq.past = self.pipeline.prefill(seq.ids, seq.pixel_values)
         return iter([logits])
 
-    def decode(self, members: list[Sequence]) -> np.ndarray:
+    def decode(self, members: list[Sequence], carried=()) -> tuple[np.ndarray, list]:
+        """One step for `members` (this form carries no prompts: they prefill in steps of their own)."""
         if self._batch is None or self._batch[0] != members:
             self._regroup(members)
         members, past, mask = self._batch
@@ -430,7 +484,7 @@ class _Regrouped:
         logits, present = self.pipeline.decode(np.array([s.last for s in members]), mask,
                                                np.array([s.cache_len for s in members]), past)
         self._batch = (members, present, mask)
-        return logits
+        return logits, []
 
     def release(self, seq: Sequence) -> None:
         seq.past = None

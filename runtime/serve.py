@@ -226,6 +226,10 @@ class Metrics:
         out.append("# TYPE medc_generated_tokens_total counter")
         out += [f'medc_generated_tokens_total{{model="{_esc(m.id)}"}} {m.scheduler.tokens}'
                 for m in models if m.scheduler]
+        # Steps over tokens is the mean batch the decoder ran; mixed steps carried a new prompt beside decoding.
+        for name, attr in (("medc_decoder_steps_total", "steps"), ("medc_mixed_decoder_steps_total", "mixed")):
+            out.append(f"# TYPE {name} counter")
+            out += [f'{name}{{model="{_esc(m.id)}"}} {getattr(m.scheduler, attr)}' for m in models if m.scheduler]
         out.append("# TYPE medc_generations_total counter")
         out += [f'medc_generations_total{{model="{_esc(m.id)}",finish="{why}"}} {n}'
                 for m in models if m.scheduler for why, n in sorted(m.scheduler.finished.items())]

@@ -15,7 +15,7 @@ from medc.compile.build import BuildOptions, build
 from medc.compile.models import gemma3
 from medc.compile.models.siglip import builtin_images
 from medc.runtime.gemma import build_prompt_batch, image_attention
-from medc.runtime.kvcache import resident
+from medc.runtime.kvcache import resident, token_rows
 
 PROMPT = "List three causes of pleural effusion in an adult patient, and how each is found on imaging."
 
@@ -72,6 +72,41 @@ def test_slots_decode_together_as_alone(gemma_fp32):
             assert np.abs(logits - ref).max() < 1e-4, row
 
 
+def test_token_rows():
+    assert token_rows([3, 0, 1, 2], 3).tolist() == [0, 1, 2, 6, 9, 10]
+    assert token_rows([0, 0], 4).tolist() == []
+
+
+def test_a_prompt_rides_in_a_decode_step(gemma_fp32):
+    """One step that carries a new prompt (slot 1, 20 tokens) beside two decoding slots (0 and 2): each row's
+    logits, and the next step's, equal the same work done in separate steps. The decoder computes only the step's
+    real tokens (`token_rows`): padding columns must change nothing."""
+    with medc.runtime.load(gemma_fp32) as m:
+        assert m.packs
+        prompts = [build_prompt_batch(m.assets, [p]).input_ids[0].tolist()
+                   for p in (PROMPT, "Is there a pneumothorax? Answer in one sentence, then list the signs.",
+                             "Describe the heart size.")]
+        caches = {"packed": m.new_cache(3), "apart": m.new_cache(3)}
+        for cache in caches.values():
+            for slot in (0, 2):
+                m.prefill_slot(cache, slot, prompts[slot])
+        nxt = np.array([[5], [0], [7]])
+        new_ids = np.array(prompts[1])
+        width = len(new_ids)
+        tokens = np.zeros((3, width), np.int64)
+        tokens[0, 0], tokens[1], tokens[2, 0] = 5, new_ids, 7
+        packed = m.step(caches["packed"], 0, 3, m._embed(tokens), [1, width, 1], [[0], [width - 1], [0]])[:, 0]
+        apart = caches["apart"]
+        ref_prompt = m.prefill_slot(apart, 1, prompts[1])
+        ref_decode = m.step(apart, 0, 3, m._embed(nxt), [1, 0, 1], np.zeros((3, 1), np.int64))[:, 0]
+        assert np.abs(packed[1] - ref_prompt).max() < 1e-4
+        assert np.abs(packed[[0, 2]] - ref_decode[[0, 2]]).max() < 1e-4
+        assert caches["packed"].lengths.tolist() == apart.lengths.tolist()
+        after = {k: m.step(c, 0, 3, m._embed(np.array([[3], [4], [6]])), [1, 1, 1], np.zeros((3, 1), np.int64))[:, 0]
+                 for k, c in caches.items()}  # the caches the two ways wrote hold the same keys and values
+        assert np.abs(after["packed"] - after["apart"]).max() < 1e-4
+
+
 def test_image_prompt_rows_attend_both_ways(gemma_fp32, gemma_tiny):
     """Prefill with an image == HF's logits; without the image rows' correction (treated as text) they differ."""
     with medc.runtime.load(gemma_fp32) as m:
@@ -113,6 +148,10 @@ def test_int4_lm_head_is_rescored(tmp_path):
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("TopK") == 1 and ops.count("GatherBlockQuantized") == 1
+    # every projection (7 per layer) and the head are quantised: none was left as an fp32 MatMul or Gemm
+    layers = gemma3.text_config(loader.load("medgemma-tiny").config).num_hidden_layers
+    assert ops.count("MatMulNBits") == 7 * layers + 1 and "Gemm" not in ops
+    assert not [n for n in graph.node if n.op_type == "MatMul" and any("proj" in i for i in n.input)]
     # tiny vocab (384) < 1024: every logit is rescored, so the head is effectively int8
     fp32 = loader.load("medgemma-tiny")
     ids = build_prompt_batch(fp32.prompt_assets(), [PROMPT]).input_ids

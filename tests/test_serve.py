@@ -221,10 +221,12 @@ def test_gather_window():
 
 
 # -- continuous batching --------------------------------------------------------------------------------------------
-def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images):
+def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images, monkeypatch):
     """A request's greedy tokens are identical alone and with others joining mid-way and leaving early, through
-    the sliding-window and global KV layers, with an image prompt among them."""
+    the sliding-window and global KV layers, with an image prompt among them. Prompts ride in the decode steps in
+    chunks of 7 tokens (7 per step in all), so B's and C's take several steps, one after the other."""
     _, gemma = pipelines
+    monkeypatch.setattr(type(gemma), "PREFILL_CHUNK", 7)
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     prompts = [encode_messages(gemma.assets, user(t)) for t in [QUESTION, *OTHERS]]
     image_prompt = encode_messages(gemma.assets, [{"role": "user", "content": [{"type": "image"},
@@ -262,6 +264,7 @@ def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images):
     sched.close()
     assert [outs[i] for i in range(4)] == alone and outs[4] == alone_image
     assert sched.steps < sum(len(o) for o in outs.values())  # steps were shared
+    assert gemma.packs and sched.mixed >= 1  # B's and C's prompts rode in A's decode steps
 
 
 def test_concurrent_http_chat_matches_alone(server):
@@ -317,7 +320,7 @@ def test_overload_answers_429_not_timeouts(server):
     """4 decode, 16 wait, the rest are told to come back: 429 + Retry-After, never a 5xx or a hang."""
     url = server.url + "/v1/chat/completions"
     with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=64)) as c, ThreadPoolExecutor(40) as pool:
-        rs = list(pool.map(lambda i: c.post(url, json=_chat(OTHERS[i % 3], max_tokens=60)), range(40)))
+        rs = list(pool.map(lambda i: c.post(url, json=_chat(OTHERS[i % 3], max_tokens=200)), range(40)))
     codes = [r.status_code for r in rs]
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 20, codes
     for r in rs:
@@ -439,7 +442,8 @@ def test_misc_routes_and_metrics(server):
                    'medc_request_duration_seconds_bucket{route="/v1/embeddings",le="+Inf"}',
                    'medc_time_to_first_token_seconds_count{model="medgemma-tiny"}',
                    'medc_generated_tokens_total{model="medgemma-tiny"}', 'medc_images_encoded_total{model=',
-                   'medc_queue_depth{model="medgemma-tiny",queue="chat"} 0', "medc_active_generations"):
+                   'medc_queue_depth{model="medgemma-tiny",queue="chat"} 0', "medc_active_generations",
+                   'medc_decoder_steps_total{model="medgemma-tiny"}', "medc_mixed_decoder_steps_total"):
         assert needle in text, needle
 
     def encoder_counts():  # (calls, items) of the text encoder
