@@ -39,8 +39,7 @@ def resident(tokens: int, capacity: int, window: int | None) -> int:
 def token_rows(new, columns: int) -> np.ndarray:
     """A step's real tokens in its right-padded [rows, columns] layout: the flat positions row * columns + c of
     each row's first new[row] columns, in order (the decoder's `token_rows` input)."""
-    return np.concatenate([r * columns + np.arange(n, dtype=np.int64) for r, n in enumerate(np.asarray(new).tolist())]
-                          + [np.zeros(0, np.int64)])
+    return np.flatnonzero(np.arange(columns) < np.asarray(new)[:, None]).astype(np.int64)
 
 
 class SlotCache:
