@@ -87,7 +87,7 @@ def _feeds_for_batch(cases: dict, batch: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.resize(v, (batch,) + v.shape[1:])) for k, v in first.items()}
 
 
-def _torch_baseline(manifest):
+def torch_baseline(manifest):
     """The HF PyTorch eager fp32 model the bundle was built from (needs medc[build])."""
     try:
         from medc.compile import loader
@@ -95,8 +95,8 @@ def _torch_baseline(manifest):
     except ImportError as e:
         raise MedcError(f"--baseline torch needs the build extra (pip install 'medc[build]'): {e}") from None
     src = manifest.model["source"]
-    if src["kind"] == "checkpoint":
-        return loader.load_checkpoint(Path(src["path"]), spec=None)
+    if src["kind"] == "checkpoint":  # a checkpoint folder or a GGUF file
+        return loader.load(src["path"])
     name = manifest.model["name"]
     if name not in MODELS:
         raise MedcError(f"cannot rebuild the reference for {name}: not in this medc's registry.")
@@ -118,7 +118,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], repeat: int = 10, warmup:
     unknown = [n for n in names if n not in m.components]
     if unknown:
         raise MedcError(f"unknown component(s) {', '.join(unknown)}; the bundle has {', '.join(m.components)}.")
-    ref = _torch_baseline(m) if baseline == "torch" else None
+    ref = torch_baseline(m) if baseline == "torch" else None
     if ref is not None:
         import torch
 

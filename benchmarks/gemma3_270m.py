@@ -1,6 +1,6 @@
 """Gemma 3 270M (real weights, text only) on this CPU: medc bundles vs llama.cpp vs HF transformers, 2 threads.
 
-    python benchmarks/gemma3_270m.py /work/dev/g270-fp32 /work/dev/g270-int8 /work/dev/g270-int4 --rounds 3
+    python benchmarks/gemma3_270m.py bundles/g270-fp32 bundles/g270-int8 bundles/g270-int4 --rounds 3
 
 Every backend gets the same 512 token ids (medc's tokenizer; BOS included, the base model has no chat template) and
 decodes 128 greedy tokens without stopping at EOS, on 2 threads:

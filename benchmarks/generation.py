@@ -174,7 +174,7 @@ def vision_ms(pipe, pixels: np.ndarray | None) -> float | None:
     if pixels is None:
         return None
     t = time.perf_counter()
-    pipe._sessions["vision_encoder"].run({"pixel_values": pixels})
+    pipe.encode_images(pixels)
     return (time.perf_counter() - t) * 1e3
 
 
@@ -194,7 +194,7 @@ def medc_info(pipe, threads: int | None) -> dict:
     return {"model": m.model["name"], "bundle": pipe.bundle.path.name, "backend": "onnxruntime",
             "precision": dec.precision, "method": method,
             "threads": threads or os.cpu_count() or 1,
-            "providers": ",".join(pipe._sessions["decoder"].active_providers), "ort_version": ort.__version__,
+            "providers": ",".join(pipe.active_providers("decoder")), "ort_version": ort.__version__,
             "cpu": cpu_info(), "commit": git_commit()}
 
 
@@ -234,11 +234,11 @@ def bench_generation(bundle_dir: Path, prompt_tokens: int = 512, new_tokens: int
             if batch != 1:
                 raise MedcError("--baseline torch times batch 1 only.")
             import torch
-            from medc.benchmarks.bench import _torch_baseline
+            from medc.benchmarks.bench import torch_baseline
 
             if threads:
                 torch.set_num_threads(threads)
-            ref = _torch_baseline(pipe.bundle.manifest).hf_model
+            ref = torch_baseline(pipe.bundle.manifest).hf_model
             ref_info = dict(info, bundle=Path(pipe.bundle.manifest.model["source"].get("path", info["model"])).name,
                             backend="torch-eager", precision="fp32", method="none", threads=torch.get_num_threads(),
                             providers="torch-cpu")

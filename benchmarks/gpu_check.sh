@@ -49,7 +49,7 @@ echo "medc GPU check: target $TARGET, bundles in $OUT" >&2
 # --precision fp16: every TensorRT target has it, and it keeps the encoders out of ONNX Runtime's int8 fusions.
 for model in medsiglip-tiny medgemma-tiny; do
   timeout "$STEP_LIMIT" medc build "$model" --target "$TARGET" --precision fp16 --optimizer none -o "$OUT/$model" --force
-  timeout "$STEP_LIMIT" medc build "$OUT/$model" --target "$TARGET"   # finishes the engines in place
+  timeout "$STEP_LIMIT" medc engines "$OUT/$model" --target "$TARGET"   # the engines, built in place
 done
 
 timeout 120 python - "$OUT/medsiglip-tiny" "$OUT/medgemma-tiny" <<'EOF'

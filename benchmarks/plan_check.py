@@ -49,7 +49,7 @@ print(json.dumps({"peak_rss_bytes": hwm * 1024}))
 
 def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     from medc.compile import planner
-    from medc.compile.build import BuildOptions, plan_only
+    from medc.compile.plan import resolve
     from medc.manifest import Manifest
     from medc.targets import get_target
 
@@ -57,7 +57,7 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     context = min(context, int(m.generation.get("max_positions", context)))  # the tiny model stops at 512
     source = m.model["source"]
     model = source["path"] if source.get("kind") == "checkpoint" else m.model["name"]
-    config = plan_only(BuildOptions(model=model, out=Path("-"))).config
+    config = resolve(model).spec.config
     recipe = m.build["recipe"]
     plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"], get_target("cpu"),
                                context, batch, recipe.get("flavour"), recipe.get("options"))

@@ -1,8 +1,8 @@
-"""`medc build`: plan, export, optimise, quantise, gate, and write the bundle atomically.
+"""`medc build`: resolve, plan, export, optimise, convert, gate, and write the bundle atomically.
 
-The build is a plan of named stages (printed by `--dry-run`) run in order. Everything is written to a temporary
-directory beside OUT and renamed into place only when every stage passed, so a failed or interrupted build never
-leaves a half bundle at OUT.
+The build is a plan of named stages (compile/plan.py; printed by `--dry-run`) run in order. Everything is written to
+a temporary directory beside OUT and renamed into place only when every stage passed, so a failed or interrupted
+build never leaves a half bundle at OUT.
 """
 
 from __future__ import annotations
@@ -14,231 +14,59 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt
+from medc.compile.loader import load
+from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve
+from medc.compile.quantize import ConvertOptions
 from medc.errors import FidelityError, MedcError
 from medc.manifest import ComponentEntry, Manifest, hash_files
+from medc.runtime import PIPELINES
+from medc.runtime.bundle import open_bundle
+from medc.runtime.preprocess import load_image
+from medc.runtime.session import OrtSession, stand_in_config
+from medc.runtime.verify import evaluate
 from medc.system import peak_rss_mib, toolchain_versions
+from medc.targets import get_target
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class BuildOptions:
-    model: str
-    out: Path
-    precision: str = "fp32"  # a preset (compile/recipes.py) or per component: "image_encoder=int8,text_encoder=fp32"
-    target: str = "cpu"
-    recipe: Path | None = None  # a recipe file (JSON/TOML); replaces --precision
-    flavour: str | None = None  # decoder graph form, "ort" | "portable"; None: the target's
-    calibration: Path | None = None
-    random_weights: bool = False
-    allow_degraded: bool = False
-    force: bool = False
-    pad_to_square: bool = False
-    optimizer: str = "xformers"
-    timing_runs: int = 3  # runs per candidate when choosing the faster int8 method
-    stream: bool = False  # force the streamed path (compile/stream.py); otherwise chosen by model size
-    # What the bundle must serve (the planner's memory check; TensorRT optimisation profiles): tokens of context
-    # (None: 4096, or the model's limit if smaller) and the largest batch.
-    context: int | None = None
-    max_batch: int = 1
+__all__ = ["BuildOptions", "build"]
 
 
-@dataclass
-class ComponentPlan:
-    name: str
-    precision: str
-    methods: list[str]  # candidate conversions after export+optimise; several = measure and keep the fastest passing
-    file: str
-    options: dict = field(default_factory=dict)  # passed to the conversion (weight-only: lm_head precision, format)
-    optimizer: str | None = None  # None: the build's --optimizer
-
-    def stages(self) -> list[str]:
-        conv = " | ".join(self.methods) if self.methods else "none (fp32)"
-        if self.methods and "lm_head" in self.options:
-            conv += f" (lm_head {self.options['lm_head']}, {self.options.get('format', 'nbits')})"
-        opt = "standard ONNX ops only (portable)" if self.optimizer == "none" else "transformer fusions"
-        return ["export (torch.onnx dynamo, dynamic batch)", f"optimise ({opt})",
-                f"convert: {conv}", "fidelity gate vs PyTorch fp32 on held-out inputs"]
-
-
-@dataclass
-class Plan:
-    model: str
-    target: str
-    out: Path
-    components: list[ComponentPlan]
-    source: str
-    notes: list[str] = field(default_factory=list)
-    recipe: dict = field(default_factory=dict)
-    family: str = ""
-    config: dict = field(default_factory=dict)  # the HF config as a dict (the planner's input)
-    # Settings baked into the graphs (Family.components / load_assets): a decoder's attention form and context.
-    graph: dict = field(default_factory=dict)
-
-    def render(self) -> str:
-        lines = [f"medc build plan: {self.model} ({self.source}) -> {self.out}  [target {self.target}]"]
-        if self.recipe:
-            lines.append(f"  recipe ({self.recipe['source']}): "
-                         + ", ".join(f"{k}={v}" for k, v in self.recipe["precisions"].items()))
-        for c in self.components:
-            lines.append(f"  {c.name}: {c.precision} -> {c.file}")
-            lines += [f"    {i}. {s}" for i, s in enumerate(c.stages(), 1)]
-        lines += ["  bundle: tokenizer, preprocessor config, golden.npz (held-out inputs + reference outputs), "
-                  "manifest.json (sha256 of every file)", "  write: temp dir beside OUT, renamed into place on success"]
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
-def _methods(precision: str, target, comp) -> list[str]:
-    if precision in ("fp32", "bf16", "fp8"):  # bf16/fp8: planned only (recipes.PLAN_ONLY), refused by build()
-        return []
-    if precision == "fp16":
-        return ["fp16"]
-    if not comp.static_int8:  # decoders: outliers, masks and prefill/decode shapes break activation ranges
-        return ["weight-only"]
-    return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
-
-
-FLAVOURS = ("ort", "portable")
-
-
-def make_plan(opts: BuildOptions, spec, hf_config) -> Plan:
-    from medc.compile import recipes
-    from medc.targets import get_target
-
-    target = get_target(opts.target)
-    flavour = opts.flavour or target.graph_flavour
-    if flavour not in FLAVOURS:
-        raise MedcError(f"unknown graph flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}.")
-    comps = spec.family.components(hf_config)
-    recipe = recipes.resolve(opts.precision, opts.recipe, comps, target)
-    graph = _graph_settings(comps, recipe, flavour, target, opts, hf_config)
-    if graph:
-        comps = spec.family.components(hf_config, **graph)
-    plans, notes = [], list(recipe.notes)
-    for c in comps:
-        p = recipe.precisions[c.name]
-        options = {}
-        if c.parts:  # weight-only conversion of a decoder: its lm_head's precision and the weight format
-            options = {"precision": p, **{part: recipe.precisions[part] for part in c.parts},
-                       "format": "qdq" if flavour == "portable" else "nbits", **recipe.options}
-            if graph.get("attention") == "gqa" and recipe.precisions.get("lm_head") == "int4":
-                options["rescore"] = int(recipe.options.get("lm_head_rescore", DEFAULT_RESCORE))
-        methods = _methods(p, target, c)
-        if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
-            methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
-        # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the
-        # portable decoder; the streamed path reads this too.
-        optimizer = "none" if (flavour == "portable" and c.parts) or target.engine == "tensorrt" else None
-        plans.append(ComponentPlan(c.name, p, methods, f"{c.name}.onnx", options, optimizer))
-    source = "tiny random" if spec.tiny else ("random weights" if opts.random_weights else "checkpoint")
-    if source != "checkpoint":
-        notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")
-    if graph.get("attention") == "gqa":
-        notes.append(f"decoder: GroupQueryAttention with in-place KV slots, context {graph['context']} tokens")
-    return Plan(spec.name, target.name, Path(opts.out), plans, source, notes, {**recipe.to_json(), "flavour": flavour},
-                spec.family.name, spec.config, graph)
-
-
-def _graph_settings(comps, recipe, flavour: str, target, opts, hf_config) -> dict:
-    """A decoder's attention form: ONNX Runtime's GroupQueryAttention (KV updated in place) for the ORT flavour on
-    CPU targets, the explicit form (standard ops) for TensorRT, the portable flavour, and fp16 (whose fp32
-    islands medc.compile.fp16 places in explicit graphs; CUDA's GroupQueryAttention would compute in fp16)."""
-    decoder = next((c for c in comps if c.parts), None)
-    if decoder is None:
-        return {}
-    from medc.compile.models.gemma3 import default_context
-
-    attention = attention_form(flavour, target, recipe.precisions[decoder.name])
-    return {"attention": attention, "context": opts.context or default_context(hf_config)}
-
-
-DEFAULT_RESCORE = 1024  # an int4 lm_head's logits recomputed from int8 rows (quantize.add_rescoring)
-
-
-def attention_form(flavour: str, target, decoder_precision: str) -> str:
-    """"gqa" or "explicit" (see `_graph_settings`); the planner sizes the KV cache by it. The GQA slot form is for
-    CPU targets only: it reads GroupQueryAttention's query_seqlens input (onnxruntime >= 1.32), which the newest
-    onnxruntime-gpu (1.31.1) rejects as an invalid graph, and CUDA's GroupQueryAttention kernels take fp16/bf16 only
-    (both seen on an H200, benchmarks/cuda_check.py)."""
-    gqa = flavour == "ort" and target.kind == "cpu" and decoder_precision != "fp16"
-    return "gqa" if gqa else "explicit"
-
-
-def plan_only(opts: BuildOptions) -> Plan:
-    """The plan without loading weights (for --dry-run): reads the registry or the checkpoint's config.json."""
-    import json
-
-    from medc.compile.registry import MODELS, family_for_model_type
-    from medc.compile.spec import ModelSpec
-
-    if opts.model in MODELS:
-        spec = MODELS[opts.model]
-        config = spec.config
-    elif opts.model.endswith(".gguf") and Path(opts.model).is_file():
-        from medc.compile.loader import gguf_config
-
-        model_path = Path(opts.model)
-        config = gguf_config(model_path)
-        spec = ModelSpec(name=model_path.stem, family=family_for_model_type("gemma3_text"), description="",
-                         config=config, preprocessor={})
-    else:
-        cfg = Path(opts.model) / "config.json"
-        if not cfg.is_file():
-            raise MedcError(f"unknown model {opts.model!r}: not a registered model ({', '.join(sorted(MODELS))}) "
-                            "and not a checkpoint directory with config.json.")
-        config = json.loads(cfg.read_text())
-        family = family_for_model_type(config.get("model_type"))
-        if family is None:
-            raise MedcError(f"{opts.model} holds a {config.get('model_type')!r} model, which medc cannot build.")
-        spec = ModelSpec(name=Path(opts.model).name, family=family, description="", config=config, preprocessor={})
-    from medc.compile.loader import _config_from_dict
-
-    return make_plan(opts, spec, _config_from_dict(spec.family, config))
-
-
-# -- the build ------------------------------------------------------------------------------------------------------
 def build(opts: BuildOptions, progress=None) -> Manifest:
-    from medc.compile import loader, stream
-    from medc.targets import get_target
-
     t0 = time.perf_counter()
     out = Path(opts.out)
     _check_out(out, opts.force)
     if opts.calibration is not None:
         _check_calibration(Path(opts.calibration))
-    from medc.compile import planner, recipes
-
-    checked = plan_only(opts)  # validate precision/target before spending minutes loading weights
-    unbuilt = sorted({p for p in checked.recipe["precisions"].values() if p in recipes.PLAN_ONLY})
+    model = resolve(opts.model, opts.random_weights)
+    plan = make_plan(opts, model)  # precision and target checked before minutes of loading weights
+    unbuilt = sorted({p for p in plan.recipe.precisions.values() if p in recipes.PLAN_ONLY})
     if unbuilt:
         raise MedcError(f"{', '.join(unbuilt)} builds are not supported by this medc version (`medc plan` sizes "
                         "them); build --precision fp16 (Gemma 3's overflow-prone parts stay fp32), int8 or int4.")
-    int4_decoders = [c.name for c in checked.components if c.precision == "int4" and "weight-only" in c.methods]
-    if checked.source == "random weights" and int4_decoders and not opts.allow_degraded:
+    int4_decoders = [c.name for c in plan.components if c.precision == "int4" and "weight-only" in c.methods]
+    if plan.source == "random weights" and int4_decoders and not opts.allow_degraded:
         # Refused now, not after an hour: on a full-size random model the int4 decoder cannot meet the random-weights
-        # bar (MedGemma 4B's shapes: fp32 cosine 1.0000000 at 6 layers; int4 0.61 at 6 layers, 0.37 at all 34).
+        # bar (MedGemma 4B's shapes: worst cosine 0.37 with all 34 layers).
         raise MedcError(
             f"{', '.join(int4_decoders)} at int4 on random weights: random layers amplify int4 rounding through the "
             "whole stack, so the fidelity gate would fail after the export (worst cosine 0.37 measured on "
             "medgemma-4b-it). For latency or memory work add --allow-degraded (the bundle is recorded as degraded); "
             "for a bundle that passes, use --precision int8 or fp32.")
-    memory = planner.check_fits(opts)  # refuses a build that cannot fit a fixed-memory target
+    memory = planner.check_fits(model, opts, plan)  # refuses a build that cannot fit a fixed-memory target
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
-    streamed = stream.reason(opts)  # None: the whole fp32 model fits in memory
-    loaded = loader.load(opts.model, random_weights=opts.random_weights, pad_to_square=opts.pad_to_square,
-                         empty=streamed is not None)
-    plan = make_plan(opts, loaded.spec, loaded.config)
+    streamed = stream.reason(model, opts)  # None: the whole fp32 model fits in memory
+    loaded = load(model, pad_to_square=opts.pad_to_square, empty=streamed is not None)
     target = get_target(opts.target)
-    comps = {c.name: c for c in loaded.family.components(loaded.config, **plan.graph)}
+    comps = {c.name: c for c in loaded.family.components(loaded.config, plan.decoder)}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -253,7 +81,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                         for cp in plan.components}
             extras, weights = streamer.extras(), streamer.on_demand()
         else:
-            prepared = {cp.name: _export_and_reference(cp, comps[cp.name], loaded, opts, work, golden, step)
+            prepared = {cp.name: export.prepare(cp, comps[cp.name], loaded, opts.calibration, work, golden, step)
                         for cp in plan.components}
             extras, weights = loaded.family.extras(loaded.hf_model), contextlib.nullcontext()
         gate_ref = None
@@ -271,7 +99,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         entries = {cp.name: _convert_and_gate(cp, comps[cp.name], prepared[cp.name], opts, target, stage, work, step)
                    for cp in plan.components}
         step("writing bundle")
-        assets = loaded.family.load_assets(loaded, stage, **plan.graph)
+        assets = loaded.family.load_assets(loaded, stage, plan.decoder)
         np.savez_compressed(stage / "golden.npz", **golden)
         manifest = Manifest(
             model={"name": loaded.spec.name, "family": loaded.family.name, "hf_class": loaded.family.hf_class,
@@ -284,7 +112,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             build={"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": peak_rss_mib(),
                    "peak_rss_isolated_steps_mib": peak_rss_mib(children=True),
-                   "precision": opts.precision, "recipe": plan.recipe, "allow_degraded": opts.allow_degraded,
+                   "precision": opts.precision, "recipe": plan.recipe_record(), "allow_degraded": opts.allow_degraded,
                    "pad_to_square": opts.pad_to_square, "optimizer": opts.optimizer,
                    **({"streamed": streamed} if streamed else {})},
             **assets,
@@ -295,9 +123,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             "context", "batch", "weight_bytes", "kv_bytes", "activation_bytes", "runtime_bytes", "total_bytes",
             "usable_bytes", "fits", "decode_tokens_per_s", "vision_ms")}
         if target.engine == "tensorrt":  # ONNX + optimisation profiles + trtexec lines; engines on the device
-            from medc.compile import tensorrt
-
-            step("TensorRT: optimisation profiles, trtexec commands")
+            step("TensorRT: optimisation profiles, trtexec commands, lint")
             manifest.tensorrt = tensorrt.prepare_bundle(stage, manifest, target, memory.context, opts.max_batch)
         manifest.files = hash_files(stage)
         manifest.write(stage)
@@ -311,54 +137,20 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@dataclass
-class _Prepared:
-    """A component after the torch phase: its raw ONNX export, reference outputs and calibration data."""
+@dataclass(frozen=True)
+class _Candidate:
+    """One conversion of a component, gated (and timed when several compete)."""
 
-    raw: Path
-    example: dict[str, np.ndarray]
-    ref_cases: dict
-    calibration: tuple | None
-    # Streamed components (compile/stream.py): (method, work) -> (graph, quantization record, optimisations),
-    # optimised and converted while the weights are read; None: optimise + convert the raw export.
-    produce: Callable | None = None
-    export_key: str | None = None  # the raw export's cache key: its optimised forms are cached under it too
+    method: str
+    path: Path
+    quantization: dict  # the manifest record
+    evaluation: dict  # verify.evaluate's result
+    seconds: float | None  # median at the export's batch; None when not timed
+    optimizations: dict
 
 
-def _export_and_reference(cp: ComponentPlan, comp, loaded, opts, work: Path, golden: dict, step) -> _Prepared:
-    import torch
-
-    from medc.compile import export
-    from medc.runtime.verify import golden_key
-
-    module = comp.extract(loaded.hf_model)
-    example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
-    step(f"{cp.name}: export")
-    raw, key = work / f"{cp.name}.raw.onnx", export.cache_key(loaded, comp)
-    if export.export_cached(module, comp, example, raw, key):
-        log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
-
-    step(f"{cp.name}: reference outputs")
-    ref_cases, ref_module = {}, comp.reference_module(loaded.hf_model)
-    with torch.no_grad():
-        for case, feeds in comp.golden_inputs(loaded).items():
-            ref = comp.reference(ref_module(*export.module_args(ref_module, comp, feeds)))
-            ref_cases[case] = {"in": feeds, "ref": ref}
-            for kind, arrays in (("in", feeds), ("ref", ref)):
-                for name, arr in arrays.items():
-                    golden[golden_key(cp.name, case, kind, name)] = arr
-    calibration = None
-    if "int8-static-qdq" in cp.methods:
-        step(f"{cp.name}: calibration data")
-        calibration = comp.calibration(loaded, opts.calibration)
-    return _Prepared(raw, example, ref_cases, calibration, export_key=key)
-
-
-def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, stage: Path, work: Path,
+def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, target, stage: Path, work: Path,
                       step) -> ComponentEntry:
-    from medc.compile import export, optimize, quantize, stream
-    from medc.runtime.session import stand_in_config
-
     graphs: dict[str, tuple[Path, dict]] = {}  # optimiser -> (optimised fp32 graph, manifest record)
 
     def optimised(optimizer: str) -> tuple[Path, dict]:
@@ -370,8 +162,11 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         return graphs[optimizer]
 
     tol = comp.tolerances[cp.precision]
-    ref_cases, example, calibration = prep.ref_cases, prep.example, prep.calibration
-    candidates = []  # (method, path, info, evaluation, seconds, optimisations)
+    options = ConvertOptions(
+        calibration=prep.calibration, quantize_bias=target.engine != "tensorrt", weight_only=cp.weight_only,
+        fp16_islands=cp.fp16_islands,  # decoders: fp32 islands where held-out inputs overflow fp16
+        fp16_feeds=[case["in"] for case in prep.ref_cases.values()] if cp.fp16_islands else None)
+    candidates: list[_Candidate] = []
     for method in cp.methods or ["fp32"]:
         if prep.produce is not None:
             step(f"{cp.name}: {method}, weights streamed")
@@ -382,12 +177,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
             info = {"method": "none"}
             if method != "fp32":
                 step(f"{cp.name}: {method}")
-                options = cp.options
-                if method == "fp16" and cp.options:  # decoders: fp32 islands where held-out inputs overflow fp16
-                    options = {**cp.options, "feeds": [case["in"] for case in ref_cases.values()]}
-                if method == "int8-static-qdq" and target.engine == "tensorrt":  # no int32 bias DQ in TensorRT
-                    options = {**options, "quantize_bias": False}
-                info = quantize.convert(method, src, path, calibration, options)
+                info = quantize.convert(method, src, path, options)
         step(f"{cp.name}: fidelity gate ({method})")
         gated = path
         if method == "fp16" and target.available_providers()[0] == "CPUExecutionProvider":
@@ -396,21 +186,21 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
         if method == "int8-static-qdq" and stand_in_config(target.engine, target.available_providers()):
             info = {**info, "gated_on": "ONNX Runtime CPU with Q/DQ left unfused: the engine's exact int8 arithmetic "
                                         "(runtime/session.py stand_in_config)"}
-        evaluation, seconds = _gate_and_time(gated, target, ref_cases, tol, example,
+        evaluation, seconds = _gate_and_time(gated, target, prep.ref_cases, tol, prep.example,
                                              opts.timing_runs if len(cp.methods) > 1 else 0)
         evaluation["method"] = method
-        candidates.append((method, path, info, evaluation, seconds, optimizations))
+        candidates.append(_Candidate(method, path, info, evaluation, seconds, optimizations))
         log.info("%s %s: worst cosine %.6f, max abs %.3g, %s", cp.name, method, evaluation["worst"]["cosine"],
                  evaluation["worst"]["max_abs"], "pass" if evaluation["passed"] else "FAIL")
 
-    passing = [c for c in candidates if c[3]["passed"]]
+    passing = [c for c in candidates if c.evaluation["passed"]]
     if passing:
-        chosen = min(passing, key=lambda c: c[4] if c[4] is not None else 0.0)
+        chosen = min(passing, key=lambda c: c.seconds if c.seconds is not None else 0.0)
     elif opts.allow_degraded:
-        chosen = max(candidates, key=lambda c: c[3]["worst"]["cosine"])
+        chosen = max(candidates, key=lambda c: c.evaluation["worst"]["cosine"])
         log.warning("%s below its %s gate; kept because of --allow-degraded", cp.name, cp.precision)
     else:
-        worst = max(candidates, key=lambda c: c[3]["worst"]["cosine"])[3]["worst"]
+        worst = max(candidates, key=lambda c: c.evaluation["worst"]["cosine"]).evaluation["worst"]
         if cp.precision == "fp32":
             fix = "at fp32 this points to the graph optimiser: try --optimizer none, or"
         else:
@@ -420,18 +210,21 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: _Prepared, opts, target, st
             f"{cp.name} at {cp.precision} fails the fidelity gate: worst cosine {worst['cosine']:.6f}, max abs error "
             f"{worst['max_abs']:.3g}; required {tol.describe()}. Nothing was written. To fix: {fix} "
             "--allow-degraded to keep it anyway (recorded in the manifest).")
-    method, path, info, evaluation, seconds, optimizations = chosen
+    info, evaluation = chosen.quantization, chosen.evaluation
     if len(candidates) > 1:
         info = {**info, "selected_by": "fastest passing on this machine",
-                "candidates": {c[0]: {"passed": c[3]["passed"], "worst_cosine": c[3]["worst"]["cosine"],
-                                      "seconds_batch2": c[4]} for c in candidates}}
+                "candidates": {c.method: {"passed": c.evaluation["passed"],
+                                          "worst_cosine": c.evaluation["worst"]["cosine"], "seconds_batch2": c.seconds}
+                               for c in candidates}}
     if prep.produce is not None:
-        stream.install(path, stage / cp.file)  # written under its bundle name, its weights already external
+        stream.install(chosen.path, stage / cp.file)  # written under its bundle name, its weights already external
     else:
-        export.save_onnx(__import__("onnx").load(str(path)), stage / cp.file)
+        import onnx
+
+        export.save_onnx(onnx.load(str(chosen.path)), stage / cp.file)
     evaluation["degraded"] = not evaluation["passed"]
     return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
-                          quantization=info, optimizations=optimizations, fidelity=evaluation)
+                          quantization=info, optimizations=chosen.optimizations, fidelity=evaluation)
 
 
 def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
@@ -440,17 +233,12 @@ def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
     through fp16 instead (medc.compile.fp16.cpu_emulation)."""
     import onnx
 
-    from medc.compile import export, fp16
-
     out = work / f"{path.stem}.fp16-emulated.onnx"
     export.save_onnx(fp16.cpu_emulation(onnx.load(str(path))), out)
     return out
 
 
 def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
-    from medc.runtime.session import OrtSession, stand_in_config
-    from medc.runtime.verify import evaluate
-
     providers = target.available_providers()
     with OrtSession(path, providers, config=stand_in_config(target.engine, providers)) as sess:
         evaluation = evaluate(sess.run, ref_cases, tol)
@@ -467,14 +255,11 @@ def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
 
 def _whole_model_gate(family, manifest: Manifest, stage: Path, reference: dict, opts, step) -> dict:
     """Generative models: run the finished bundle through the runtime (greedy tokens, perplexity) vs the reference."""
-    from medc.runtime import PIPELINES
-    from medc.runtime.bundle import open_bundle
-
     step("whole-model gate through the runtime")
     manifest.write(stage)  # provisional: the runtime reads the manifest
     with PIPELINES[family.name](open_bundle(stage, verify=False), None) as pipeline:
         precisions = {**{n: c.precision for n, c in manifest.components.items()},
-                      **manifest.build.get("recipe", {}).get("precisions", {})}
+                      **manifest.build["recipe"]["precisions"]}
         result = family.gate_check(pipeline, reference, precisions)
     log.info("whole-model gate: %s", {k: v for k, v in result.items() if k != "text"})
     if not result["passed"] and not opts.allow_degraded:
@@ -503,8 +288,6 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _check_calibration(folder: Path) -> None:
     """Fail before minutes of export if the calibration folder cannot be used. Messages name files, never content."""
-    from medc.runtime.preprocess import load_image
-
     if not folder.is_dir():
         raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG/JPEG images.")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))

@@ -1,16 +1,26 @@
-"""PyTorch -> ONNX with the dynamo exporter, dynamic axes named as in the component spec."""
+"""The torch phase of a build: PyTorch -> ONNX with the dynamo exporter (dynamic axes named as in the component
+spec, exports cached by identity), and the fp32 reference outputs on the held-out golden inputs (`prepare`)."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
+import math
 import os
+import shutil
 import warnings
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from medc.compile.spec import ComponentSpec
 from medc.errors import MedcError
+from medc.runtime.verify import golden_key
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +76,9 @@ def trace(module, comp: ComponentSpec, example: dict[str, np.ndarray], optimize:
 
 def cache_key(loaded, comp: ComponentSpec) -> str | None:
     """Identity of an export: same weights, same component code, same exporter -> same graph. Tiny built-in models
-    are keyed by their config and seed (their weights are a function of both and of loader.py): exporting a 4-layer
-    decoder still takes ~25 s of tracing, and the tests build the same tiny components many times. None for
+    are keyed by their config and seed (their weights are a function of both and of loader.py): even a 4-layer
+    decoder takes tens of seconds to trace, and the tests build the same tiny components many times. None for
     full-size random weights (gigabytes each, built for one-off memory and speed runs)."""
-    import hashlib
-    import inspect
-    import json
-    from importlib import metadata
-
-    from medc.compile import loader as loader_module
-
     source = loaded.source
     code = [Path(__file__), Path(inspect.getsourcefile(comp.extract))]
     if source.get("kind") == "checkpoint":
@@ -84,7 +87,7 @@ def cache_key(loaded, comp: ComponentSpec) -> str | None:
         spec = loaded.spec
         weights = {"tiny": spec.name, "seed": source.get("seed"), "config": spec.config,
                    "pad_to_square": loaded.pad_to_square}
-        code.append(Path(inspect.getsourcefile(loader_module)))  # random_parameter makes the weights
+        code.append(Path(inspect.getsourcefile(type(loaded))))  # the loader's random_parameter makes the weights
     else:
         return None
     h = hashlib.sha256(json.dumps({
@@ -113,9 +116,6 @@ def cached(key: str | None, path: Path, make) -> tuple[bool, dict | None]:
     """Run `make()`, which writes the graph `path` (and `path.data`) and returns a JSON record or None, unless
     ~/.cache/medc/exports/KEY holds its result from an earlier build: then link or copy that in. KEY None: no
     caching. Returns (cache hit, the record)."""
-    import json
-    import shutil
-
     if key is None:
         return False, make()
     cache = Path.home() / ".cache" / "medc" / "exports" / key
@@ -141,10 +141,8 @@ def cached(key: str | None, path: Path, make) -> tuple[bool, dict | None]:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the cache and the build share a file system (a 1 GB export copied took 10 s of a warm
+    """A hard link where the cache and the build share a file system (copying a GB-sized export is most of a warm
     build), else a copy. Safe because nothing writes a graph in place: `save_onnx` unlinks its target first."""
-    import shutil
-
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
@@ -178,9 +176,7 @@ def save_onnx(model, path: Path) -> None:
 
 def _tensor_bytes(t) -> int:
     """A tensor's data size from its shape and type. `ByteSize()` gives the same number but serialises the tensor to
-    count it: 11 s of a Gemma 3 270M int8 build went there (py-spy)."""
-    import math
-
+    count it, seconds of a build for a whole decoder."""
     import onnx
 
     if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -189,3 +185,51 @@ def _tensor_bytes(t) -> int:
     if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT4E2M1):
         return (n + 1) // 2  # two values per byte
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+# -- the torch phase of one component -------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A component after the torch phase: its raw ONNX export, reference outputs and calibration data."""
+
+    raw: Path
+    example: dict[str, np.ndarray]
+    ref_cases: dict  # {case: {"in": feeds, "ref": outputs}}
+    calibration: tuple | None
+    # Streamed components (compile/stream.py): (method, work) -> (graph, quantization record, optimisations),
+    # optimised and converted while the weights are read; None: optimise + convert the raw export.
+    produce: Callable | None = None
+    export_key: str | None = None  # the raw export's cache key: its optimised forms are cached under it too
+
+
+def add_golden(golden: dict, component: str, ref_cases: dict) -> None:
+    """A component's held-out inputs and reference outputs into the bundle's golden arrays."""
+    for case, arrays in ref_cases.items():
+        for kind in ("in", "ref"):
+            for name, arr in arrays[kind].items():
+                golden[golden_key(component, case, kind, name)] = arr
+
+
+def prepare(cp, comp: ComponentSpec, loaded, calibration_dir: Path | None, work: Path, golden: dict,
+            step) -> Prepared:
+    """The in-memory path: export `comp` (cached), run the torch reference on its golden inputs, and collect the
+    calibration data its conversion candidates need."""
+    import torch
+
+    module = comp.extract(loaded.hf_model)
+    example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
+    step(f"{cp.name}: export")
+    raw, key = work / f"{cp.name}.raw.onnx", cache_key(loaded, comp)
+    if export_cached(module, comp, example, raw, key):
+        log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
+    step(f"{cp.name}: reference outputs")
+    ref_cases, ref_module = {}, comp.reference_module(loaded.hf_model)
+    with torch.no_grad():
+        for case, feeds in comp.golden_inputs(loaded).items():
+            ref_cases[case] = {"in": feeds, "ref": comp.reference(ref_module(*module_args(ref_module, comp, feeds)))}
+    add_golden(golden, cp.name, ref_cases)
+    calibration = None
+    if "int8-static-qdq" in cp.methods:
+        step(f"{cp.name}: calibration data")
+        calibration = comp.calibration(loaded, calibration_dir)
+    return Prepared(raw, example, ref_cases, calibration, export_key=key)

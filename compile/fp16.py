@@ -1,28 +1,6 @@
-"""fp16 with fp32 islands, for decoders whose activations do not fit fp16 (Gemma 3).
-
-fp16's largest value is 65504. Gemma 3's residual stream and some MLP activations grow past it, and RMSNorm squares
-them (transformers issues 36822 and 39972), so a whole-graph fp16 conversion gives inf/NaN. Here the graph is
-converted with ONNX Runtime's own converter, but with parts kept fp32:
-
-1. By structure, whatever the data (another prompt can be larger than the calibration ones):
-   - normalisation: the fused ops, or unfused, the chain from Pow(x) to the node that reads x again
-     (x * rsqrt(mean(x^2) + eps)): x^2 overflows fp16 from |x| = 256;
-   - the residual stream: the Adds that carry it from layer to layer and every node that reads it;
-   - Softmax;
-   - rotary angles (positions cast to float, times inverse frequencies, Cos/Sin): fp16 has no integers above 2048
-     and an angle of 1000 rad only to 0.5 rad, so long prompts would be rotated wrongly.
-2. Measured: the fp32 graph runs in ONNX Runtime on the calibration feeds, each float tensor reduced to max |x| in
-   the graph itself, and every node that writes or reads a tensor above `threshold` (default 65504 / 16, headroom
-   for larger inputs) is kept fp32.
-3. `convert_float_to_float16` (keep_io_types) inserts the Casts. Weights read only by fp32 nodes stay fp32.
-
-The converter casts every tensor between two fp32 nodes to fp16 and back, which overflows exactly where an island
-should protect, so those Cast pairs are removed afterwards (`_drop_round_trips`).
-
-On x86, ONNX Runtime's CPU provider cannot show fp16 overflow: it has no fp16 kernel for MatMul, Add, Mul, Gelu,
-Softmax, ... (onnxruntime 1.32), runs them in fp32 and drops the rounding between consecutive ones. `cpu_emulation`
-rewrites an fp16 graph so that the CPU rounds every fp16 tensor, as GPU storage does.
-"""
+"""fp16 with fp32 islands, for decoders whose activations do not fit fp16 (Gemma 3): ONNX Runtime's converter, with
+the overflow-prone parts kept fp32, found by structure and by measurement (`convert_fp16`); and `cpu_emulation`,
+which makes a CPU show what fp16 storage does on a GPU."""
 
 from __future__ import annotations
 
@@ -34,6 +12,32 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from medc.compile.export import save_onnx
+from medc.manifest import feeds_digest
+
+# fp16's largest value is 65504. Gemma 3's residual stream and some MLP activations grow past it, and RMSNorm squares
+# them (transformers issues 36822 and 39972), so a whole-graph fp16 conversion gives inf/NaN. Here the graph is
+# converted with ONNX Runtime's own converter, but with parts kept fp32:
+#
+# 1. By structure, whatever the data (another prompt can be larger than the calibration ones):
+#    - normalisation: the fused ops, or unfused, the chain from Pow(x) to the node that reads x again
+#      (x * rsqrt(mean(x^2) + eps)): x^2 overflows fp16 from |x| = 256;
+#    - the residual stream: the Adds that carry it from layer to layer and every node that reads it;
+#    - Softmax;
+#    - rotary angles (positions cast to float, times inverse frequencies, Cos/Sin): fp16 has no integers above 2048
+#      and an angle of 1000 rad only to 0.5 rad, so long prompts would be rotated wrongly.
+# 2. Measured: the fp32 graph runs in ONNX Runtime on the calibration feeds, each float tensor reduced to max |x| in
+#    the graph itself, and every node that writes or reads a tensor above `threshold` (default 65504 / 16, headroom
+#    for larger inputs) is kept fp32.
+# 3. `convert_float_to_float16` (keep_io_types) inserts the Casts. Weights read only by fp32 nodes stay fp32.
+#
+# The converter casts every tensor between two fp32 nodes to fp16 and back, which overflows exactly where an island
+# should protect, so those Cast pairs are removed afterwards (`_drop_round_trips`).
+#
+# On x86, ONNX Runtime's CPU provider cannot show fp16 overflow: it has no fp16 kernel for MatMul, Add, Mul, Gelu,
+# Softmax, ... (onnxruntime 1.32), runs them in fp32 and drops the rounding between consecutive ones. `cpu_emulation`
+# rewrites an fp16 graph so that the CPU rounds every fp16 tensor, as GPU storage does.
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +70,13 @@ class _Index:
 
 
 def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
-                 options: dict | None = None) -> dict:
+                 threshold: float = FP16_MAX / HEADROOM) -> dict:
     """Write `dst`: `src` (fp32) in fp16 with fp32 islands. Returns the manifest record.
 
-    options: "threshold" (max |x| above which a tensor's nodes stay fp32; default 65504 / 16)."""
+    threshold: max |x| above which a tensor's writer and readers stay fp32."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from medc.compile.export import save_onnx
-
-    options = dict(options or {})
-    threshold = float(options.get("threshold", FP16_MAX / HEADROOM))
     model = onnx.load(str(src))
     _name_nodes(model.graph)
     # The exporter lists some initializers in value_info too; the converter would then turn that entry to fp16 and
@@ -92,12 +92,10 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     measured = {"threshold": threshold, "feeds": 0}
     above: dict[str, float] = {}
     if calibration_feeds:
-        from medc.compile.quantize import calibration_digest
-
         maxima = activation_maxima(model, calibration_feeds)
         above = {t: m for t, m in maxima.items() if m > threshold}
         top = max(maxima, key=maxima.get)
-        measured.update(feeds=len(calibration_feeds), digest=calibration_digest(calibration_feeds),
+        measured.update(feeds=len(calibration_feeds), digest=feeds_digest(calibration_feeds),
                         max_abs=maxima[top], max_tensor=top,
                         above_threshold=dict(sorted(above.items(), key=lambda kv: -kv[1])))
     else:
@@ -198,8 +196,6 @@ def activation_maxima(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, fl
     The model is restored before returning."""
     import onnxruntime as ort
     from onnx import helper
-
-    from medc.compile.export import save_onnx
 
     graph = model.graph
     ix = _Index(graph)

@@ -1,43 +1,6 @@
-"""TensorRT-readiness lint: will TensorRT's ONNX parser take a bundle's graphs, for a target's TensorRT versions?
-
-TensorRT cannot be installed on a machine without an NVIDIA GPU (the PyPI `tensorrt` wheels download from NVIDIA at
-install time), so this proves on the CPU what can be proven from the graphs alone, against what the parser documents
-and what its importers check. `lint_bundle` reads every graph of a bundle without its weights
-(`onnx.load(..., load_external_data=False)`; the few constants a rule reads are memory-mapped), and `lint_model`
-checks one graph, for every TensorRT version the target lists (`targets/profiles/*.json`: "10.3" JetPack 6.1/6.2
-Orin, "10.13" Thor and data-center GPUs, "11.4" JetPack 7.2 Orin). Rules (`RULES`):
-
-- operators: every node's domain and op type against the parser's operator table for that version, with the data
-  types it lists per op, and the cheap-to-check restrictions (Resize modes, Pad modes, constant axes...). ONNX
-  Runtime contrib ops (com.microsoft MatMulNBits, DynamicQuantizeLinear/MatMulInteger, SkipLayerNormalization,
-  BiasGelu, Attention, and SimplifiedLayerNormalization, which ONNX Runtime registers in the default domain) have no
-  importer: the parser looks unknown ops up as plugins, and there are none.
-- data types: no double; bf16 / fp8 only where the target's hardware has them. int64: TensorRT 9.0 made INT64 a
-  native type ("The ONNX parser no longer automatically casts INT64 to INT32 ... models with INT64 I/O require INT64
-  bindings", onnx-tensorrt docs/Changelog.md; ModelImporter.cpp only warns "Make sure output ... has Int64
-  binding"), and shape tensors are int64 in TensorRT 10, so int64 graph inputs and shape arithmetic need no int32
-  conversion on any TensorRT this lint knows (10.x, 11.x). What does need a change is an operator whose table row
-  lacks the type its data arrives in: the decoder's CumSum over int64 image-block ids (CumSum: FP32, FP16, BF16) and
-  its Pad of a bool mask (Pad: no BOOL). `make_trt_ready` puts exact cast islands around those nodes; the TensorRT
-  stage of the build (compile/tensorrt.py, prepare_bundle) applies it and re-checks the golden data.
-- explicit quantization (onnxOpImporters.cpp, QuantDequantLinearHelper; IDequantizeLayer API): Q/DQ with int8
-  zero points that are 0 (TensorRT is symmetric only; a uint8 zero point is rejected by DequantizeLinear and read as
-  int8 by QuantizeLinear), positive scales, per-tensor activations, per-channel weights along the output channels;
-  no int32 DequantizeLinear (quantised bias); int4 only as weight-only blocked DequantizeLinear on an initializer
-  (`block_size`, opset >= 21, 2-D, zero point 0 or absent; INT4 arrived in TensorRT 10.0); fp8 only on targets
-  whose precisions include fp8 (never on Orin).
-- opset: 9 up to the parser's documented maximum (older is an error; newer is a warning: ModelImporter.cpp has no
-  upper bound, but node versions newer than the parser knows may be refused).
-- dynamic shapes: with optimisation profiles (the bundle's `tensorrt/profiles.json` when the build wrote one),
-  every dynamic input dim needs min/opt/max, static dims must match, and the max shapes must fit the target.
-- fp16 graphs: fp32 islands are reported as info (expected, e.g. Gemma 3's overflow-prone parts).
-
-Sources (read with the `search` tool, cited where used): onnx/onnx-tensorrt docs/operators.md as released with
-TensorRT 10.15 (the table below) and its 10.0 header ("opset 9 to opset 20"); docs/Changelog.md (10.0 EA to 10.15,
-for the versions in between); ModelImporter.cpp and onnxOpImporters.cpp (TensorRT 10.x); the TensorRT API reference
-for IDequantizeLayer; docs.nvidia.com/deeplearning/tensorrt/latest/reference/onnx-opset-guide.html (TensorRT 11.x:
-ONNX 1.20, opset up to 25).
-"""
+"""TensorRT-readiness lint: will TensorRT's ONNX parser take a bundle's graphs, for each TensorRT version its target
+names? Proven on the CPU from the graphs alone, weights never loaded (`lint_bundle`, `lint_model`; the rules are
+`RULES`). It only checks: the TensorRT stage (compile/tensorrt.py) makes the rewrites."""
 
 from __future__ import annotations
 
@@ -47,6 +10,48 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medc.errors import MedcError
+from medc.manifest import Manifest
+from medc.system import version_tuple
+from medc.targets import TARGETS, get_target
+
+# TensorRT cannot be installed on a machine without an NVIDIA GPU (the PyPI `tensorrt` wheels download from NVIDIA at
+# install time), so this proves on the CPU what can be proven from the graphs alone, against what the parser documents
+# and what its importers check. `lint_bundle` reads every graph of a bundle without its weights
+# (`onnx.load(..., load_external_data=False)`; the few constants a rule reads are memory-mapped), and `lint_model`
+# checks one graph, for every TensorRT version the target lists (`targets/profiles/*.json`: "10.3" JetPack 6.1/6.2
+# Orin, "10.13" Thor and data-center GPUs, "11.4" JetPack 7.2 Orin). Rules (`RULES`):
+#
+# - operators: every node's domain and op type against the parser's operator table for that version, with the data
+#   types it lists per op, and the cheap-to-check restrictions (Resize modes, Pad modes, constant axes...). ONNX
+#   Runtime contrib ops (com.microsoft MatMulNBits, DynamicQuantizeLinear/MatMulInteger, SkipLayerNormalization,
+#   BiasGelu, Attention, and SimplifiedLayerNormalization, which ONNX Runtime registers in the default domain) have no
+#   importer: the parser looks unknown ops up as plugins, and there are none.
+# - data types: no double; bf16 / fp8 only where the target's hardware has them. int64: TensorRT 9.0 made INT64 a
+#   native type ("The ONNX parser no longer automatically casts INT64 to INT32 ... models with INT64 I/O require INT64
+#   bindings", onnx-tensorrt docs/Changelog.md; ModelImporter.cpp only warns "Make sure output ... has Int64
+#   binding"), and shape tensors are int64 in TensorRT 10, so int64 graph inputs and shape arithmetic need no int32
+#   conversion on any TensorRT this lint knows (10.x, 11.x). What does need a change is an operator whose table row
+#   lacks the type its data arrives in: the decoder's CumSum over int64 image-block ids (CumSum: FP32, FP16, BF16) and
+#   its Pad of a bool mask (Pad: no BOOL). The TensorRT stage of the build (compile/tensorrt.py, make_trt_ready) puts
+#   exact cast islands around those nodes (`TYPE_ISLANDS`) and re-checks the golden data. This module only checks: it
+#   never changes a graph.
+# - explicit quantization (onnxOpImporters.cpp, QuantDequantLinearHelper; IDequantizeLayer API): Q/DQ with int8
+#   zero points that are 0 (TensorRT is symmetric only; a uint8 zero point is rejected by DequantizeLinear and read as
+#   int8 by QuantizeLinear), positive scales, per-tensor activations, per-channel weights along the output channels;
+#   no int32 DequantizeLinear (quantised bias); int4 only as weight-only blocked DequantizeLinear on an initializer
+#   (`block_size`, opset >= 21, 2-D, zero point 0 or absent; INT4 arrived in TensorRT 10.0); fp8 only on targets
+#   whose precisions include fp8 (never on Orin).
+# - opset: 9 up to the parser's documented maximum (older is an error; newer is a warning: ModelImporter.cpp has no
+#   upper bound, but node versions newer than the parser knows may be refused).
+# - dynamic shapes: with optimisation profiles (the bundle's `tensorrt/profiles.json` when the build wrote one),
+#   every dynamic input dim needs min/opt/max, static dims must match, and the max shapes must fit the target.
+# - fp16 graphs: fp32 islands are reported as info (expected, e.g. Gemma 3's overflow-prone parts).
+#
+# Sources (read with the `search` tool, cited where used): onnx/onnx-tensorrt docs/operators.md as released with
+# TensorRT 10.15 (the table below) and its 10.0 header ("opset 9 to opset 20"); docs/Changelog.md (10.0 EA to 10.15,
+# for the versions in between); ModelImporter.cpp and onnxOpImporters.cpp (TensorRT 10.x); the TensorRT API reference
+# for IDequantizeLayer; docs.nvidia.com/deeplearning/tensorrt/latest/reference/onnx-opset-guide.html (TensorRT 11.x:
+# ONNX 1.20, opset up to 25).
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +253,7 @@ class ParserSpec:
 
 def _version(text: str) -> tuple[int, int]:
     try:
-        major, minor = (int(x) for x in str(text).split(".")[:2])
+        major, minor = version_tuple(text, 2)
     except ValueError:
         raise MedcError(f"TensorRT version {text!r} is not major.minor (e.g. 10.3); fix the target profile.") from None
     return major, minor
@@ -275,7 +280,7 @@ _TRT_TYPES = {1: "FP32", 10: "FP16", 16: "BF16", 6: "INT32", 7: "INT64", 3: "INT
               17: "FP8", 22: "INT4", 23: "FP4", 11: "DOUBLE"}
 
 
-def _type_name(elem_type: int) -> str:
+def type_name(elem_type: int) -> str:
     import onnx
 
     return _TRT_TYPES.get(elem_type) or onnx.TensorProto.DataType.Name(elem_type)
@@ -302,11 +307,11 @@ class _Graph:
                     self.consumers[name].append((node, i))
         self.graph_outputs = {o.name for o in self.graph.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.types = _infer_types(model)
+        self.types = infer_types(model)
 
     def type_of(self, name: str) -> str | None:
         t = self.types.get(name)
-        return _type_name(t) if t else None
+        return type_name(t) if t else None
 
     def const(self, name: str):
         """The TensorProto behind a constant input (initializer or Constant node), else None."""
@@ -368,7 +373,7 @@ class _Graph:
         return default
 
 
-def _infer_types(model) -> dict[str, int]:
+def infer_types(model) -> dict[str, int]:
     """Element type of every tensor: declared, then ONNX shape inference on a weightless skeleton of the graph
     (initializers become typed inputs), so a multi-GB model with loaded weights is never copied."""
     import onnx
@@ -402,6 +407,16 @@ def _infer_types(model) -> dict[str, int]:
                 if a.name == "value":
                     types[node.output[0]] = a.t.data_type
     return types
+
+
+# (op, type of its data operand) -> (ONNX type it is computed in, inputs cast, why it is exact): the operators whose
+# parser row lacks a type medc's graphs give them, and the exact cast island that fixes each (the rewrite itself is
+# the TensorRT stage's, medc.compile.tensorrt.make_trt_ready).
+TYPE_ISLANDS: dict[tuple[str, str], tuple[int, tuple[int, ...], str]] = {
+    ("CumSum", "INT64"): (1, (0,), "float32 sums: exact for partial sums below 2**24, e.g. counts over a sequence"),
+    ("CumSum", "INT32"): (1, (0,), "float32 sums: exact for partial sums below 2**24, e.g. counts over a sequence"),
+    ("Pad", "BOOL"): (6, (0, 2), "bool as int32 0/1 and back: exact"),
+}
 
 
 # -- per-op checks --------------------------------------------------------------------------------------------------------
@@ -575,14 +590,14 @@ def _check_ops(g: _Graph, spec: ParserSpec, emit) -> None:
         operands = [typed_operand(node)]
         if node.op_type == "Cast":
             operands.append(None)
-            to = _type_name(g.attr(node, "to", 0))
+            to = type_name(g.attr(node, "to", 0))
             if to not in allowed:
                 emit("op-type", name, f"Cast to {to}; TensorRT's Cast takes {', '.join(sorted(allowed))}.")
         for operand in filter(None, operands):
             t = g.type_of(operand)
             if t is None or t in allowed or t == "DOUBLE":  # DOUBLE: its own rule
                 continue
-            fix = (" `medc.compile.lint.make_trt_ready` computes it in an exact cast island "
+            fix = (" The TensorRT stage (medc.compile.tensorrt.make_trt_ready) computes it in an exact cast island "
                    f"({TYPE_ISLANDS[(node.op_type, t)][2]})." if (node.op_type, t) in TYPE_ISLANDS
                    else " Cast around it to a listed type.")
             emit("op-type", name, f"{node.op_type} on {t}; TensorRT's parser lists "
@@ -628,7 +643,7 @@ def _check_qdq(g: _Graph, target, versions: list[ParserSpec], emit) -> None:
             qtype = g.type_of(zp)
         else:  # ONNX: uint8 unless output_dtype says otherwise (TensorRT would read it as int8)
             out = g.attr(node, "output_dtype", 0)
-            qtype = _type_name(out) if out else "UINT8"
+            qtype = type_name(out) if out else "UINT8"
         # A weight: a constant, or a constant through a QuantizeLinear (Q -> DQ pairs on weights).
         q = g.producers.get(x)
         weight = g.is_const(x) or (q is not None and q.op_type == "QuantizeLinear" and g.is_const(q.input[0]))
@@ -851,9 +866,7 @@ def _check_profiles(g: _Graph, profiles, target, context: int | None, emit) -> N
 
 
 # -- the lint -----------------------------------------------------------------------------------------------------------
-def _tensorrt_target(target):
-    from medc.targets import TARGETS, get_target
-
+def tensorrt_target(target):
     t = get_target(target) if isinstance(target, str) else target
     if t.engine != "tensorrt" or not t.tensorrt:
         trt = sorted(n for n, p in TARGETS.items() if p.engine == "tensorrt")
@@ -869,7 +882,7 @@ def lint_model(model, target, profiles=None, *, component: str = "model", base_d
     `profiles`: this graph's optimisation profiles, {input: {"min": [...], "opt": [...], "max": [...]}} or a list
     of those; None skips the profile checks. `base_dir`: where external data lives (to read zero points and scales).
     """
-    t = _tensorrt_target(target)
+    t = tensorrt_target(target)
     versions = [parser_spec(v) for v in t.tensorrt]
     g = _Graph(model, Path(base_dir) if base_dir else None)
     found: dict[tuple, set[str]] = {}
@@ -912,15 +925,24 @@ def _read_profiles(bundle: Path):
 
 def lint_bundle(bundle_dir, target) -> LintReport:
     """Lint every graph of a bundle for `target` (a name or Target); weights are never loaded."""
-    import onnx
-
-    from medc.manifest import Manifest
-    from medc.targets import TARGETS
-
     bundle = Path(bundle_dir)
-    t = _tensorrt_target(target)
     manifest = Manifest.read(bundle)
-    report = LintReport(t.name, tuple(t.tensorrt), bundle=str(bundle))
+    try:
+        profiles = _read_profiles(bundle)
+    except ValueError as e:
+        report = lint_components(bundle, manifest, target, {})
+        report.findings.append(Finding("profiles-unreadable", RULES["profiles-unreadable"][0], "", "tensorrt",
+                                       f"tensorrt/profiles.json is not JSON ({e}); rebuild the bundle."))
+        return report
+    return lint_components(bundle, manifest, target, profiles)
+
+
+def lint_components(folder: Path, manifest: Manifest, target, profiles: dict | None) -> LintReport:
+    """Lint the graphs `manifest` names in `folder` (a bundle, or a build's stage before its manifest is written)
+    against `profiles` ({component: optimisation profiles}; None: no profiles to check)."""
+    folder = Path(folder)
+    t = tensorrt_target(target)
+    report = LintReport(t.name, tuple(t.tensorrt), bundle=str(folder))
     built = TARGETS.get(manifest.target)
     if built is None or built.engine != "tensorrt":
         report.findings.append(Finding(
@@ -930,91 +952,22 @@ def lint_bundle(bundle_dir, target) -> LintReport:
         report.findings.append(Finding(
             "bundle-other-target", "warning", "", "", f"built for {built.name}, linted for {t.name}: precisions and "
             f"profiles were planned for {built.name}. Rebuild with --target {t.name} for this device."))
-    try:
-        all_profiles = _read_profiles(bundle)
-    except ValueError as e:
-        all_profiles = {}
-        report.findings.append(Finding("profiles-unreadable", RULES["profiles-unreadable"][0], "", "tensorrt",
-                                       f"tensorrt/profiles.json is not JSON ({e}); rebuild the bundle."))
     context = (manifest.generation or {}).get("max_positions")
     for name, entry in manifest.components.items():
-        path = bundle / entry.file
+        path = folder / entry.file
         if not path.is_file():
-            raise MedcError(f"bundle {bundle} is incomplete: {entry.file} is missing. Copy the bundle again.")
-        model = onnx.load(str(path), load_external_data=False)  # graph only: big models keep weights on disk
-        profiles = None if all_profiles is None else all_profiles.get(name, {})
-        r = lint_model(model, t, profiles, component=name, base_dir=path.parent, precision=entry.precision,
-                       context=context)
+            raise MedcError(f"bundle {folder} is incomplete: {entry.file} is missing. Copy the bundle again.")
+        model = onnx_load_graph(path)  # graph only: big models keep weights on disk
+        r = lint_model(model, t, None if profiles is None else profiles.get(name, {}), component=name,
+                       base_dir=path.parent, precision=entry.precision, context=context)
         del model
         report.findings += r.findings
         report.components[name] = {"file": entry.file, **r.components[name]}
     return report
 
 
-# -- making a graph TRT-ready --------------------------------------------------------------------------------------------
-# (op, type of its data operand) -> (ONNX type it is computed in, inputs cast, why it is exact). Only exact casts:
-# the island computes the same values as the original node.
-TYPE_ISLANDS: dict[tuple[str, str], tuple[int, tuple[int, ...], str]] = {
-    ("CumSum", "INT64"): (1, (0,), "float32 sums: exact for partial sums below 2**24, e.g. counts over a sequence"),
-    ("CumSum", "INT32"): (1, (0,), "float32 sums: exact for partial sums below 2**24, e.g. counts over a sequence"),
-    ("Pad", "BOOL"): (6, (0, 2), "bool as int32 0/1 and back: exact"),
-}
-
-
-def make_trt_ready(model, target):
-    """Rewrite `model` in place (and return it) so TensorRT's parser takes each node's data type: nodes on a type
-    their parser row lacks, for any of the target's TensorRT versions, get exact cast islands (`TYPE_ISLANDS`).
-    Graph inputs stay as they are: int64 I/O is native in TensorRT >= 9 (see the module docstring). Idempotent."""
-    _add_islands(model, target)
-    return model
-
-
-def make_trt_ready_file(path: Path, target) -> dict[str, int]:
-    """`make_trt_ready` on an ONNX file, rewritten in place without loading its external weights (which stay where
-    they are). Returns what changed ({"CumSum:INT64->FLOAT": 1}); the file is left untouched when nothing did."""
+def onnx_load_graph(path: Path):
+    """An ONNX file's graph without its external weights."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    changed = _add_islands(model, target)
-    if changed:
-        onnx.save(model, str(path))
-    return changed
-
-
-def _add_islands(model, target) -> dict[str, int]:
-    import onnx
-    from onnx import helper
-
-    t = _tensorrt_target(target)
-    specs = [parser_spec(v) for v in t.tensorrt]
-    types = _infer_types(model)
-    nodes, changed = [], Counter()
-    for node in model.graph.node:
-        operand = typed_operand(node) if node.domain in ("", "ai.onnx") else None
-        ttype = _type_name(types[operand]) if operand in types else None
-        island = TYPE_ISLANDS.get((node.op_type, ttype))
-        if island is None or all(ttype in s.ops.get(node.op_type, ()) for s in specs):
-            nodes.append(node)
-            continue
-        compute, cast_inputs, _ = island
-        original = types[operand]
-        tag = onnx.TensorProto.DataType.Name(compute).lower()
-        base = node.name or node.output[0]
-        for i in cast_inputs:
-            if len(node.input) > i and node.input[i]:
-                cast_name = f"{node.input[i]}_trt_{tag}_{base}"
-                nodes.append(helper.make_node("Cast", [node.input[i]], [cast_name], to=compute,
-                                              name=f"{base}_trt_cast_in{i}"))
-                node.input[i] = cast_name
-        nodes.append(node)
-        for j, out in enumerate(node.output):
-            if out:
-                inner = f"{out}_trt_{tag}"
-                node.output[j] = inner
-                nodes.append(helper.make_node("Cast", [inner], [out], to=original, name=f"{base}_trt_cast_out{j}"))
-        changed[f"{node.op_type}:{ttype}->{onnx.TensorProto.DataType.Name(compute)}"] += 1
-    if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        log.info("TensorRT cast islands: %s", dict(changed))
-    return dict(changed)
+    return onnx.load(str(path), load_external_data=False)

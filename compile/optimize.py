@@ -6,23 +6,27 @@ Well-kept optimisers, each a registry entry `(src, dst, split) -> fused counts`:
   so the packed QKV weight is one initializer instead of a Concat evaluated on every call. Parity ~1e-7.
 - `ort-transformers`: ONNX Runtime's transformer optimizer (model type "vit"): LayerNorm and BiasGelu fusions but
   attention left as plain MatMuls. Used for dynamic int8, where those MatMuls are quantised; inside a fused Attention
-  op they would stay fp32 (measured: 1.5x slower than quantising them, benchmarks/).
+  op they would stay fp32, which is slower than quantising them (benchmarks/results/design-measurements.md).
 - `none`: the exported graph (ONNX Runtime still applies its own level-3 optimisations at load time).
 We do not run onnxscript's `optimize_for_ort`: its extra MatMul fusions break the SigLIP graph. Whatever is chosen,
 the fidelity gate re-checks the result.
 
 For CPU targets the residual-add norms are left unfused (`split_skip_norms`): ONNX Runtime's CPU kernels for
-SkipLayerNormalization and SkipSimplifiedLayerNormalization are slower than the Add and the norm they replace (1.32,
-1 thread, Zen 4: [1, 1024, 1152] 6.7 ms fused vs 2.0 ms as Add + LayerNormalization; [1, 512, 640] RMS 0.42 vs
-0.20 ms; even at one token). In whole graphs: 1-4% of a full-size MedSigLIP encoder, 14-25% of the tiny ones
-(benchmarks/results/skip-norms-cpu.md). GPU execution providers keep the fused kernels.
+SkipLayerNormalization and SkipSimplifiedLayerNormalization are slower than the Add and the norm they replace, even
+at one token, and so are whole graphs that use them (benchmarks/results/skip-norms-cpu.md). GPU execution providers
+keep the fused kernels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
+
+from medc.compile.export import cached, save_onnx
+from medc.compile.isolate import run as run_isolated
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +88,7 @@ def _fuse_xformers(src: Path, dst: Path, split: bool = False) -> tuple[dict[str,
         counts["skip_norms_split"] = split_skip_norms(model)
     onnxscript.optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
     after = Counter(n.op_type for n in model.graph)
-    _save(ir.serde.serialize_model(model), dst)
+    save_onnx(ir.serde.serialize_model(model), dst)
     return {k: int(v) for k, v in counts.items() if v}, before, after
 
 
@@ -101,7 +105,7 @@ def _ort_transformers(src: Path, dst: Path, split: bool = False) -> tuple[dict[s
     if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # it adds contrib ops but not always
         opt.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # their opset
     after = Counter(n.op_type for n in opt.model.graph.node)
-    _save(opt.model, dst)
+    save_onnx(opt.model, dst)
     return {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}, before, after
 
 
@@ -111,14 +115,8 @@ def _none(src: Path, dst: Path, split: bool = False) -> tuple[dict[str, int], Co
 
     model = onnx.load(str(src))
     counts = Counter(n.op_type for n in model.graph.node)
-    _save(model, dst)
-    return {}, counts, counts
-
-
-def _save(model, dst: Path) -> None:
-    from medc.compile.export import save_onnx
-
     save_onnx(model, dst)
+    return {}, counts, counts
 
 
 OPTIMIZERS = {"xformers": _fuse_xformers, "ort-transformers": _ort_transformers, "none": _none}
@@ -127,26 +125,18 @@ OPTIMIZERS = {"xformers": _fuse_xformers, "ort-transformers": _ort_transformers,
 def optimize(src: Path, dst: Path, optimizer: str = "xformers", isolate: bool | None = None, split: bool = False) -> dict:
     """Optimise `src` into `dst`; returns the manifest record (optimiser, fused counts, node counts before/after).
     split: leave the residual-add norms unfused (CPU targets, `split_for`)."""
-    from medc.compile import isolate as iso
-
-    # Each optimiser counts nodes on the graph it already holds: parsing a 1 GB graph again for the count, before
-    # and after, cost 8 s of a Gemma 3 270M build.
-    fused, before, after = iso.run(OPTIMIZERS[optimizer], Path(src), Path(dst), split, isolate=isolate)
+    # Each optimiser counts nodes on the graph it already holds: a second parse of a 1 GB graph costs seconds.
+    fused, before, after = run_isolated(OPTIMIZERS[optimizer], Path(src), Path(dst), split, isolate=isolate)
     log.info("optimised %s with %s: %s", src.name, optimizer, fused or "nothing fused")
     return {"optimizer": optimizer, "fused": fused, "nodes_before": sum(before.values()),
             "nodes_after": sum(after.values()), "ops_after": dict(sorted(after.items()))}
 
 
 def optimize_cached(src: Path, dst: Path, optimizer: str, export_key: str | None, split: bool = False) -> dict:
-    """`optimize`, reused from ~/.cache/medc/exports when the same export was optimised the same way before (the
-    270M decoder's xformers pass takes ~30 s, and every build of another precision repeats it). The key adds the
+    """`optimize`, reused from ~/.cache/medc/exports when the same export was optimised the same way before (a
+    decoder's xformers pass is long, and every build of another precision would repeat it). The key adds the
     optimiser, this file and the rewriters' versions to the export's key; no export key, no caching."""
-    import hashlib
-    from importlib import metadata
-
     import onnxruntime  # onnxruntime or onnxruntime-gpu, one module name: its own version, not a package's
-
-    from medc.compile.export import cached
 
     key = None
     if export_key is not None:

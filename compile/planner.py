@@ -11,20 +11,27 @@ against its bandwidth and peak throughput the two floors every deployment questi
 - vision-encoder ms floor = FLOPs per image / peak FLOP/s at the encoder's precision.
 
 The weight and KV numbers are checked against real bundles in tests/test_planner.py; the activation estimate against
-measured peak RSS of CPU runs (README "Planning").
+measured peak RSS of CPU runs (benchmarks/plan_check.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
+
+from medc.compile.plan import DEFAULT_RESCORE, BuildOptions, Plan, ResolvedModel, attention_form, make_plan
+from medc.compile.recipes import PRESETS
+from medc.compile.registry import FAMILIES
+from medc.compile.spec import DecoderForm
+from medc.errors import MedcError
+from medc.targets import get_target
 
 # Fixed memory besides weights, KV and activations, by platform (inferred, then checked on the CPU runs):
 # host: Python + numpy + onnxruntime + tokenizers; jetson: the same process plus CUDA/cuBLAS/TensorRT libraries and
 # the CUDA context, all in the shared LPDDR; datacenter: CUDA context + TensorRT/cuBLAS workspaces in device memory.
 RUNTIME_OVERHEAD_GIB = {"host": 0.25, "jetson": 1.2, "datacenter": 0.6}
 # ONNX Runtime's CPU MatMulNBits (accuracy level 4) pre-packs its quantised weights into MLAS's int8 layout and keeps
-# the initializer too: a session holds ~1.64x the graph's MatMulNBits bytes (measured: Gemma 3 270M int8 decoder,
-# 321 MiB graph, +527 MiB session RSS; +200 MiB with session.disable_prepacking).
+# the initializer too: a session holds 1 + ORT_NBITS_PREPACK times the graph's MatMulNBits bytes (benchmarks/results/design-measurements.md).
 ORT_NBITS_PREPACK = 0.64
 # ORT's CPU arena and TensorRT's per-context activation memory are held per graph, not shared between graphs:
 # the activation estimate sums the components' peaks.
@@ -125,7 +132,7 @@ def _gemma3_tensors(cfg: dict) -> list[Tensor]:
 
 
 # Model family -> its parameter tensors (shapes from the HF config dict).
-TENSORS = {"siglip": _siglip_tensors, "gemma3": _gemma3_tensors, "gemma3_text": _gemma3_tensors}
+TENSORS = {"siglip": _siglip_tensors, "gemma3": _gemma3_tensors}
 
 
 def _vision_flops(cfg: dict, family: str) -> float | None:
@@ -208,38 +215,24 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int, attention: str = "explicit") -> tuple[int, float]:
+def _kv(cfg: dict, context: int, batch: int, kv_dtype_bytes: int, form: DecoderForm) -> tuple[int, float]:
+    """(KV cache bytes, bytes per token before the sliding-window cap) of the cache the decoder `form` lays out."""
     t = cfg.get("text_config", cfg)
     if "layer_types" not in t:
         return 0, 0.0
     per_token_layer = 2 * t["num_key_value_heads"] * t["head_dim"] * kv_dtype_bytes * batch
-    window = t.get("sliding_window") or context
-    if attention == "gqa":  # slots of the context, sliding layers a window + 1/8 (runtime/kvcache.py)
-        from medc.runtime.kvcache import sliding_capacity
-
-        kept = [sliding_capacity(window) if lt == "sliding_attention" else context for lt in t["layer_types"]]
-    else:  # the runtime keeps window - 1 past tokens on sliding layers (compile/models/gemma3.py kv_layout)
-        kept = [min(context, window - 1) if lt == "sliding_attention" else context for lt in t["layer_types"]]
+    kept = form.kv_positions(t, context)
     return int(per_token_layer * sum(kept)), per_token_layer * len(kept)
 
 
 def _rescore_rows(cfg: dict, recipe: dict, options: dict) -> int:
-    """An int4 lm_head's int8 copy for rescoring (quantize.add_rescoring): V x H bytes + an fp32 scale per 32.
+    """An int4 lm_head's int8 copy for rescoring (weight_only.add_rescoring): V x H bytes + an fp32 scale per 32.
     Memory only: a step reads the rows of its top candidates."""
-    from medc.compile.build import DEFAULT_RESCORE
-
     if recipe.get("lm_head") != "int4" or not int(options.get("lm_head_rescore", DEFAULT_RESCORE)):
         return 0
     t = cfg.get("text_config", cfg)
     v, h = t["vocab_size"], t["hidden_size"]
     return v * h + v * (h // 32) * 4
-
-
-def _rotary_tables(cfg: dict, context: int) -> int:
-    """The GroupQueryAttention decoder's cos and sin tables: [context, head_dim / 2] fp32 per rotary kind."""
-    t = cfg.get("text_config", cfg)
-    kinds = len(set(t.get("layer_types", ()))) or 1
-    return 2 * kinds * context * (t["head_dim"] // 2) * 4
 
 
 def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int, fused: bool) -> int:
@@ -268,9 +261,15 @@ def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int,
                              + 8 * s * t["hidden_size"]) + 4 * t["vocab_size"]))
 
 
+def _family(name: str):
+    return next(f for f in FAMILIES.values() if f.name == name)
+
+
 def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], target, context: int = 4096,
-                batch: int = 1, flavour: str | None = None, options: dict | None = None) -> MemoryPlan:
-    """The memory and speed plan of `model` (its HF config dict `cfg`) with `recipe` on `target`."""
+                batch: int = 1, flavour: str | None = None, options: dict | None = None,
+                form: DecoderForm | None = None) -> MemoryPlan:
+    """The memory and speed plan of `model` (its HF config dict `cfg`) with `recipe` on `target`. `form`: the
+    decoder's graph form (default: the one a build with this flavour and recipe makes for `target`)."""
     flavour = flavour or target.graph_flavour
     options = options or {}
     int4_only = set(options.get("int4_projections", ())) or None
@@ -295,13 +294,15 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
             if t.linear and prec in ("int8", "int4") and flavour == "ort" and target.platform == "host":
                 prepack += ORT_NBITS_PREPACK * b
     kv_bytes_per = 2 if any(recipe.get(c) in ("fp16", "bf16") for c in ("decoder",)) else 4
-    from medc.compile.build import attention_form
-
-    attention = attention_form(flavour, target, recipe.get("decoder", "fp32")) if "decoder" in per else "explicit"
-    if attention == "gqa":
-        per["decoder"] += [_rotary_tables(cfg, context), _rescore_rows(cfg, recipe, options)]
-        decoder_bytes += _rotary_tables(cfg, context)  # bytes read per token: not the rescoring rows
-    kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per, attention)
+    kv, kv_per_token = 0, 0.0
+    if "decoder" in per:
+        form = form or _family(family).forms[attention_form(flavour, target, recipe.get("decoder", "fp32"))]
+        tables = form.context_bytes(cfg.get("text_config", cfg), context)
+        per["decoder"].append(tables)
+        decoder_bytes += tables  # read every step; the rescoring rows (below) only where a step picks them
+        if form.rescores:
+            per["decoder"].append(_rescore_rows(cfg, recipe, options))
+        kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per, form)
     comps = [ComponentBytes(name, recipe.get(name, "fp32"), params[name], int(sum(bs)),
                             _activations(cfg, name, recipe.get(name, "fp32"), context, batch,
                                          fused=target.engine == "tensorrt"))
@@ -334,34 +335,25 @@ def default_context(cfg: dict) -> int:
     return min(4096, int(t.get("max_position_embeddings", 4096))) if "vocab_size" in t else 64
 
 
-def plan_build(opts, context: int | None = None, batch: int | None = None) -> MemoryPlan:
-    """The memory plan of a `medc build` (BuildOptions): its recipe, flavour and target."""
-    from medc.compile.build import plan_only
-    from medc.targets import get_target
-
-    plan = plan_only(opts)
-    context = context or opts.context or default_context(plan.config)
-    return plan_memory(plan.model, plan.family, plan.config, plan.recipe["precisions"], get_target(opts.target),
-                       context, batch or opts.max_batch, plan.recipe.get("flavour"), plan.recipe.get("options"))
+def plan_build(plan: Plan, context: int | None = None, batch: int | None = None) -> MemoryPlan:
+    """The memory plan of a build's plan: its recipe, flavour, decoder form and target."""
+    context = context or plan.context or default_context(plan.config)
+    return plan_memory(plan.model, plan.family, plan.config, plan.recipe.precisions, get_target(plan.target), context,
+                       batch or plan.max_batch, plan.flavour, plan.recipe.options, plan.form)
 
 
-def recommend(opts, context: int | None = None, batch: int | None = None) -> tuple[MemoryPlan | None, list[MemoryPlan]]:
+def recommend(model: ResolvedModel, opts: BuildOptions, context: int | None = None,
+              batch: int | None = None) -> tuple[MemoryPlan | None, list[MemoryPlan]]:
     """Every preset the target can build, planned; and the fastest that fits (None if none does).
 
     Fastest: the highest decode ceiling for generative models, else the lowest vision floor, else the fewest bytes."""
-    import dataclasses
-
-    from medc.compile.recipes import PRESETS
-    from medc.errors import MedcError
-    from medc.targets import get_target
-
     target = get_target(opts.target)
     plans = []
     for name in PRESETS:
         if name not in target.precisions:
             continue
         try:
-            p = plan_build(dataclasses.replace(opts, precision=name, recipe=None), context, batch)
+            p = plan_build(make_plan(dataclasses.replace(opts, precision=name, recipe=None), model), context, batch)
         except MedcError:
             continue  # a preset this model has no form of on this target
         if all(p.recipe != q.recipe for q in plans):  # int4 on an encoder-only model is its int8
@@ -374,20 +366,18 @@ def recommend(opts, context: int | None = None, batch: int | None = None) -> tup
     return best, plans
 
 
-def check_fits(opts) -> MemoryPlan:
-    """Refuse a build for a fixed-memory target that its plan says cannot fit; say which preset would."""
-    from medc.errors import MedcError
-    from medc.targets import get_target
-
-    plan = plan_build(opts)
+def check_fits(model: ResolvedModel, opts: BuildOptions, plan: Plan | None = None) -> MemoryPlan:
+    """Refuse a build for a fixed-memory target that its plan (made from `opts` when not given) says cannot fit;
+    say which preset would."""
+    plan = plan_build(plan or make_plan(opts, model))
     target = get_target(opts.target)
     if plan.fits or target.usable_memory_gib is None:  # cpu: the deployment host's RAM is not known here
         return plan
-    best, _ = recommend(opts)
+    best, _ = recommend(model, opts)
     if best:
-        fix = f"--precision {_preset_of(best)} fits ({best.total_bytes / GIB:.1f} GiB)"
+        fix = f"--precision {preset_of(best)} fits ({best.total_bytes / GIB:.1f} GiB)"
     else:
-        shorter = [(p, largest_context(opts, p)) for p in ("int4", "int8") if p in target.precisions]
+        shorter = [(p, largest_context(model, opts, p)) for p in ("int4", "int8") if p in target.precisions]
         fix = "no preset fits at this context" + "".join(f"; {p} fits at --context {c}" for p, c in shorter if c)
         fix += "; or choose a target with more memory"
     raise MedcError(f"{plan.model} with this recipe needs {plan.total_bytes / GIB:.1f} GiB at context {plan.context}, "
@@ -395,21 +385,17 @@ def check_fits(opts) -> MemoryPlan:
                     "(`medc plan` shows the breakdown.)")
 
 
-def _preset_of(plan: MemoryPlan) -> str:
+def preset_of(plan: MemoryPlan) -> str:
     """The preset a plan from `recommend` was made with."""
     return next((n.split()[1] for n in plan.notes if n.startswith("preset ")), "custom")
 
 
-def largest_context(opts, precision: str, batch: int | None = None) -> int | None:
+def largest_context(model: ResolvedModel, opts: BuildOptions, precision: str, batch: int | None = None) -> int | None:
     """The largest context (halving from the requested one, down to 256 tokens) at which `precision` fits."""
-    import dataclasses
-
-    from medc.compile.build import plan_only
-
-    o = dataclasses.replace(opts, precision=precision, recipe=None)
-    context = opts.context or default_context(plan_only(o).config)
+    plan = make_plan(dataclasses.replace(opts, precision=precision, recipe=None), model)
+    context = opts.context or default_context(plan.config)
     while context >= 256:
-        if plan_build(o, context, batch).fits:
+        if plan_build(plan, context, batch).fits:
             return context
         context //= 2
     return None

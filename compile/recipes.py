@@ -43,8 +43,8 @@ PRESETS: dict[str, Preset] = {
     "fp32": Preset("the reference: every component fp32", "fp32"),
     "fp16": Preset("GPU targets: every component fp16, Gemma 3's overflow-prone parts kept fp32", "fp16"),
     "int8": Preset("encoders int8 (calibrated Q/DQ or dynamic), decoder and lm_head int8 weight-only", "int8"),
-    # The lm_head too: on the ORT flavour its top 1024 logits are rescored from int8 rows (Gemma 3 270M: int4 lm_head
-    # +6.9% perplexity, rescored +0.14%); the portable flavour (TensorRT) has no rescoring, and its gate decides.
+    # The lm_head too: on the ORT flavour its top 1024 logits are rescored from int8 rows, which wins back most of what
+    # int4 costs it (README "Precisions"); the portable flavour (TensorRT) has no rescoring, and its gate decides.
     "int4": Preset("vision encoder int8, decoder and lm_head int4 weight-only (blocks of 32; ORT flavour: the "
                    "lm_head's top logits rescored from int8 rows)", "int4",
                    {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8"}),

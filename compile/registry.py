@@ -5,7 +5,7 @@ Architecture configs of the real models live here so that `--random-weights` bui
 
 from __future__ import annotations
 
-from medc.compile.models.gemma3 import CHAT_TEMPLATE, GEMMA3, GEMMA3_TEXT
+from medc.compile.models.gemma3_family import CHAT_TEMPLATE, GEMMA3, GEMMA3_TEXT
 from medc.compile.models.siglip import SIGLIP
 from medc.compile.spec import Family, ModelSpec
 

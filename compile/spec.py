@@ -7,6 +7,7 @@ nothing in this module imports torch, so `medc build --dry-run` and planning sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,16 +59,43 @@ class ComponentSpec:
 
 
 @dataclass(frozen=True)
+class DecoderSettings:
+    """Build settings baked into a decoder graph: its form (a key of `Family.forms`) and the context it serves."""
+
+    form: str
+    context: int
+
+
+@dataclass(frozen=True)
+class DecoderForm:
+    """One graph form of a family's decoder: how attention and the KV cache are laid out. The manifest records its
+    name (`generation.attention`) and the runtime picks its decoder by it (medc.runtime.decoder.DECODERS)."""
+
+    name: str
+    # (HF config, context) -> the family's components with this decoder
+    components: Callable[[Any, int], tuple[ComponentSpec, ...]]
+    # (text config dict, context) -> positions each layer's KV cache holds (the planner sizes the cache by it)
+    kv_positions: Callable[[dict, int], list[int]]
+    # (HF text config, context) -> entries this form adds to the manifest's `generation` section
+    generation: Callable[[Any, int], dict]
+    # (text config dict, context) -> bytes of graph constants sized by the context (rotary tables)
+    context_bytes: Callable[[dict, int], int] = lambda text, context: 0
+    rescores: bool = False  # an int4 lm_head's top logits can be recomputed from int8 rows (ONNX Runtime's ops)
+    note: str = ""  # how the build plan describes it
+
+
+@dataclass(frozen=True)
 class Family:
     """An architecture medc knows: one HF class, its components and its runtime assets (tokenizer, processor)."""
 
     name: str  # also the runtime pipeline key
     hf_class: str  # transformers class name
     model_types: tuple[str, ...]  # config.json "model_type" values this family accepts
-    # (HF config, **graph settings) -> components; the settings (`Plan.graph`: the decoder's attention form and
-    # context) are empty for models without a decoder
+    # (HF config, DecoderSettings or None) -> components; None for models without a decoder (and a decoder's
+    # default form)
     components: Callable[..., tuple[ComponentSpec, ...]]
-    load_assets: Callable[..., dict]  # (loaded model, bundle dir, **graph settings) -> manifest sections it wrote
+    # (loaded model, bundle dir, DecoderSettings or None) -> manifest sections it wrote
+    load_assets: Callable[..., dict]
     extras: Callable[[Any], dict]  # (HF model) -> numbers the runtime needs (e.g. logit_scale)
     required_files: tuple[str, ...]  # files a local checkpoint directory must have besides weights
     # (loaded model, checkpoint dir or None for built-in/random) -> fills tokenizer file, chat template, special ids
@@ -76,6 +104,9 @@ class Family:
     # gate_reference(loaded) -> reference (torch phase); gate_check(pipeline, reference, precisions) -> result
     gate_reference: Callable[[Any], dict] | None = None
     gate_check: Callable[[Any, dict, dict], dict] | None = None
+    forms: dict[str, DecoderForm] = field(default_factory=dict)  # decoder graph forms by name; {} without a decoder
+    # (HF config) -> the context a build serves unless told (--context); None without a decoder
+    default_context: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,3 +124,8 @@ class ModelSpec:
     # Tokenizer used for tiny and --random-weights builds (a file in medc/compile/data), and its chat template
     builtin_tokenizer: str | None = None
     chat_template: str | None = None
+
+
+def builtin_data(name: str) -> Path:
+    """A file shipped in medc/compile/data (the tiny models' tokenizers)."""
+    return Path(str(resources.files("medc.compile").joinpath(f"data/{name}")))

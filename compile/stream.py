@@ -1,107 +1,71 @@
-"""Streamed builds: models whose fp32 weights do not fit in memory (MedGemma 4B: 4.3 B parameters, 17 GB in fp32).
-
-The normal build holds the whole fp32 model in torch, exports each graph with its weights, and hands the graphs to
-ONNX Runtime's optimiser and quantisers, which load them whole: for 4B, several copies of 17 GB. Here no step holds
-more than one fp32 weight tensor:
-
-1. An *empty* model: the HF class with parameters that have CPU storage but no values (`torch.empty`: pages are
-   not resident until written), real buffers (rotary frequencies are computed in __init__), ties kept.
-2. A *weight source* gives one parameter at a time by its HF name: `RandomWeights` (the values `loader.randomize_`
-   gives a whole model) or `SafetensorsWeights` (one tensor from the checkpoint, bf16 -> fp32).
-3. Export without weights: torch.onnx traces the empty model without reading parameters (`optimize=False`: the
-   constant folder would read them). Matrices become weightless initializers, mapped to HF names by storage
-   identity; vectors (norm scales) get their values so the optimiser folds them as in the normal path; then the
-   normal path's optimiser runs (its fusions look at shapes, never at weight values).
-4. Streamed conversion: each matrix is read from the source and written straight to the graph's external data
-   file, fp32 (transposed, as the constant folder would) or packed for MatMulNBits by the routines ONNX Runtime's
-   MatMulNBitsQuantizer calls, a slice of columns at a time: the quantiser's bytes without its whole-model copy.
-5. The fp32 torch reference runs on the empty model with hooks that give a module its own parameters just before
-   its forward and drop them after: one layer's weights at a time (the 2.7 GB embedding table is the largest).
-   Reference outputs are cached under ~/.cache/medc/reference, keyed by weights, code, versions and shapes.
-
-Components that need ONNX Runtime's graph-level tools (calibrated or dynamic int8, fp16: the 0.4 B-parameter vision
-encoder) take the normal path, their weights resident only while they are exported and referenced.
-"""
+"""Streamed builds: models whose fp32 weights do not fit in memory (MedGemma 4B: 4.3 B parameters, 17 GB in fp32)
+are exported without weights and converted one weight at a time, and their PyTorch reference holds one module's
+weights at a time. How, step by step, is the comment below the imports."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from medc.compile import export, weight_only
+from medc.compile.hf import parameter_bytes
+from medc.compile.loader import random_parameter
+from medc.compile.optimize import split_for, split_skip_norms
+from medc.compile.plan import BuildOptions, ResolvedModel
 from medc.errors import MedcError
+from medc.targets import get_target
+
+# The normal build holds the whole fp32 model in torch, exports each graph with its weights, and hands the graphs to
+# ONNX Runtime's optimiser and quantisers, which load them whole: for 4B, several copies of 17 GB. Here no step holds
+# more than one fp32 weight tensor:
+#
+# 1. An *empty* model: the HF class with parameters that have CPU storage but no values (`torch.empty`: pages are
+#    not resident until written), real buffers (rotary frequencies are computed in __init__), ties kept.
+# 2. A *weight source* gives one parameter at a time by its HF name: `RandomWeights` (the values `loader.randomize_`
+#    gives a whole model) or `SafetensorsWeights` (one tensor from the checkpoint, bf16 -> fp32).
+# 3. Export without weights: torch.onnx traces the empty model without reading parameters (`optimize=False`: the
+#    constant folder would read them). Matrices become weightless initializers, mapped to HF names by storage
+#    identity; vectors (norm scales) get their values so the optimiser folds them as in the normal path; then the
+#    normal path's optimiser runs (its fusions look at shapes, never at weight values).
+# 4. Streamed conversion: each matrix is read from the source and written straight to the graph's external data
+#    file, fp32 (transposed, as the constant folder would) or converted by the same weight-only conversion as the
+#    in-memory build (compile/weight_only.py), a slice at a time.
+# 5. The fp32 torch reference runs on the empty model with hooks that give a module its own parameters just before
+#    its forward and drop them after: one layer's weights at a time (the 2.7 GB embedding table is the largest).
+#    Reference outputs are cached under ~/.cache/medc/reference, keyed by weights, code, versions and shapes.
+#
+# Components that need ONNX Runtime's graph-level tools (calibrated or dynamic int8, fp16: the 0.4 B-parameter vision
+# encoder) take the normal path, their weights resident only while they are exported and referenced.
 
 log = logging.getLogger(__name__)
 
 STREAM_FRACTION = 0.35  # stream when the fp32 parameters exceed this share of physical memory (4B: 17 GB of 24 GiB)
-CHUNK_BYTES = 64 << 20  # fp32 slice of a matrix transposed, packed or written at once
 ALIGN = 4096  # external data offsets are page-aligned (ONNX Runtime can map them)
 
 
 # -- when ---------------------------------------------------------------------------------------------------------------
-def reason(opts) -> str | None:
+def reason(model: ResolvedModel, opts: BuildOptions) -> str | None:
     """Why this build streams its weights (`--stream`, or a model too big for this machine), or None."""
     if opts.stream:
         return "forced (--stream)"
-    from medc.compile.registry import MODELS, family_for_model_type
-
-    if opts.model in MODELS:
-        family, config = MODELS[opts.model].family, MODELS[opts.model].config
-    elif (Path(opts.model) / "config.json").is_file():
-        config = json.loads((Path(opts.model) / "config.json").read_text())
-        family = family_for_model_type(config.get("model_type"))
-    else:
+    if model.source.format == "gguf":
         return None  # GGUF files are small models, loaded whole
-    if family is None:
-        return None
-    need, ram = parameter_bytes(family, config), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need, ram = parameter_bytes(model.family, model.config), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need <= STREAM_FRACTION * ram:
         return None
     return f"fp32 parameters {need / 2**30:.1f} GiB > {STREAM_FRACTION:.0%} of this machine's {ram / 2**30:.0f} GiB"
 
 
-def parameter_bytes(family, config: dict) -> int:
-    """fp32 bytes of a model's parameters (tied ones once), from its config alone (meta device, nothing allocated)."""
-    import accelerate
-
-    from medc.compile import loader
-
-    with accelerate.init_empty_weights(include_buffers=True):
-        model = loader._hf_class(family)(loader._config_from_dict(family, config))
-    model.tie_weights()
-    return 4 * sum(p.numel() for p in model.parameters())
-
-
-# -- the empty model and the weight sources -----------------------------------------------------------------------------
-def empty_model(family, config: dict):
-    """The HF model with every parameter on untouched CPU storage (no values, no resident pages) and real buffers.
-
-    Meta parameters are not enough: the exporter then mixes meta and CPU devices in the decoder and vision graphs.
-    """
-    import accelerate
-    import torch
-
-    from medc.compile import loader
-
-    with accelerate.init_empty_weights(include_buffers=False):
-        model = loader._hf_class(family)(loader._config_from_dict(family, config))
-    model.tie_weights()  # under init_empty_weights HF leaves lm_head untied
-    fresh = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                if id(p) not in fresh:  # tied parameters stay one object
-                    fresh[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32), requires_grad=False)
-                module._parameters[name] = fresh[id(p)]
-    return model.eval()
-
-
+# -- the weight sources -------------------------------------------------------------------------------------------------
 class RandomWeights:
     """`loader.random_parameter` by name: what `--random-weights` and the tiny models get in the normal path."""
 
@@ -109,17 +73,11 @@ class RandomWeights:
         self.seed = seed
 
     def identity(self) -> str:
-        import inspect
-
-        from medc.compile import loader
-
-        rule = hashlib.sha256(inspect.getsource(loader.random_parameter).encode()).hexdigest()[:12]
+        rule = hashlib.sha256(inspect.getsource(random_parameter).encode()).hexdigest()[:12]
         return f"random:{self.seed}:{rule}"
 
     def get(self, name: str, shape):
-        from medc.compile import loader
-
-        return loader.random_parameter(name, shape, self.seed)
+        return random_parameter(name, shape, self.seed)
 
 
 class SafetensorsWeights:
@@ -261,7 +219,7 @@ class Materializer:
 
 def trim() -> None:
     """Hand freed heap pages back to the OS. Weights of up to 32 MB come from glibc's heap (its mmap threshold rises
-    to that), and it keeps what they free: measured, the builder sat at 7 GB after the 4B decoder's reference."""
+    to that), and it keeps what they free (benchmarks/results/design-measurements.md)."""
     import ctypes
 
     try:
@@ -282,8 +240,6 @@ class Weightless:
 def export_weightless(module, comp, example: dict[str, np.ndarray], model) -> Weightless:
     import torch
 
-    from medc.compile import export
-
     program = export.trace(module, comp, example, optimize=False)
     graph = program.model
     by_storage = {p.untyped_storage().data_ptr(): (n, tuple(p.shape)) for n, p in model.named_parameters()}
@@ -300,11 +256,25 @@ def export_weightless(module, comp, example: dict[str, np.ndarray], model) -> We
 
 
 # -- optimise and convert, a weight at a time -------------------------------------------------------------------------
-def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: str, options: dict,
-                    split: bool = False) -> tuple[dict, dict]:
-    """Optimise the weightless graph as the normal path would (split: CPU targets' unfused residual-add norms,
-    optimize.split_for), then write `dst` (+ `dst.data`) reading one weight at a time. Returns (quantization
-    record, optimisation record) for the manifest."""
+@dataclass(frozen=True)
+class _SourceWeight:
+    """A weightless initializer's values, read from the source when it is converted (weight_only.Weight)."""
+
+    source: object
+    name: str  # the HF parameter
+    shape: tuple[int, ...]  # as the source stores it
+    transposed: bool  # the graph reads its transpose (Linear weights: HF stores [N, K], MatMul reads [K, N])
+
+    def read(self) -> np.ndarray:
+        w = self.source.get(self.name, self.shape).numpy()
+        return w.T if self.transposed else w
+
+
+def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: str,
+                    config: weight_only.WeightOnlyConfig | None, split: bool = False) -> tuple[dict, dict]:
+    """Optimise the weightless graph as the in-memory path would (split: CPU targets' unfused residual-add norms,
+    optimize.split_for), then write `dst` (+ `dst.data`) reading one weight at a time: converted by `config` for
+    `method` "weight-only", fp32 otherwise. Returns (quantization record, optimisation record) for the manifest."""
     import onnx
     import onnx_ir as ir
 
@@ -313,11 +283,14 @@ def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: s
     for init, name in list(names.items()):  # vectors: values now, so the optimiser folds them (1 + norm weight)
         value = graph.initializers[init]
         if len(value.shape) < 2:
-            value.const_value = ir.Tensor(source.get(name, _stored_shape(value, False)).numpy(), name=init)
+            value.const_value = ir.Tensor(source.get(name, tuple(int(d) for d in value.shape)).numpy(), name=init)
             del names[init]
     before = graph.num_nodes()
     fused = _optimise(model, optimizer, split)
-    names = _fold_transposes(graph, names)
+    weights = {}
+    for init, (name, transposed) in _fold_transposes(graph, names).items():
+        shape = tuple(int(d) for d in graph.initializers[init].shape)
+        weights[init] = _SourceWeight(source, name, shape[::-1] if transposed else shape, transposed)
     ops = {}
     for node in graph:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
@@ -326,7 +299,8 @@ def write_component(wl: Weightless, source, dst: Path, optimizer: str, method: s
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _DataFile(dst) as data:
-        record = _convert(model, names, source, data, method, options)
+        record = weight_only.quantize_weights(model, weights, config if method == "weight-only" else None, data)
+        record["streamed"] = "weights read one at a time from the source and written as converted (compile/stream.py)"
         for value in graph.initializers.values():  # constants the optimisers made
             t = value.const_value
             if t is not None and not isinstance(t, ir.ExternalTensor) and t.nbytes > 1 << 20:
@@ -354,8 +328,6 @@ def _optimise(model, optimizer: str, split: bool = False) -> dict[str, int]:
 
         _, counts = fuse_xformers(model)
         if split:
-            from medc.compile.optimize import split_skip_norms
-
             counts["skip_norms_split"] = split_skip_norms(model)
         onnxscript.optimizer.optimize(model, input_size_limit=1 << 40, output_size_limit=1 << 40)
         return {k: int(v) for k, v in counts.items() if v}
@@ -365,7 +337,7 @@ def _optimise(model, optimizer: str, split: bool = False) -> dict[str, int]:
 
 
 def _fold_transposes(graph, names: dict[str, str]) -> dict[str, tuple[str, bool]]:
-    """Transpose(W) -> a weightless initializer W.T (what constant folding does in the normal path).
+    """Transpose(W) -> a weightless initializer W.T (what constant folding does in the in-memory path).
     Returns initializer -> (HF name, transposed)."""
     import onnx_ir as ir
 
@@ -390,239 +362,9 @@ def _fold_transposes(graph, names: dict[str, str]) -> dict[str, tuple[str, bool]
     return out
 
 
-def _convert(model, names: dict[str, tuple[str, bool]], source, data: _DataFile, method: str, options: dict) -> dict:
-    """Write every streamed weight: MatMul weights converted at their precision, others fp32.
-
-    Mirrors quantize._weight_only node by node (the same choice of precision per MatMul, the same ONNX Runtime
-    routines, nodes, attributes and bytes); tests/test_stream.py holds the two to each other, so a change to one
-    must be made to both."""
-    import onnx_ir as ir
-
-    from medc.compile import quantize
-
-    graph = model.graph
-    weight_only = method == "weight-only"
-    precision = options.get("precision", "int8") if weight_only else "fp32"
-    head_precision = options.get("lm_head", precision) if weight_only else "fp32"
-    int4_projections = tuple(options.get("int4_projections", quantize.PROJECTIONS))
-    qdq = options.get("format") == "qdq"
-    matmuls: dict[str, list] = {}
-    for node in graph:
-        b = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) > 1 else None
-        if b is not None and b.name in names and len(b.shape) == 2:
-            matmuls.setdefault(b.name, []).append(node)
-    vocab = options.get("vocab_size")
-    widest = [n for n in matmuls if vocab is None or graph.initializers[n].shape[1] == vocab]
-    head = max(widest, key=lambda n: graph.initializers[n].shape[1], default=None)  # = quantize.lm_head_node
-
-    def chosen(init: str) -> str:
-        paths = [_module_path(n).rsplit(".", 1)[-1] for n in matmuls[init]]
-        return quantize.weight_precision(options, init == head, paths)
-
-    record = quantize.weight_only_record(qdq) if weight_only else {"method": "none"}
-    for init, (name, transposed) in names.items():
-        value = graph.initializers[init]
-        nodes = matmuls.get(init, [])
-        prec = chosen(init) if nodes and weight_only else "fp32"
-        w = source.get(name, _stored_shape(value, transposed)).numpy()
-        if prec in quantize.WEIGHT_ONLY and len(list(value.uses())) == len(nodes):
-            bits, block = quantize.WEIGHT_ONLY[prec]
-            block = int(options.get(f"{prec}_block_size", block))
-            if qdq and bits == 8:
-                form = _write_int8_channels(graph, value, nodes, w, transposed, data)
-            elif qdq:
-                form = _write_qdq(model, value, nodes, w, transposed, block, data)
-            else:
-                form, new_nodes = _write_nbits(graph, value, nodes, w, transposed, bits, block, data)
-                if init == head and quantize.rescores(options):  # as quantize._weight_only
-                    rows, scales = _int8_table(graph, "lm_head.rows", w if transposed else w.T, data)
-                    quantize.add_rescoring(graph, new_nodes[0].outputs[0], new_nodes[0].inputs[0], rows, scales,
-                                           int(options["rescore"]))
-                    record["lm_head_rescore"] = quantize.rescore_record(options["rescore"])
-            graph.initializers.pop(init)
-            record["lm_head" if init == head else "weights" if prec == precision else f"weights_{prec}"] = form
-        else:
-            value.const_value = data.add(init, _rows(w, transposed), ir.DataType.FLOAT, value.shape)
-        del w
-    if weight_only:
-        if precision == "int4" and int4_projections != quantize.PROJECTIONS:
-            record["int4_projections"] = list(int4_projections)
-        record.setdefault("lm_head", head_precision)
-    record["streamed"] = "weights read one at a time from the source and written as converted (compile/stream.py)"
-    return record
-
-
-def _module_path(node) -> str:
-    """quantize.module_path for an onnx_ir node."""
-    from types import SimpleNamespace
-
-    from medc.compile import quantize
-
-    props = [SimpleNamespace(key=k, value=v) for k, v in node.metadata_props.items()]
-    return quantize.module_path(SimpleNamespace(metadata_props=props))
-
-
-def _stored_shape(value, transposed: bool) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in value.shape)
-    return shape[::-1] if transposed else shape
-
-
-def _rows(w: np.ndarray, transposed: bool):
-    """The graph's tensor (w.T if transposed) as C-order byte slices of at most CHUNK_BYTES."""
-    if not transposed:
-        yield w
-        return
-    step = max(1, CHUNK_BYTES // (4 * w.shape[0]))
-    for k in range(0, w.shape[1], step):
-        yield np.ascontiguousarray(w[:, k:k + step].T)
-
-
-def _kn_columns(w: np.ndarray, transposed: bool, n0: int, n1: int) -> np.ndarray:
-    """Columns n0:n1 of the graph's [K, N] matrix, C-contiguous."""
-    return np.ascontiguousarray(w[n0:n1].T if transposed else w[:, n0:n1])
-
-
-def _write_nbits(graph, value, nodes, w: np.ndarray, transposed: bool, bits: int, block: int,
-                 data) -> tuple[str, list]:
-    """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales[, zero_points]): DefaultWeightOnlyQuantizer's QOperator form,
-    int8 symmetric, int4 asymmetric (quantize.nbits_form). Returns that form and the new nodes."""
-    import onnx_ir as ir
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    K, N = (int(d) for d in value.shape)
-    kpack = 8 // bits
-    k_blocks = (K + block - 1) // block
-    blob = (block + kpack - 1) // kpack
-    symmetric = bits == 8
-    packed = np.zeros((N, k_blocks, blob), np.uint8)
-    scales = np.zeros((N, k_blocks), np.float32)
-    zero_points = np.zeros((N, (k_blocks + kpack - 1) // kpack), np.uint8)
-    pack = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    step = max(1, CHUNK_BYTES // (4 * K))
-    for n0 in range(0, N, step):  # blocks run along K within one column: columns quantise independently
-        n1 = min(N, n0 + step)
-        part = _kn_columns(w, transposed, n0, n1)
-        if k_blocks * block > K:
-            part = np.pad(part, ((0, k_blocks * block - K), (0, 0)))
-        p = np.zeros((n1 - n0, k_blocks, blob), np.uint8)
-        s = np.zeros((n1 - n0, k_blocks), np.float32)
-        z = np.zeros((n1 - n0, (k_blocks + kpack - 1) // kpack), np.uint8)
-        pack(p, part, s, z, block, n1 - n0, K, symmetric)
-        packed[n0:n1], scales[n0:n1], zero_points[n0:n1] = p, s, z
-    bq = _initializer(graph, f"{value.name}_Q{bits}", data.add(f"{value.name}_Q{bits}", [packed], ir.DataType.UINT8,
-                                                               packed.shape))
-    sc = _initializer(graph, f"{value.name}_scales", data.add(f"{value.name}_scales", [scales], ir.DataType.FLOAT,
-                                                              scales.shape))
-    inputs = [bq, sc]
-    if not symmetric:
-        inputs.append(_initializer(graph, f"{value.name}_zero_points", data.add(
-            f"{value.name}_zero_points", [zero_points], ir.DataType.UINT8, zero_points.shape)))  # as ORT's quantiser
-    made = []
-    for node in nodes:
-        new = ir.node("MatMulNBits", [node.inputs[0], *inputs], domain="com.microsoft",
-                      attributes={"K": K, "N": N, "bits": bits, "block_size": block, "accuracy_level": 4},
-                      name=f"{node.name}_Q{bits}" if node.name else None)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
-        made.append(new)
-    graph.opset_imports.setdefault("com.microsoft", 1)
-    from medc.compile import quantize
-
-    return quantize.nbits_form(bits, block), made
-
-
-def _int8_table(graph, name: str, w: np.ndarray, data):
-    """A [V, H] table as GatherBlockQuantized's int8 rows and scales (quantize.int8_rows), written a slice of rows
-    at a time (MedGemma's is 2.7 GB in fp32)."""
-    import onnx_ir as ir
-
-    from medc.compile import quantize
-
-    v, h = w.shape
-    scales = np.zeros((v, h // quantize.RESCORE_BLOCK), np.float32)
-    step = max(1, CHUNK_BYTES // (4 * h))
-
-    def rows():
-        for r in range(0, v, step):
-            q, scales[r:r + step] = quantize.int8_rows(w[r:r + step])
-            yield q
-
-    rows_value = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.UINT8, (v, h)))
-    return rows_value, _initializer(graph, f"{name}_scales", data.add(f"{name}_scales", [scales], ir.DataType.FLOAT,
-                                                                       scales.shape))
-
-
-def _write_int8_channels(graph, value, nodes, w: np.ndarray, transposed: bool, data) -> str:
-    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int8, scale[N], axis 1)): quantize._int8_per_channel_dq."""
-    import onnx_ir as ir
-
-    K, N = (int(d) for d in value.shape)
-    scale = np.empty(N, np.float32)
-    step = max(1, CHUNK_BYTES // (4 * K))
-    for n0 in range(0, N, step):  # a column's scale needs the whole column
-        part = _kn_columns(w, transposed, n0, min(N, n0 + step))
-        scale[n0:n0 + part.shape[1]] = np.maximum(np.abs(part).max(axis=0), 1e-12) / 127.0
-
-    def rows():
-        for chunk in _rows(w, transposed) if transposed else np.array_split(w, max(1, w.nbytes // CHUNK_BYTES)):
-            yield np.clip(np.round(chunk / scale), -127, 127).astype(np.int8)
-
-    name = value.name
-    q = _initializer(graph, f"{name}_int8", data.add(f"{name}_int8", rows(), ir.DataType.INT8, (K, N)))
-    s = _initializer(graph, f"{name}_scale", data.add(f"{name}_scale", [scale], ir.DataType.FLOAT, (N,)))
-    for node in nodes:
-        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1}, name=f"{node.name}_DequantizeLinear")
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-    return "int8 symmetric, per output channel"
-
-
-def _write_qdq(model, value, nodes, w: np.ndarray, transposed: bool, block: int, data) -> str:
-    """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int4, scales, axis 0, block)): the quantiser's QDQ form
-    (quantize.int4_blocks: positive scales, as TensorRT requires)."""
-    import onnx_ir as ir
-
-    from medc.compile import quantize
-
-    graph = model.graph
-    K, N = (int(d) for d in value.shape)
-    k_blocks = (K + block - 1) // block
-    scales = np.zeros((k_blocks, N), np.float32)
-
-    def packed_rows():  # blocks of rows of the [K, N] matrix; `block` rows of N int4 values are whole bytes
-        step = max(block, (CHUNK_BYTES // (4 * N)) // block * block)
-        for k0 in range(0, K, step):
-            k1 = min(K, k0 + step)
-            part = np.ascontiguousarray(w[:, k0:k1].T if transposed else w[k0:k1])
-            p, s = quantize.int4_blocks(part, block)
-            scales[k0 // block:k0 // block + len(s)] = s
-            yield p
-
-    bq = _initializer(graph, f"{value.name}_DQ_Q4", data.add(f"{value.name}_DQ_Q4", packed_rows(), ir.DataType.INT4,
-                                                             (K, N)))
-    sc = _initializer(graph, f"{value.name}_DQ_scales", data.add(f"{value.name}_DQ_scales", [scales],
-                                                                 ir.DataType.FLOAT, scales.shape))
-    for node in nodes:
-        dq = ir.node("DequantizeLinear", [bq, sc], attributes={"axis": 0, "block_size": block},
-                     name=f"{node.name}_DequantizeLinear" if node.name else None)
-        mm = ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{node.name}_matmul_Q4" if node.name else None)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [dq, mm], node.outputs, mm.outputs)
-    # Like the quantiser: blocked int4 needs opset 21 and IR version 10.
-    graph.opset_imports[""] = max(21, graph.opset_imports.get("", 21))
-    model.ir_version = max(10, model.ir_version)
-    return f"int4 symmetric, blocks of {block}"
-
-
-def _initializer(graph, name: str, tensor):
-    import onnx_ir as ir
-
-    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 class _DataFile:
-    """Appends tensors to `<graph>.data` as they are converted; each becomes an ExternalTensor pointing into it."""
+    """The streamed build's weight_only.Sink: appends tensors to `<graph>.data` as they are converted, each an
+    ExternalTensor pointing into it."""
 
     def __init__(self, graph_path: Path):
         self.path = graph_path.with_name(graph_path.name + ".data")
@@ -646,6 +388,12 @@ class _DataFile:
             self.file.write(memoryview(np.ascontiguousarray(c)).cast("B"))
         return ir.ExternalTensor(self.path.name, offset, self.file.tell() - offset, dtype, shape=shape, name=name,
                                  base_dir=str(self.path.parent))
+
+    def keep(self, value, weight) -> None:
+        import onnx_ir as ir
+
+        value.const_value = self.add(value.name, weight_only.row_chunks(weight.read()), ir.DataType.FLOAT,
+                                     value.shape)
 
 
 def install(path: Path, dst: Path) -> None:
@@ -673,12 +421,7 @@ class StreamedBuild:
         """Decoders and embeddings at fp32 or weight-only: conversions that need no graph-level tool."""
         return not comp.static_int8 and set(cp.methods) <= {"weight-only"}
 
-    def prepare(self, cp, comp, opts, work: Path, golden: dict, step):
-        from medc.compile import export, optimize
-        from medc.compile.build import _Prepared
-        from medc.runtime.verify import golden_key
-        from medc.targets import get_target
-
+    def prepare(self, cp, comp, opts, work: Path, golden: dict, step) -> export.Prepared:
         loaded = self.loaded
         module = comp.extract(loaded.hf_model)
         example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
@@ -688,7 +431,7 @@ class StreamedBuild:
                 step(f"{cp.name}: export without weights (streamed)")
                 weightless = export_weightless(module, comp, example, loaded.hf_model)
                 produce = _Producer(weightless, self.source, cp, opts.optimizer,
-                                    optimize.split_for(get_target(opts.target)))
+                                    split_for(get_target(opts.target)))
             else:  # small enough for the normal path: its weights are resident until its reference is done
                 step(f"{cp.name}: export")
                 resident.enter_context(self.weights.resident(module))
@@ -698,17 +441,12 @@ class StreamedBuild:
             if "int8-static-qdq" in cp.methods:
                 step(f"{cp.name}: calibration data")
                 calibration = comp.calibration(loaded, opts.calibration)
-        for case, arrays in ref_cases.items():
-            for kind in ("in", "ref"):
-                for name, arr in arrays[kind].items():
-                    golden[golden_key(cp.name, case, kind, name)] = arr
-        return _Prepared(raw, example, ref_cases, calibration, produce)
+        export.add_golden(golden, cp.name, ref_cases)
+        return export.Prepared(raw, example, ref_cases, calibration, produce)
 
     def reference(self, comp, module) -> dict:
         """{case: {"in": feeds, "ref": outputs}} from torch fp32, one module's weights at a time; cached."""
         import torch
-
-        from medc.compile import export
 
         cache = self._cache(comp)
         if cache is not None and cache.is_file():
@@ -733,9 +471,6 @@ class StreamedBuild:
     def _cache(self, comp) -> Path | None:
         """~/.cache/medc/reference/KEY.npz: a pure function of the weights, the config, the golden-input code and
         data, the component's I/O and the torch/transformers versions. Tiny models are not cached (seconds)."""
-        import inspect
-        from importlib import metadata
-
         loaded = self.loaded
         if loaded.spec.tiny:
             return None
@@ -762,7 +497,7 @@ class StreamedBuild:
 
 
 class _Producer:
-    """build._Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations)."""
+    """export.Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations)."""
 
     def __init__(self, weightless: Weightless, source, cp, optimizer: str, split: bool = False):
         self.weightless, self.source, self.cp, self.optimizer, self.split = weightless, source, cp, optimizer, split
@@ -770,6 +505,6 @@ class _Producer:
     def __call__(self, method: str, work: Path):
         dst = work / f"stream-{self.cp.name}-{method}" / self.cp.file
         optimizer = self.cp.optimizer or self.optimizer
-        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method, self.cp.options,
-                                                self.split)
+        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method,
+                                                self.cp.weight_only, self.split)
         return dst, record, optimizations

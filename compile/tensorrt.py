@@ -1,32 +1,6 @@
-"""TensorRT stage of a GPU bundle: optimisation profiles, trtexec lines, and engines built on the device.
-
-Two halves, because TensorRT engines are tied to the TensorRT version and the GPU that built them, and Jetson engines
-cannot be cross-built:
-- `prepare_bundle` (the build host, CPU is enough; called by `medc build --target T` before the bundle is hashed):
-  derives min/opt/max shapes per input from the manifest and the requested context (`derive_profiles`), puts exact
-  cast islands around the few integer/bool nodes TensorRT's ONNX parser rejects if the build has not already
-  (medc.compile.lint.make_trt_ready; re-checked on the golden data), refuses graphs with ONNX Runtime contrib ops,
-  and writes `tensorrt/profiles.json` and `tensorrt/trtexec.sh` (the same build by hand, without Python).
-- `finish_engines` (the device, with TensorRT; `medc build BUNDLE --target T`): builds one engine per component from
-  the bundle's ONNX with the TensorRT Python API, saves `tensorrt/<component>.plan` and the timing cache, records
-  TensorRT version, compute capability and GPU, and re-hashes the bundle. `check_engine_compat` is what the runtime
-  (medc.runtime.trt_session) calls before it deserialises an engine.
-
-Precision comes from the graph, never from builder flags: networks are strongly typed (TensorRT 10: the
-STRONGLY_TYPED creation flag; TensorRT 11: always), so fp16 graphs keep the fp32 islands medc put in them (Gemma 3
-overflows fp16), int8/int4 are explicit Q/DQ nodes, and no INT8 calibrator is ever set (deprecated in 10.1, removed in
-11). fp32 components also clear TF32 so they stay within their 1e-4 gate.
-
-UNVERIFIED ON HARDWARE: everything that imports `tensorrt` (the engine build in `_build_engine`, `finish_engines`)
-was written against NVIDIA's documentation for each TensorRT version the target profiles name (10.3 on JetPack
-6.1/6.2, 10.13 on Thor and the data-center profiles, 11.4 on JetPack 7.2 Orin) and has not run on a GPU: no machine
-this was developed on has one. The profile derivation, graph rewrites, trtexec text, compatibility rules and error
-messages are pure Python and are tested on CPU (tests/test_tensorrt.py).
-
-Documentation relied on (cited by key next to each call below). Within a major version TensorRT removes no API
-("TensorRT removes APIs only on major version boundaries", Version Compatibility page), so the 10.x pages cover 10.3
-and 10.13; NVIDIA's archive of 10.3-specific Python pages was not available to check, and is not claimed.
-"""
+"""The TensorRT stage of a GPU bundle: optimisation profiles, exact cast islands, trtexec lines and the lint on the
+build host (`prepare_bundle`), and the engines built on the device (`finish_engines`, `medc engines`). UNVERIFIED
+on hardware: see the comment below the imports."""
 
 from __future__ import annotations
 
@@ -34,10 +8,48 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from medc.compile import lint
 from medc.errors import MedcError
+from medc.manifest import MANIFEST_NAME, Manifest, hash_files, sha256_file, verify_files
+from medc.runtime.session import OrtSession
+from medc.runtime.trt_session import gpu_info, import_tensorrt
+from medc.runtime.verify import evaluate, golden_cases
+from medc.specs import Tolerance
+from medc.system import version_tuple
+from medc.targets import get_target
+
+# Two halves, because TensorRT engines are tied to the TensorRT version and the GPU that built them, and Jetson engines
+# cannot be cross-built:
+# - `prepare_bundle` (the build host, CPU is enough; called by `medc build --target T` before the bundle is hashed):
+#   derives min/opt/max shapes per input from the manifest and the requested context (`derive_profiles`), puts exact
+#   cast islands around the few integer/bool nodes TensorRT's ONNX parser rejects (`make_trt_ready`; re-checked on the
+#   golden data), writes `tensorrt/profiles.json` and `tensorrt/trtexec.sh` (the same build by hand, without Python),
+#   and runs the lint (compile/lint.py) as its last step: a graph it finds errors in is recorded as blocked.
+# - `finish_engines` (the device, with TensorRT; `medc engines BUNDLE`): builds one engine per component from the
+#   bundle's ONNX with the TensorRT Python API, saves `tensorrt/<component>.plan` and the timing cache, records
+#   TensorRT version, compute capability and GPU, and re-hashes the bundle. The runtime refuses engines from another
+#   TensorRT or GPU before deserialising them (medc.runtime.trt_session.check_engine_compat).
+#
+# Precision comes from the graph, never from builder flags: networks are strongly typed (TensorRT 10: the
+# STRONGLY_TYPED creation flag; TensorRT 11: always), so fp16 graphs keep the fp32 islands medc put in them (Gemma 3
+# overflows fp16), int8/int4 are explicit Q/DQ nodes, and no INT8 calibrator is ever set (deprecated in 10.1, removed in
+# 11). fp32 components also clear TF32 so they stay within their 1e-4 gate.
+#
+# UNVERIFIED ON HARDWARE: everything that imports `tensorrt` (the engine build in `_build_engine`, `finish_engines`)
+# was written against NVIDIA's documentation for each TensorRT version the target profiles name (10.3 on JetPack
+# 6.1/6.2, 10.13 on Thor and the data-center profiles, 11.4 on JetPack 7.2 Orin) and has not run on a GPU: no machine
+# this was developed on has one. The profile derivation, graph rewrites, trtexec text, compatibility rules and error
+# messages are pure Python and are tested on CPU (tests/test_tensorrt.py).
+#
+# Documentation relied on (cited by key next to each call below). Within a major version TensorRT removes no API
+# ("TensorRT removes APIs only on major version boundaries", Version Compatibility page), so the 10.x pages cover 10.3
+# and 10.13; NVIDIA's archive of 10.3-specific Python pages was not available to check, and is not claimed.
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +111,7 @@ def rules_for(version: str) -> TrtRules:
     """Rules for a TensorRT version string ("10.3", "10.13.3.9", "11.4.0"). Versions before 10 are refused: medc's
     graphs need int4 weight-only DQ and the name-based tensor API (JetPack 6.0's TensorRT 8.6 has neither)."""
     try:
-        major, minor = (int(p) for p in version.split(".")[:2])
+        major, minor = version_tuple(version, 2)
     except ValueError:
         raise MedcError(f"cannot read TensorRT version {version!r}; expected e.g. 10.3 or 11.4.") from None
     if major < 10:
@@ -178,36 +190,69 @@ def workspace_bytes(target, manifest) -> int:
     return int(min(max(free // 2, 256 * MIB), 4 * GIB))
 
 
-# -- ONNX graphs TensorRT's parser takes -------------------------------------------------------------------------------
-_STANDARD_DOMAINS = ("", "ai.onnx")
+# -- ONNX graphs TensorRT's parser takes: exact cast islands -----------------------------------------------------------
+def make_trt_ready(model, target):
+    """Rewrite `model` in place (and return it) so TensorRT's parser takes each node's data type: nodes on a type
+    their parser row lacks, for any of the target's TensorRT versions, get exact cast islands (lint.TYPE_ISLANDS: the
+    island computes the same values as the original node).
+    Graph inputs stay as they are: int64 I/O is native in TensorRT >= 9 (see the module docstring). Idempotent."""
+    _add_islands(model, target)
+    return model
 
 
-def contrib_ops(model) -> list[str]:
-    """Op types from non-standard domains (ONNX Runtime's com.microsoft fusions): TensorRT's parser imports none."""
-    return sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in _STANDARD_DOMAINS})
-
-
-def _prepare_graph(path: Path, target) -> tuple[dict[str, int], list[str]]:
-    """(cast islands added, contrib ops found) for one bundle graph. The islands are medc.compile.lint's
-    `make_trt_ready` (Gemma 3's decoder: CumSum over int64 computed in float32, Pad of a bool mask in int32; exact);
-    idempotent, so a graph the build already made TensorRT-ready is left as it is. Only the graph proto is rewritten,
-    never the weights (external `.data` files are referenced, not loaded)."""
+def make_trt_ready_file(path: Path, target) -> dict[str, int]:
+    """`make_trt_ready` on an ONNX file, rewritten in place without loading its external weights (which stay where
+    they are). Returns what changed ({"CumSum:INT64->FLOAT": 1}); the file is left untouched when nothing did."""
     import onnx
 
-    from medc.compile.lint import make_trt_ready_file
+    model = onnx.load(str(path), load_external_data=False)
+    changed = _add_islands(model, target)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
 
-    found = contrib_ops(onnx.load(str(path), load_external_data=False))
-    return ({} if found else make_trt_ready_file(path, target)), found
+
+def _add_islands(model, target) -> dict[str, int]:
+    import onnx
+    from onnx import helper
+
+    t = lint.tensorrt_target(target)
+    specs = [lint.parser_spec(v) for v in t.tensorrt]
+    types = lint.infer_types(model)
+    nodes, changed = [], Counter()
+    for node in model.graph.node:
+        operand = lint.typed_operand(node) if node.domain in ("", "ai.onnx") else None
+        ttype = lint.type_name(types[operand]) if operand in types else None
+        island = lint.TYPE_ISLANDS.get((node.op_type, ttype))
+        if island is None or all(ttype in s.ops.get(node.op_type, ()) for s in specs):
+            nodes.append(node)
+            continue
+        compute, cast_inputs, _ = island
+        original = types[operand]
+        tag = onnx.TensorProto.DataType.Name(compute).lower()
+        base = node.name or node.output[0]
+        for i in cast_inputs:
+            if len(node.input) > i and node.input[i]:
+                cast_name = f"{node.input[i]}_trt_{tag}_{base}"
+                nodes.append(helper.make_node("Cast", [node.input[i]], [cast_name], to=compute,
+                                              name=f"{base}_trt_cast_in{i}"))
+                node.input[i] = cast_name
+        nodes.append(node)
+        for j, out in enumerate(node.output):
+            if out:
+                inner = f"{out}_trt_{tag}"
+                node.output[j] = inner
+                nodes.append(helper.make_node("Cast", [inner], [out], to=original, name=f"{base}_trt_cast_out{j}"))
+        changed[f"{node.op_type}:{ttype}->{onnx.TensorProto.DataType.Name(compute)}"] += 1
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        log.info("TensorRT cast islands: %s", dict(changed))
+    return dict(changed)
 
 
 def _recheck(stage: Path, manifest, name: str) -> dict:
     """Re-run a rewritten component on its golden inputs (ONNX Runtime, CPU) against the component's own gate."""
-    import numpy as np
-
-    from medc.runtime.session import OrtSession
-    from medc.runtime.verify import evaluate, golden_cases
-    from medc.specs import Tolerance
-
     comp = manifest.components[name]
     golden = dict(np.load(stage / manifest.golden))
     with OrtSession(stage / comp.file, ["CPUExecutionProvider"]) as sess:
@@ -248,8 +293,8 @@ def trtexec_script(manifest, target_name: str, profiles: dict, versions: list[st
     lines = [
         "#!/usr/bin/env bash",
         "# Build this bundle's TensorRT engines with trtexec, without TensorRT's Python bindings (generated by medc).",
-        f"# Equivalent to `medc build BUNDLE --target {target_name}` on the device, except that the manifest",
-        "# is not updated: the runtime will not use engines built this way until `medc build BUNDLE` records them.",
+        f"# Equivalent to `medc engines BUNDLE --target {target_name}` on the device, except that the manifest",
+        "# is not updated: the runtime will not use engines built this way until `medc engines BUNDLE` records them.",
         f"# Written for TensorRT {', '.join(versions)}. UNVERIFIED on hardware with this medc version.",
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
@@ -270,19 +315,15 @@ def trtexec_script(manifest, target_name: str, profiles: dict, versions: list[st
 
 # -- the build host: a TRT-ready bundle --------------------------------------------------------------------------------
 def prepare_bundle(stage: Path, manifest, target, context: int, max_batch: int) -> dict:
-    """Make `stage` TRT-ready (before it is hashed) and return the record stored as `manifest.tensorrt`."""
+    """Make `stage` TRT-ready (before it is hashed) and return the record stored as `manifest.tensorrt`: profiles,
+    cast islands, trtexec lines, then the lint of every graph against them as the last step."""
     stage = Path(stage)
     profiles = derive_profiles(manifest, target, context, max_batch)
-    rewrites, blocked = {}, {}
+    rewrites = {}
     for name, comp in manifest.components.items():
-        fixes, contrib = _prepare_graph(stage / comp.file, target)
-        if contrib:
-            blocked[name] = (f"{comp.file} holds ONNX Runtime fused ops ({', '.join(contrib)}) that TensorRT's ONNX "
-                             "parser cannot import; rebuild with standard ONNX ops only (--optimizer none)")
+        fixes = make_trt_ready_file(stage / comp.file, target)
         if fixes:
             rewrites[name] = {"cast_islands": fixes, "recheck_worst": _recheck(stage, manifest, name)}
-    for name, why in blocked.items():
-        log.warning("TensorRT: %s: %s", name, why)
     workspace = workspace_bytes(target, manifest)
     versions = list(target.tensorrt) or ["10.13"]
     (stage / "tensorrt").mkdir(exist_ok=True)
@@ -291,9 +332,17 @@ def prepare_bundle(stage: Path, manifest, target, context: int, max_batch: int) 
     script = stage / TRTEXEC_FILE
     script.write_text(trtexec_script(manifest, target.name, profiles, versions, workspace))
     script.chmod(0o755)
+    report = lint.lint_components(stage, manifest, target, profiles)
+    blocked = {}
+    for finding in report.errors:  # the parser (or the builder) would refuse these graphs: say why, per graph
+        blocked.setdefault(finding.component or "bundle", []).append(finding.message)
+    blocked = {name: "; ".join(dict.fromkeys(messages)) for name, messages in blocked.items()}
+    for name, why in blocked.items():
+        log.warning("TensorRT: %s: %s", name, why)
     record = {"target": target.name, "compute_capability": target.compute_capability, "tensorrt_versions": versions,
               "profiles": profiles, "context": context, "max_batch": max_batch, "workspace_bytes": workspace,
               "graph_rewrites": rewrites, "blocked": blocked, "engines": {},
+              "lint": {"ok": report.ok, "errors": len(report.errors), "warnings": len(report.warnings)},
               "status": "trt-blocked" if blocked else "trt-ready", "unverified": UNVERIFIED}
     if not blocked and _can_build_here(target):
         log.info("TensorRT and a compute capability %s GPU are here: building the engines now",
@@ -312,95 +361,9 @@ def _can_build_here(target) -> bool:
 
 
 # -- the device: engines -----------------------------------------------------------------------------------------------
-def _on_jetson(target=None) -> bool:
-    return (target is not None and target.platform == "jetson") or Path("/etc/nv_tegra_release").exists()
-
-
-def tensorrt_missing_error(target=None) -> MedcError:
-    """How to install TensorRT's Python bindings, for Jetson (JetPack) or an x86/SBSA machine (NVIDIA's wheels)."""
-    want = f" {' or '.join(target.tensorrt)}" if target is not None and target.tensorrt else ""
-    if _on_jetson(target):
-        how = ("on Jetson TensorRT comes with JetPack: `sudo apt install nvidia-jetpack` (or only the bindings: "
-               "`sudo apt install python3-libnvinfer`), then use the system python3 or a venv created with "
-               "--system-site-packages; pip's tensorrt wheels are not JetPack's build")
-    else:
-        how = ("on x86 install NVIDIA's wheels matching your CUDA: `pip install tensorrt-cu12` (CUDA 12) or "
-               "`pip install tensorrt-cu13` (CUDA 13)" + (f", version{want}" if want else "")
-               + "; plain `pip install tensorrt` picks the CUDA 13 build")
-    return MedcError(f"TensorRT{want} is not installed (its Python module `tensorrt` cannot be imported). To build or "
-                     f"run engines, {how}. Without it, the bundle still runs on ONNX Runtime.")
-
-
-def import_tensorrt(target=None):
-    try:
-        import tensorrt
-    except ImportError:
-        raise tensorrt_missing_error(target) from None
-    return tensorrt
-
-
-def gpu_info(device: int = 0) -> tuple[str, str] | None:
-    """(GPU name, compute capability "8.7") of `device`, from cuda-python or nvidia-smi; None without a GPU."""
-    try:
-        from medc.runtime.trt_session import cuda_runtime
-
-        return cuda_runtime().device_info(device)
-    except (ImportError, MedcError):
-        pass
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
-        name, cc = (s.strip() for s in out[device].split(","))
-        return name, cc
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return None
-
-
-def _version3(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in str(version).split(".")[:3] if p.isdigit())
-
-
-def check_engine_compat(manifest, trt_version: str, compute_capability: str) -> None:
-    """Refuse engines this device cannot load: built by another TensorRT release (major.minor.patch; engines are
-    "compatible only with the version of TensorRT used to build them" [compat], medc does not build version- or
-    hardware-compatible engines) or for another compute capability."""
-    record = manifest.tensorrt or {}
-    built = record.get("built_with") or {}
-    if not record.get("engines") or not built:
-        raise MedcError("this bundle has no TensorRT engines yet; build them on the device with "
-                        f"`medc build BUNDLE --target {manifest.target}` (needs TensorRT there).")
-    problems = []
-    if _version3(built["tensorrt_version"]) != _version3(trt_version):
-        problems.append(f"TensorRT {built['tensorrt_version']} (this device has TensorRT {trt_version})")
-    if built["compute_capability"] != compute_capability:
-        problems.append(f"compute capability {built['compute_capability']} ({built.get('gpu', 'another GPU')}; "
-                        f"this GPU is {compute_capability})")
-    if not problems:
-        return
-    if built["compute_capability"] != compute_capability:  # another GPU: the bundle's target is not this device
-        from medc.targets import TARGETS
-
-        fits = [t.name for t in TARGETS.values() if t.engine == "tensorrt" and t.compute_capability == compute_capability]
-        which = fits[0] if len(fits) == 1 else "T"
-        fix = f"build a bundle for this GPU: `medc build MODEL --target {which}`" + (
-            f" (T: {', '.join(fits)})" if len(fits) > 1 else "" if fits else
-            " with a target of this compute capability (`medc targets`)")
-    else:  # same GPU, another TensorRT: the bundle's ONNX and profiles still hold, only the engines are rebuilt
-        fix = f"rebuild the engines here: `medc build BUNDLE --target {manifest.target}` (the ONNX graphs are kept)"
-    raise MedcError(f"the TensorRT engines in this bundle were built for {' and '.join(problems)}. TensorRT engines "
-                    f"only load on the TensorRT release and GPU architecture that built them; {fix}.")
-
-
 def finish_engines(bundle_dir: Path, target_name: str | None = None, log=print):
-    """On the device: build the engines of a TRT-ready bundle in place and re-hash it. Returns the new Manifest."""
-    from medc.manifest import Manifest, verify_files
-    from medc.targets import get_target
-
+    """On the device (`medc engines BUNDLE`): build the engines of a TRT-ready bundle in place and re-hash it.
+    Returns the new Manifest."""
     bundle_dir = Path(bundle_dir)
     manifest = Manifest.read(bundle_dir)
     if target_name is not None and target_name != manifest.target:
@@ -417,8 +380,6 @@ def finish_engines(bundle_dir: Path, target_name: str | None = None, log=print):
                         + ".")
     verify_files(bundle_dir, manifest)  # never add engines to a bundle whose graphs changed since the build
     manifest.tensorrt = _build_all(bundle_dir, manifest, record, target, log)
-    from medc.manifest import MANIFEST_NAME, hash_files
-
     manifest.files = hash_files(bundle_dir)
     tmp = bundle_dir / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
@@ -447,8 +408,6 @@ def _build_all(bundle_dir: Path, manifest, record: dict, target, log) -> dict:
     # A timing cache only helps (and is only accepted) on the TensorRT version and GPU that wrote it.
     same = previous.get("tensorrt_version") == trt.__version__ and previous.get("compute_capability") == cc
     cache = cache_path.read_bytes() if (same and cache_path.is_file()) else b""
-    from medc.manifest import sha256_file
-
     engines = {}
     for comp_name, comp in manifest.components.items():
         log(f"TensorRT {trt.__version__}: building {comp_name} engine")

@@ -87,21 +87,14 @@ def _stderr_console():
 @_friendly
 def build(model, out, precision, recipe, flavour, target, calibration, random_weights, allow_degraded, force,
           pad_to_square, optimizer, context, max_batch, dry_run, stream):
-    """Build a bundle from MODEL: a registry name (see `medc models`) or a local Hugging Face checkpoint directory.
-
-    MODEL may also be a TRT-ready bundle built for a GPU target: run on the device, this finishes its TensorRT
-    engines in place."""
-    from medc.compile.build import BuildOptions, build as run_build, plan_only
+    """Build a bundle from MODEL: a registry name (see `medc models`), a local Hugging Face checkpoint directory, or a
+    Gemma 3 GGUF file."""
+    from medc.compile.build import BuildOptions, build as run_build
     from medc.targets import get_target
 
     if (Path(model) / "manifest.json").is_file():
-        from medc.compile.tensorrt import finish_engines
-
-        manifest = finish_engines(Path(model), target if target != "cpu" else None,
-                                  log=lambda m: logging.getLogger("medc.build").info(m))
-        click.echo(f"engines built in {model}")
-        click.echo(_summary(manifest))
-        return
+        raise MedcError(f"{model} is a bundle already. To build its TensorRT engines on the device, run "
+                        f"`medc engines {model}`; to rebuild it, pass the model it was built from.")
     precision = precision or get_target(target).default_precision
     label = Path(recipe).stem if recipe else precision.replace("=", "-").replace(",", "_")
     out = out or Path("bundles") / f"{Path(model).name}-{label}"
@@ -112,12 +105,15 @@ def build(model, out, precision, recipe, flavour, target, calibration, random_we
                         max_batch=max_batch)
     if dry_run:
         from medc.compile import planner
+        from medc.compile.plan import make_plan, resolve
 
-        click.echo(plan_only(opts).render())
-        memory = planner.plan_build(opts)
+        resolved = resolve(opts.model, opts.random_weights)
+        plan = make_plan(opts, resolved)
+        click.echo(plan.render())
+        memory = planner.plan_build(plan)
         click.echo(memory.render())
         if not memory.fits and get_target(target).usable_memory_gib is not None:
-            planner.check_fits(opts)  # raises with the preset that would fit
+            planner.check_fits(resolved, opts, plan)  # raises with the preset that would fit
         return
     import signal
 
@@ -138,6 +134,22 @@ def build(model, out, precision, recipe, flavour, target, calibration, random_we
 
         manifest = run_build(opts, progress=step)
     click.echo(f"built {out}")
+    click.echo(_summary(manifest))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
+@_friendly
+def engines(bundle, target):
+    """Build BUNDLE's TensorRT engines in place, on the device that will run them (needs TensorRT there).
+
+    BUNDLE is a TRT-ready bundle from `medc build MODEL --target T` (T a TensorRT target); the engines, their TensorRT
+    version, GPU and sha256 go into its manifest."""
+    from medc.compile.tensorrt import finish_engines
+
+    manifest = finish_engines(Path(bundle), target, log=lambda m: logging.getLogger("medc.build").info(m))
+    click.echo(f"engines built in {bundle}")
     click.echo(_summary(manifest))
 
 
@@ -395,9 +407,10 @@ def eval_(bundle, text_file, window, max_windows, reference, threads):
     click.echo(f"{Path(text_file).name}: {ours['windows']} windows x {window} tokens")
     click.echo(f"bundle     perplexity {ours['perplexity']:.4f}")
     if reference:
-        from medc.compile.gates import reference_logits_fn
+        from medc.compile.gates import hf_logits_fn
+        from medc.compile.loader import reference_model
 
-        ref = evaluate.perplexity(reference_logits_fn(source), wins)
+        ref = evaluate.perplexity(hf_logits_fn(reference_model(source)), wins)
         click.echo(f"reference  perplexity {ref['perplexity']:.4f}  (HF PyTorch fp32)")
         click.echo(f"difference {ours['perplexity'] / ref['perplexity'] - 1:+.3%}")
 
@@ -498,28 +511,30 @@ def plan(model, target, precision, recipe, context, batch, as_json):
 
     Exit status 0 when the chosen recipe fits, 1 when it does not."""
     from medc.compile import planner
-    from medc.compile.build import BuildOptions
+    from medc.compile.plan import BuildOptions, make_plan, resolve
     from medc.targets import get_target
 
     t = get_target(target)
     opts = BuildOptions(model=model, out=Path("-"), precision=precision or t.default_precision, recipe=recipe,
                         target=target, context=context, max_batch=batch)
-    chosen = planner.plan_build(opts)
-    best, plans = planner.recommend(opts)
+    resolved = resolve(model)
+    chosen = planner.plan_build(make_plan(opts, resolved))
+    best, plans = planner.recommend(resolved, opts)
     if as_json:
-        click.echo(json.dumps({"plan": chosen.to_json(), "presets": {planner._preset_of(p): p.to_json() for p in plans},
-                               "recommended": best and planner._preset_of(best)}, indent=2))
+        click.echo(json.dumps({"plan": chosen.to_json(), "presets": {planner.preset_of(p): p.to_json() for p in plans},
+                               "recommended": best and planner.preset_of(best)}, indent=2))
     else:
         click.echo(chosen.render())
         click.echo(f"\n  {'preset':<7} {'weights':>9} {'KV':>9} {'total':>9}  fits  {'decode tok/s':>12} {'vision ms':>9}")
         for p in plans:
             g = lambda b: f"{b / planner.GIB:7.2f}G"  # noqa: E731
-            click.echo(f"  {planner._preset_of(p):<7} {g(p.weight_bytes):>9} {g(p.kv_bytes):>9} {g(p.total_bytes):>9}  "
+            click.echo(f"  {planner.preset_of(p):<7} {g(p.weight_bytes):>9} {g(p.kv_bytes):>9} {g(p.total_bytes):>9}  "
                        f"{'yes ' if p.fits else 'no  '}  {p.decode_tokens_per_s or 0:12.1f} {p.vision_ms or 0:9.1f}")
         if best:
-            click.echo(f"  recommended: --precision {planner._preset_of(best)} (the fastest preset that fits)")
+            click.echo(f"  recommended: --precision {planner.preset_of(best)} (the fastest preset that fits)")
         else:
-            smaller = [(n, planner.largest_context(opts, n, batch)) for n in ("int4", "int8") if n in t.precisions]
+            smaller = [(n, planner.largest_context(resolved, opts, n, batch)) for n in ("int4", "int8")
+                       if n in t.precisions]
             hint = "; ".join(f"{n} fits at --context {c}" for n, c in smaller if c)
             click.echo("  no preset fits " + t.name + (f" at context {chosen.context}: {hint}" if hint else ""))
     sys.exit(0 if chosen.fits else 1)

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from medc.errors import MedcError
 from medc.specs import TensorSpec
 
@@ -104,6 +106,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def feeds_digest(feeds: list[dict[str, np.ndarray]]) -> str:
+    """sha256 over a list of input tensors' names and contents (calibration sets): identifies the set without naming
+    files, whose names can carry patient data."""
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(feed[name]).tobytes())
     return h.hexdigest()
 
 

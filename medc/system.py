@@ -40,6 +40,12 @@ def toolchain_versions() -> dict:
     return versions
 
 
+def version_tuple(text: str, parts: int = 2) -> tuple[int, ...]:
+    """The first `parts` numbers of a version string: "1.32.0" -> (1, 32), ("10.13.3.9", 3) -> (10, 13, 3).
+    Raises ValueError when one of them is not a number."""
+    return tuple(int(p) for p in str(text).split(".")[:parts])
+
+
 def cpu_info() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medc.errors import MedcError
 from medc.manifest import Manifest, verify_files
+from medc.targets import get_target
 
 
 @dataclass
@@ -22,8 +23,6 @@ class Bundle:
 def open_bundle(path: str | Path, target: str | None = None, verify: bool = True,
                 providers: list[str] | None = None) -> Bundle:
     """`target=None` runs the bundle on the target it was built for; naming another one is refused."""
-    from medc.targets import get_target
-
     path = Path(path)
     if not path.is_dir():
         raise MedcError(f"bundle {path} does not exist or is not a directory; build one with `medc build MODEL -o {path}`.")

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.decoder import Chunk
 
 # Real English text for the build's perplexity gate (not written for this project): the GPL-3 licence that Debian
 # ships, else CPython's own licence file, which every Python install has.
@@ -93,26 +94,12 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
 
 
 def bundle_logits_fn(pipeline) -> Callable[[np.ndarray], np.ndarray]:
-    """All-position logits of one window through a GemmaPipeline's graphs (one prefill, empty cache)."""
-
-    if pipeline.attention == "gqa":
-        cache = pipeline.new_cache(1)
-
-        def fn_slots(ids: np.ndarray) -> np.ndarray:
-            cache.reset(0)
-            cache.check_room(0, len(ids))
-            s = len(ids)
-            return pipeline.step(cache, 0, 1, pipeline._embed(ids[None]), [s], np.arange(s)[None])[0]
-
-        return fn_slots
+    """All-position logits of one window through a GemmaPipeline's graphs (one prefill from an empty cache)."""
+    decoder = pipeline.decoder(1)
 
     def fn(ids: np.ndarray) -> np.ndarray:
-        s = len(ids)
-        ids2 = ids[None, :]
-        feeds = {"inputs_embeds": pipeline._embed(ids2), "attention_mask": np.ones((1, s), np.int64),
-                 "position_ids": np.arange(s, dtype=np.int64)[None], "token_type_ids": np.zeros((1, s), np.int64),
-                 "logits_positions": np.arange(s, dtype=np.int64)}
-        logits, _ = pipeline._step(pipeline._sessions["decoder"].open(), feeds, pipeline._empty_past(1))
-        return logits[0]
+        decoder.reset(0)
+        decoder.check_room(0, len(ids))
+        return decoder.step([Chunk(0, pipeline.embed(ids[None])[0], np.arange(len(ids)))])[0]
 
     return fn

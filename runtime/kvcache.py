@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from medc.errors import MedcError
-
 
 def sliding_capacity(window: int) -> int:
     """Rows of a sliding layer's buffer: the window plus 1/8 of it, so the operator compacts every W/8 tokens
@@ -55,7 +53,7 @@ class SlotCache:
         self.buffers = {n: np.zeros(shape(self.capacities[i // 2]), dtype) for i, n in enumerate(self.names)}
         self.lengths = np.zeros(slots, np.int64)  # tokens each slot holds
         self._values: dict[tuple[int, int], dict] = {}
-        self.bindings: dict[tuple[int, int], object] = {}  # the decoder's IOBinding per slot range (GemmaPipeline.step)
+        self.bindings: dict[tuple[int, int], object] = {}  # the decoder's IOBinding per slot range (SlotDecoder)
 
     @property
     def slots(self) -> int:
@@ -68,12 +66,3 @@ class SlotCache:
 
             self._values[(lo, hi)] = {n: ort.OrtValue.ortvalue_from_numpy(b[lo:hi]) for n, b in self.buffers.items()}
         return self._values[(lo, hi)]
-
-    def reset(self, slot: int) -> None:
-        """The slot holds nothing (its old rows are never read again: lengths say what is valid)."""
-        self.lengths[slot] = 0
-
-    def check_room(self, slot: int, new_tokens: int) -> None:
-        if self.lengths[slot] + new_tokens > self.context:
-            raise MedcError(f"{int(self.lengths[slot]) + new_tokens} tokens exceed this build's context of "
-                            f"{self.context}; shorten the prompt or max_new_tokens, or rebuild with --context N.")

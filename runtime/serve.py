@@ -7,7 +7,7 @@ is simpler to validate by hand on seven routes than to bend pydantic's 422s into
 
 The event loop's CPU time per request bounds what the server answers per second on a small CPU (it holds the GIL the
 encoder threads need too), so the per-request path is kept lean: orjson for JSON (it writes float32 arrays directly;
-the standard library's encoder took 12% of the loop's time on tiny text embeddings), request ids from a counter, and
+the standard library's encoder took far more of the loop's time: benchmarks/results/design-measurements.md), request ids from a counter, and
 the route table dispatched by one dict lookup (`App`) instead of Starlette's router and middleware stack.
 
 Privacy: prompts, images and DICOM content are never logged; log lines carry a request id, sizes and timings only.
@@ -36,16 +36,19 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
-from medc.runtime.scheduler import (Closed, GenerationScheduler, MicroBatcher, QueueFull, Sequence, gather_limit,
-                                     gather_window)
+from medc.manifest import Manifest
+from medc.runtime import load
+from medc.runtime.batch import SamplingParams, Sequence
+from medc.runtime.gemma import encode_messages
+from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, gather_limit, gather_window
 
 log = logging.getLogger("medc.serve")
 
 MAX_PIXELS = 50_000_000  # a full-field mammogram is ~20 MP; beyond this an image is a decompression bomb, not a scan
 _DATA_URL = re.compile(r"data:([\w.+/-]+)((?:;[\w=.+-]+)*),", re.ASCII)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Request ids: a random prefix per process and a counter. uuid4 per request read the OS's random source each time
-# (3% of the event loop's time at concurrency 16); ids only need to be unique in one server's log.
+# Request ids: a random prefix per process and a counter. uuid4 per request reads the OS's random source each time;
+# ids only need to be unique in one server's log.
 _ID_PREFIX = secrets.token_hex(4)
 _ID_COUNTER = itertools.count(1)
 
@@ -135,9 +138,6 @@ def degraded(manifest) -> list[str]:
 
 def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
     """Bundles given as PATH or ID=PATH (the id defaults to the model name in the manifest), loaded and warmed up."""
-    import medc.runtime
-    from medc.manifest import Manifest
-
     models: dict[str, ServedModel] = {}
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
@@ -151,7 +151,7 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
             log.warning("serving %s although its fidelity gate failed (%s): --allow-degraded", model_id, ", ".join(bad))
         if model_id in models:
             raise MedcError(f"two bundles are named {model_id!r}; name them apart with ID=PATH.")
-        pipeline = medc.runtime.load(path, threads=cfg.threads)
+        pipeline = load(path, threads=cfg.threads)
         m = ServedModel(model_id, "chat" if hasattr(pipeline, "generate") else "embeddings", pipeline, int(time.time()))
         if m.kind == "chat":
             pipeline.generate_ids(["warm-up"], max_new_tokens=1)  # opens the sessions before the first request
@@ -508,7 +508,6 @@ async def _deltas(events: asyncio.Queue, seq: Sequence, text: TextStream):
 
 
 async def chat_completions(srv: "Server", request):
-    from medc.runtime.gemma import SamplingParams, encode_messages
     from starlette.concurrency import run_in_threadpool
 
     body = await read_json(request, srv.max_body)
@@ -794,7 +793,7 @@ class App:
 
     Not Starlette's Router and its middleware stack: `Server.endpoint` already turns every exception into an
     OpenAI-shaped answer, so Starlette's error middlewares had nothing left to catch, yet they, the router and their
-    send wrappers took ~8% of the event loop's time per request (py-spy, text embeddings at concurrency 16). Requests
+    send wrappers cost the event loop time on every request (benchmarks/results/design-measurements.md). Requests
     and responses are still Starlette's. No CORS middleware: browsers on other origins get no access unless a proxy
     adds it."""
 

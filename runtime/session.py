@@ -1,9 +1,9 @@
-"""One small session protocol over ONNX Runtime. A context manager; onnxruntime is imported only when opened.
+"""Sessions: one small interface (`Session`) for running a bundle component, over ONNX Runtime (`OrtSession`) or a
+TensorRT engine (medc.runtime.trt_session.TrtSession); `SESSIONS` and `session_kind` choose one per component. A
+session is a context manager, and its backend is imported only when it opens.
 
-Native TensorRT sessions (medc.runtime.trt_session.TrtSession) implement the same methods; `SESSIONS` chooses one per
-bundle component. On GPU providers, ONNX Runtime's CUDA and TensorRT execution providers get their options from
-`provider_options` (the TensorRT EP caches its engines under ~/.cache/medc/trt-ep/<bundle>); CPU sessions are created
-exactly as before, with no provider options.
+On GPU providers, ONNX Runtime's CUDA and TensorRT execution providers get their options from `provider_options`
+(the TensorRT EP caches its engines under ~/.cache/medc/trt-ep/<bundle>); CPU sessions get ONNX Runtime's defaults.
 """
 
 from __future__ import annotations
@@ -13,12 +13,39 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.trt_session import TrtSession
 
 log = logging.getLogger(__name__)
+
+
+class Session(Protocol):
+    """What a pipeline needs of a component's session, whatever runs it."""
+
+    def open(self) -> "Session":
+        """Load the model (idempotent); returns the session."""
+
+    def close(self) -> None:
+        """Release the model and its memory."""
+
+    def __enter__(self) -> "Session": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Host arrays in, every output as a host array out."""
+
+    @property
+    def active_providers(self) -> list[str]:
+        """What actually runs it (ONNX Runtime's providers in order, or "TensorRT")."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's or engine's input names."""
 
 
 class OrtSession:
@@ -66,10 +93,31 @@ class OrtSession:
     def active_providers(self) -> list[str]:
         return self.open()._sess.get_providers()
 
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.open()._sess.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.open()._sess.get_outputs()]
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether ONNX Runtime runs it on a GPU provider (outputs can then stay in device memory)."""
+        return self.active_providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.open()._sess
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, feeds)))
+
+    def io_binding(self):
+        """An ONNX Runtime IOBinding for this session: inputs and outputs bound to memory the caller owns (a decoder
+        binds its KV cache, runtime/decoder.py)."""
+        return self.open()._sess.io_binding()
+
+    def run_bound(self, binding) -> None:
+        self.open()._sess.run_with_iobinding(binding)
 
 
 def _preload_cuda_libraries(ort) -> None:
@@ -89,7 +137,7 @@ def stand_in_config(engine: str, providers: list[str]) -> dict[str, str]:
     """Session settings for gating a TensorRT bundle's ONNX graphs on ONNX Runtime's CPU provider, which stands in
     for the engine there. TensorRT computes Q/DQ int8 GEMMs exactly (int32 accumulation); ORT's CPU provider fuses
     the same Q/DQ pairs into u8 x s8 kernels, which on CPUs without VNNI (AVX2's vpmaddubsw) saturate int16 pair
-    sums: the tiny MedSigLIP's text encoder falls from cosine 0.9996 to 0.989 on an AVX2-only EPYC. Unfused, the
+    sums, and the gate would judge those kernels' error, not the engine's (benchmarks/results/design-measurements.md). Unfused, the
     Q/DQ pairs run as dequantise + float GEMM, the same arithmetic as the engine up to float rounding."""
     if engine == "tensorrt" and providers and providers[0] == "CPUExecutionProvider":
         return {"session.disable_quant_qdq": "1"}
@@ -108,7 +156,7 @@ def trt_ep_cache_dir(bundle) -> Path:
 
 def provider_options(providers: list[str], bundle=None, component=None) -> list[dict] | None:
     """Options for each of `providers`, or None when only the CPU provider is used (CPU sessions keep ONNX Runtime's
-    defaults, byte for byte as before)."""
+    defaults)."""
     if all(p == "CPUExecutionProvider" for p in providers):
         return None
     options = []
@@ -128,8 +176,8 @@ def provider_options(providers: list[str], bundle=None, component=None) -> list[
             if component is not None and component.precision == "fp16" and "fp32_islands" not in component.quantization:
                 o["trt_fp16_enable"] = True
         elif p == "CUDAExecutionProvider":
-            # TF32 off: ORT's CUDA provider turns it on by default, and fp32 then is not fp32 (on an H200 the tiny
-            # MedSigLIP's fp32 image encoder missed its 1e-4 gate at 2.5e-4). fp16 graphs' fp32 islands keep fp32 too.
+            # TF32 off: ORT's CUDA provider turns it on by default, and fp32 then is not fp32 (an fp32 encoder
+            # misses its 1e-4 gate: benchmarks/results/cuda-check-h200.md). fp16 graphs' fp32 islands keep fp32 too.
             o = {"device_id": 0, "use_tf32": 0}
         else:
             o = {}
@@ -138,19 +186,12 @@ def provider_options(providers: list[str], bundle=None, component=None) -> list[
 
 
 # -- which session runs a component -----------------------------------------------------------------------------------
-# Components a pipeline drives through ONNX Runtime internals, whatever engines exist: GemmaPipeline binds the decoder's
-# KV cache as OrtValues (IO binding). Its TensorRT form is medc.runtime.trt_session.TrtDecoder.
-ORT_ONLY = {"gemma3": {"decoder"}}
-
-
 def _ort(bundle, name: str, comp, threads):
     return OrtSession(bundle.file(comp.file), bundle.providers, threads,
                       provider_options(bundle.providers, bundle, comp))
 
 
 def _tensorrt(bundle, name: str, comp, threads):
-    from medc.runtime.trt_session import TrtSession
-
     record = bundle.manifest.tensorrt
     return TrtSession(bundle.file(record["engines"][name]["file"]), record["profiles"].get(name),
                       manifest=bundle.manifest, component=name)
@@ -161,11 +202,10 @@ SESSIONS = {"onnxruntime": _ort, "tensorrt": _tensorrt}
 
 
 def session_kind(bundle, name: str) -> str:
-    """"tensorrt" for a component with a built engine when TensorRT and cuda-python are installed (and its
-    pipeline does not need ONNX Runtime itself), else "onnxruntime"."""
+    """"tensorrt" for a component with a built engine when TensorRT and cuda-python are installed, else
+    "onnxruntime"."""
     engines = (bundle.manifest.tensorrt or {}).get("engines") or {}
-    family = bundle.manifest.model.get("family")
-    if name not in engines or name in ORT_ONLY.get(family, ()):
+    if name not in engines:
         return "onnxruntime"
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None:
         log.info("%s: the bundle has a TensorRT engine, but tensorrt/cuda-python are not installed; using ONNX Runtime",
@@ -191,3 +231,7 @@ class Pipeline:
     def close(self) -> None:
         for s in self._sessions.values():
             s.close()
+
+    def active_providers(self, component: str) -> list[str]:
+        """What runs `component` (opens its session)."""
+        return self._sessions[component].active_providers

@@ -1,5 +1,6 @@
-"""Native TensorRT sessions: the same small interface as `OrtSession` (open/close, a context manager, `run(feeds)`
-returning numpy arrays, `active_providers`), plus `TrtDecoder`, which keeps a decoder's KV cache on the GPU.
+"""Native TensorRT sessions: the `Session` interface of runtime/session.py over an engine (open/close, a context
+manager, `run(feeds)` returning numpy arrays), `TrtDecoder` (the explicit decoder with its KV cache kept on the GPU),
+and the checks that refuse engines this device cannot load.
 
 tensorrt and cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` in older releases) are imported when a session
 opens, never at import time, and torch is never used. Device buffers are allocated once per tensor and grown only when
@@ -14,6 +15,8 @@ Runtime; run them before trusting an engine.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.decoder import ExplicitDecoder
+from medc.system import version_tuple
+from medc.targets import TARGETS
 
 _TRT = "https://docs.nvidia.com/deeplearning/tensorrt"
 DOCS = {
@@ -32,6 +38,7 @@ DOCS = {
     "v3-10": f"{_TRT}/11.0.0/api/migration/tensorrt-8x-to-10x-python-api.html (name-based tensors, enqueueV3)",
     "sample": "https://github.com/NVIDIA/TensorRT/blob/main/samples/python/common_runtime.py (cudart + execute_async_v3)",
     "cudart": "https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html",
+    "compat": f"{_TRT}/11.1.0/inference-library/engine-compatibility.html",
 }
 _MIN_ALLOC = 256  # bytes: empty tensors (a KV cache of 0 tokens) still get a valid, aligned address
 
@@ -140,6 +147,80 @@ class DeviceTensor:
         return out
 
 
+# -- what this device has, and engines it can load ---------------------------------------------------------------------
+def _on_jetson(target=None) -> bool:
+    return (target is not None and target.platform == "jetson") or Path("/etc/nv_tegra_release").exists()
+
+
+def tensorrt_missing_error(target=None) -> MedcError:
+    """How to install TensorRT's Python bindings, for Jetson (JetPack) or an x86/SBSA machine (NVIDIA's wheels)."""
+    want = f" {' or '.join(target.tensorrt)}" if target is not None and target.tensorrt else ""
+    if _on_jetson(target):
+        how = ("on Jetson TensorRT comes with JetPack: `sudo apt install nvidia-jetpack` (or only the bindings: "
+               "`sudo apt install python3-libnvinfer`), then use the system python3 or a venv created with "
+               "--system-site-packages; pip's tensorrt wheels are not JetPack's build")
+    else:
+        how = ("on x86 install NVIDIA's wheels matching your CUDA: `pip install tensorrt-cu12` (CUDA 12) or "
+               "`pip install tensorrt-cu13` (CUDA 13)" + (f", version{want}" if want else "")
+               + "; plain `pip install tensorrt` picks the CUDA 13 build")
+    return MedcError(f"TensorRT{want} is not installed (its Python module `tensorrt` cannot be imported). To build or "
+                     f"run engines, {how}. Without it, the bundle still runs on ONNX Runtime.")
+
+
+def import_tensorrt(target=None):
+    try:
+        import tensorrt
+    except ImportError:
+        raise tensorrt_missing_error(target) from None
+    return tensorrt
+
+
+def gpu_info(device: int = 0) -> tuple[str, str] | None:
+    """(GPU name, compute capability "8.7") of `device`, from cuda-python or nvidia-smi; None without a GPU."""
+    try:
+        return cuda_runtime().device_info(device)
+    except (ImportError, MedcError):
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+        name, cc = (s.strip() for s in out[device].split(","))
+        return name, cc
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+def check_engine_compat(manifest, trt_version: str, compute_capability: str) -> None:
+    """Refuse engines this device cannot load: built by another TensorRT release (major.minor.patch; engines are
+    "compatible only with the version of TensorRT used to build them" [compat], medc does not build version- or
+    hardware-compatible engines) or for another compute capability."""
+    record = manifest.tensorrt or {}
+    built = record.get("built_with") or {}
+    if not record.get("engines") or not built:
+        raise MedcError("this bundle has no TensorRT engines yet; build them on the device with "
+                        f"`medc engines BUNDLE --target {manifest.target}` (needs TensorRT there).")
+    problems = []
+    if version_tuple(built["tensorrt_version"], 3) != version_tuple(trt_version, 3):
+        problems.append(f"TensorRT {built['tensorrt_version']} (this device has TensorRT {trt_version})")
+    if built["compute_capability"] != compute_capability:
+        problems.append(f"compute capability {built['compute_capability']} ({built.get('gpu', 'another GPU')}; "
+                        f"this GPU is {compute_capability})")
+    if not problems:
+        return
+    if built["compute_capability"] != compute_capability:  # another GPU: the bundle's target is not this device
+        fits = [t.name for t in TARGETS.values() if t.engine == "tensorrt" and t.compute_capability == compute_capability]
+        which = fits[0] if len(fits) == 1 else "T"
+        fix = f"build a bundle for this GPU: `medc build MODEL --target {which}`" + (
+            f" (T: {', '.join(fits)})" if len(fits) > 1 else "" if fits else
+            " with a target of this compute capability (`medc targets`)")
+    else:  # same GPU, another TensorRT: the bundle's ONNX and profiles still hold, only the engines are rebuilt
+        fix = f"rebuild the engines here: `medc engines BUNDLE --target {manifest.target}` (the ONNX graphs are kept)"
+    raise MedcError(f"the TensorRT engines in this bundle were built for {' and '.join(problems)}. TensorRT engines "
+                    f"only load on the TensorRT release and GPU architecture that built them; {fix}.")
+
+
 # -- the session ------------------------------------------------------------------------------------------------------
 class TrtSession:
     """A TensorRT engine (`.plan`) behind OrtSession's interface. `profile` ({input: {"min", "opt", "max"}}, from
@@ -162,8 +243,6 @@ class TrtSession:
     def open(self) -> "TrtSession":
         if self._engine is not None:
             return self
-        from medc.compile.tensorrt import check_engine_compat, import_tensorrt
-
         trt = import_tensorrt()
         self.cuda = cuda_runtime()
         self.cuda.set_device(self.device)
@@ -176,7 +255,7 @@ class TrtSession:
         engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())  # ICudaEngine or None [runtime-10]
         if engine is None:
             raise MedcError(f"TensorRT {trt.__version__} cannot load {self.path.name} on {gpu} (see TensorRT's message "
-                            "above); rebuild the engines on this device with `medc build BUNDLE --target T`.")
+                            "above); rebuild the engines on this device with `medc engines BUNDLE`.")
         # Name-based I/O (TensorRT 10+; bindings were removed) [v3-10] [engine-10] [engine-11]
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -209,6 +288,10 @@ class TrtSession:
     @property
     def active_providers(self) -> list[str]:
         return ["TensorRT"]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.open()._inputs)
 
     # -- running --
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,49 +381,39 @@ class TrtSession:
 
 
 # -- generation with the KV cache on the device ----------------------------------------------------------------------
-class TrtDecoder:
-    """Step a decoder engine with its KV cache kept on the GPU: each step's `present_*` outputs become the next
-    step's `past_*` inputs by swapping device pointers, never through host memory. Two buffer sets alternate (the
-    engine reads the past while it writes the present, so they cannot share memory); both grow geometrically.
+class TrtDecoder(ExplicitDecoder):
+    """The explicit decoder on a TensorRT engine (runtime/decoder.py): a batch's KV cache stays on the GPU between
+    steps. Each step's `present_*` outputs are written into spare device buffers that become the next step's
+    `past_*` inputs (a pointer swap, never through host memory); the engine reads the past while it writes the
+    present, so two sets alternate. Buffers go back to a pool when a batch is regrouped and grow geometrically."""
 
-    `generation` is the manifest's `generation` section (num_layers, num_kv_heads, head_dim). Usage:
-        dec = TrtDecoder(session, manifest.generation); dec.start(batch)
-        logits = dec.step({"inputs_embeds": ..., "attention_mask": ..., "position_ids": ..., "token_type_ids": ...,
-                           "logits_positions": ...})   # repeat; dec.close() when done
-    """
+    def __init__(self, session: TrtSession, generation: dict, slots: int):
+        super().__init__(session, generation, slots)
+        self._pool: dict[str, list[DeviceBuffer]] = {n: [] for n in self.names}
 
-    def __init__(self, session: TrtSession, generation: dict):
-        self.session = session
-        self.gen = generation
-        self.names = [f"past_{kv}.{i}" for i in range(int(generation["num_layers"])) for kv in ("key", "value")]
-        self.past: dict[str, DeviceTensor] = {}
-        self._spare: dict[str, DeviceBuffer] = {}
-
-    def start(self, batch: int) -> None:
-        """An empty cache (0 tokens) for `batch` sequences; reuses the buffers of a previous generation."""
+    def _call(self, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:
         cuda = self.session.open().cuda
-        shape = (batch, int(self.gen["num_kv_heads"]), 0, int(self.gen["head_dim"]))
-        old = [t.buffer for t in self.past.values()] + list(self._spare.values())
-        pool = iter(old)
-        take = lambda: next(pool, None) or DeviceBuffer(cuda)  # noqa: E731
-        self.past = {n: DeviceTensor(take(), shape, self.session._dtypes[n]) for n in self.names}
-        self._spare = {n: take() for n in self.names}
+        on_host = {k: v for k, v in past.items() if isinstance(v, np.ndarray)}  # a regrouped batch, a prompt
+        on_device = {k: v for k, v in past.items() if isinstance(v, DeviceTensor)}
+        spare = {n.replace("past_", "present_", 1): self._pool[n].pop() if self._pool[n] else DeviceBuffer(cuda)
+                 for n in self.names}
+        host, present = self.session.execute({**feeds, **on_host}, device_inputs=on_device, device_outputs=spare)
+        self._release(on_device)
+        return host["logits"], {n: present[n.replace("past_", "present_", 1)] for n in self.names}
 
-    def step(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One decoder call on host `feeds` (everything but the KV cache); returns the logits on the host."""
-        if not self.past:
-            raise MedcError("TrtDecoder.step before start(batch).")
-        outs = {n.replace("past_", "present_", 1): self._spare[n] for n in self.names}
-        host, present = self.session.execute(feeds, device_inputs=self.past, device_outputs=outs)
-        self._spare = {n: self.past[n].buffer for n in self.names}
-        self.past = {n: present[n.replace("past_", "present_", 1)] for n in self.names}
-        return host["logits"]
+    def _host(self, value) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy(self.session)
 
-    def cache_numpy(self) -> dict[str, np.ndarray]:
-        """The current KV cache copied to the host (tests; handing a sequence to another runtime)."""
-        return {n: t.numpy(self.session) for n, t in self.past.items()}
+    def _release(self, past: dict) -> None:
+        for name, value in past.items():
+            if isinstance(value, DeviceTensor):
+                self._pool[name].append(value.buffer)
 
     def close(self) -> None:
-        for buf in [t.buffer for t in self.past.values()] + list(self._spare.values()):
-            buf.free()
-        self.past, self._spare = {}, {}
+        if self._batch is not None:
+            self._release(self._batch[1])
+            self._batch = None
+        for buffers in self._pool.values():
+            for buf in buffers:
+                buf.free()
+            buffers.clear()

@@ -9,9 +9,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import importlib.util
+import logging
+
 import numpy as np
 
+from medc.runtime.bundle import open_bundle
+from medc.runtime.session import OrtSession, stand_in_config
+from medc.runtime.trt_session import TrtSession
 from medc.specs import Tolerance
+from medc.targets import get_target
 
 
 @dataclass
@@ -73,10 +80,6 @@ def evaluate(run, cases: dict, tolerance: Tolerance) -> dict:
 
 def verify_bundle(bundle_dir: Path, providers: list[str] | None = None) -> dict[str, dict]:
     """Re-run every component's gate from the bundle's golden file. Returns {component: evaluation}."""
-    from medc.runtime.bundle import open_bundle
-    from medc.runtime.session import OrtSession, stand_in_config
-    from medc.targets import get_target
-
     bundle = open_bundle(bundle_dir)
     golden = dict(np.load(bundle.path / bundle.manifest.golden))
     report = {}
@@ -94,9 +97,6 @@ def verify_engines(bundle, golden: dict[str, np.ndarray]) -> dict[str, dict]:
     """The bundle's TensorRT engines against the same golden outputs and thresholds, as "<component> (tensorrt)".
     Refuses engines built for another TensorRT version or GPU. Without TensorRT here they are skipped with a warning.
     UNVERIFIED on hardware: TrtSession has not run on a GPU with this medc version."""
-    import importlib.util
-    import logging
-
     record = bundle.manifest.tensorrt or {}
     engines = record.get("engines") or {}
     if not engines:
@@ -106,8 +106,6 @@ def verify_engines(bundle, golden: dict[str, np.ndarray]) -> dict[str, dict]:
             "the bundle's TensorRT engines (%s) were not checked: TensorRT is not installed here. Run `medc verify` "
             "on the device they were built for.", ", ".join(engines))
         return {}
-    from medc.runtime.trt_session import TrtSession
-
     report = {}
     for name in engines:
         comp = bundle.manifest.components[name]

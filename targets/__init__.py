@@ -85,8 +85,8 @@ class Target:
 
 def tensorrt_libraries() -> bool:
     """Whether TensorRT's libraries can be loaded. onnxruntime-gpu lists its TensorRT provider whether or not they are
-    installed; without them every session first fails on libnvinfer, prints an error and falls back to CUDA (seen on
-    an H200 with onnxruntime-gpu 1.31.1), so medc leaves the provider out."""
+    installed; without them every session first fails on libnvinfer, prints an error and falls back to CUDA
+    (benchmarks/results/cuda-check-h200.md), so medc leaves the provider out."""
     import ctypes.util
     import importlib.util
 

@@ -118,3 +118,32 @@ def gemma_int8(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma") / "int8"
     build(BuildOptions(model="medgemma-tiny", out=out, precision="int8"))
     return out
+
+
+# -- driving a generative bundle's decoder directly (runtime/decoder.py) -----------------------------------------------
+def prefill(model, decoder, slot: int, ids, chunk: int | None = None, pixels=None) -> list:
+    """A prompt into `slot` of `decoder` (emptied first), `chunk` tokens per step (default: the decoder's), or all at
+    once with its images: the last position's logits [V] of each step."""
+    from medc.runtime.decoder import Chunk
+
+    ids = np.asarray(ids, np.int64)
+    decoder.reset(slot)
+    decoder.check_room(slot, len(ids))
+    embeds = model.embed(ids[None])[0]
+    if pixels is not None:
+        images = ids == model.assets.special_ids["image"]
+        embeds[images] = model.encode_images(pixels).reshape(-1, embeds.shape[-1])
+        return [decoder.step([Chunk(slot, embeds, np.array([len(ids) - 1]), images)])[0][-1]]
+    size = chunk or decoder.prefill_chunk or len(ids)
+    return [decoder.step([Chunk(slot, embeds[s:s + size], np.array([len(embeds[s:s + size]) - 1]))])[0][-1]
+            for s in range(0, len(ids), size)]
+
+
+def decode(model, decoder, tokens: dict) -> dict:
+    """One step adding token tokens[slot] to each slot: {slot: logits [V]}."""
+    from medc.runtime.decoder import Chunk
+
+    slots = list(tokens)
+    embeds = model.embed(np.array([[tokens[s] for s in slots]], np.int64))[0]
+    out = decoder.step([Chunk(s, embeds[i:i + 1], np.zeros(1, np.int64)) for i, s in enumerate(slots)])
+    return {s: o[0] for s, o in zip(slots, out)}

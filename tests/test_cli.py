@@ -21,7 +21,15 @@ def _medc(*args, cwd=None):
 
 def test_help_is_light():
     res = _medc("--help")
-    assert res.returncode == 0 and "build" in res.stdout and "bench" in res.stdout
+    assert res.returncode == 0 and "build" in res.stdout and "bench" in res.stdout and "engines" in res.stdout
+    # `medc --help` (and the shell's completion) must not pay for the heavy backends
+    code = ("import sys; from click.testing import CliRunner; from medc.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(' '.join(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'transformers', 'numpy') "
+            "if m in sys.modules)))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "", f"medc --help imported {res.stdout.strip()}"
 
 
 def test_dry_run_prints_plan():
@@ -76,3 +84,12 @@ def test_subprocess_build_and_run(tmp_path, real_images):
     assert len(scores) == 2 and all(0 < s < 1 for s in scores)
     res = _medc("build", "medsiglip-tiny", "-o", out)
     assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_engines_have_their_own_verb(bundle_int8):
+    """`medc engines BUNDLE` builds TensorRT engines; `medc build` given a bundle says so instead of guessing."""
+    r = CliRunner()
+    res = r.invoke(main, ["build", str(bundle_int8)])
+    assert res.exit_code == 2 and f"medc engines {bundle_int8}" in res.output and "Traceback" not in res.output
+    res = r.invoke(main, ["engines", str(bundle_int8)])  # a CPU bundle: nothing to build engines from
+    assert res.exit_code == 2 and "has no TensorRT stage" in res.output

@@ -8,6 +8,7 @@ and drops the rounding between them, so an fp16 graph run as is would hide an ov
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,9 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from medc.compile import export, fp16, loader, optimize, quantize
 from medc.compile.models import gemma3
+from medc.compile.quantize import ConvertOptions
 
 SCALE = 1e5  # layer 0's up_proj weights: its activations reach ~7e5 and down_proj's ~1e6, far above fp16's 65504
-DECODER = {"lm_head": "fp16"}  # what makes quantize's "fp16" a decoder conversion
+DECODER = ConvertOptions(fp16_islands=True)  # what makes quantize's "fp16" a decoder conversion
 
 
 def _cosine(a, b) -> float:
@@ -87,8 +89,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("optimizer", ["none", "xformers"])
 def test_islands_match_fp32(tiny, optimizer, tmp_path):
-    record = quantize.convert("fp16", tiny.graph("raw", optimizer), tmp_path / "d.onnx", None,
-                              {**DECODER, "feeds": tiny.calibration}, isolate=False)
+    record = quantize.convert("fp16", tiny.graph("raw", optimizer), tmp_path / "d.onnx",
+                              replace(DECODER, fp16_feeds=tiny.calibration), isolate=False)
     model = onnx.load(str(tmp_path / "d.onnx"))
     for case, feeds in tiny.golden.items():
         for graph in (model, fp16.cpu_emulation(model)):
@@ -105,7 +107,7 @@ def test_islands_match_fp32(tiny, optimizer, tmp_path):
     if optimizer == "none":
         onnx.checker.check_model(model)  # standard ops only: the result is valid ONNX (topologically sorted)
     # Without feeds (the structural islands only) the unscaled decoder is fine too
-    record = quantize.convert("fp16", tiny.graph("raw", optimizer), tmp_path / "s.onnx", None, DECODER, isolate=False)
+    record = quantize.convert("fp16", tiny.graph("raw", optimizer), tmp_path / "s.onnx", DECODER, isolate=False)
     assert record["fp32_islands"]["measured"]["feeds"] == 0
     emulated = fp16.cpu_emulation(onnx.load(str(tmp_path / "s.onnx")))
     assert all(_cosine(_run(emulated, f), tiny.ref[c]) >= 0.999 for c, f in tiny.golden.items())
@@ -123,7 +125,7 @@ def test_forced_overflow(tiny, optimizer, tmp_path):
         assert _cosine(tiny.ref_scaled[case], tiny.ref[case]) > 0.99999
     src = tiny.graph("scaled", optimizer)
     quantize.convert("fp16", src, tmp_path / "whole.onnx", isolate=False)
-    record = quantize.convert("fp16", src, tmp_path / "islands.onnx", None, {**DECODER, "feeds": tiny.calibration},
+    record = quantize.convert("fp16", src, tmp_path / "islands.onnx", replace(DECODER, fp16_feeds=tiny.calibration),
                               isolate=False)
     measured = record["fp32_islands"]["measured"]
     assert max(v for v in measured["above_threshold"].values() if v < 1e30) > 1e5  # the ONNX graph sees it too
@@ -163,7 +165,7 @@ def _toy(tmp_path):
 def test_no_fp16_round_trip_between_fp32_nodes(tmp_path):
     """ORT's converter casts a tensor between two fp32 nodes to fp16 and back; the islands must not."""
     x = {"x": np.array([1.5, -2.0], np.float32)}
-    record = fp16.convert_fp16(_toy(tmp_path), tmp_path / "out.onnx", [x], None)
+    record = fp16.convert_fp16(_toy(tmp_path), tmp_path / "out.onnx", [x])
     assert record["fp32_islands"]["why"]["measured above threshold"]["nodes"] == ["down", "up"]  # writer, reader
     assert record["fp32_islands"]["round_trips_removed"] >= 1
     model = onnx.load(str(tmp_path / "out.onnx"))

@@ -10,6 +10,7 @@ import medc.runtime
 from medc.compile import loader
 from medc.compile.build import BuildOptions, build
 from medc.compile.export import module_args
+from medc.compile.hf import hf_class, hf_config
 from medc.compile.models import gemma3
 from medc.compile.models.siglip import builtin_images
 from medc.compile.registry import MODELS
@@ -56,7 +57,7 @@ def test_real_configs():
     for name, layers, head_dim, qpas in (("medgemma-4b-it", 34, 256, 256), ("medgemma-27b-text-it", 62, 128, 168)):
         spec = MODELS[name]
         with torch.device("meta"):
-            model = loader._hf_class(spec.family)(loader._config_from_dict(spec.family, spec.config))
+            model = hf_class(spec.family)(hf_config(spec.family, spec.config))
         tcfg = gemma3.text_config(model.config)
         assert tcfg.num_hidden_layers == layers and tcfg.head_dim == head_dim and tcfg.query_pre_attn_scalar == qpas
         layout = gemma3.kv_layout(tcfg)
@@ -277,8 +278,8 @@ def test_int4_ort_and_portable_flavours(tmp_path_factory):
 def test_gqa_bundles_name_the_onnxruntime_they_need():
     """The slot-form decoder reads GroupQueryAttention's query_seqlens, which onnxruntime 1.31 (the newest
     onnxruntime-gpu) refuses as an invalid graph: the runtime says which version it needs and how to get there."""
-    from medc.runtime.gemma import GQA_ONNXRUNTIME, _require_onnxruntime
+    from medc.runtime.decoder import GQA_ONNXRUNTIME, require_onnxruntime
 
-    _require_onnxruntime(GQA_ONNXRUNTIME, "installed here")  # this machine runs the CPU tests' GQA bundles
+    require_onnxruntime(GQA_ONNXRUNTIME, "installed here")  # this machine runs the CPU tests' GQA bundles
     with pytest.raises(MedcError, match=r"needs onnxruntime >= 99\.0 .*this machine has .*--flavour portable"):
-        _require_onnxruntime((99, 0), "a future op")
+        require_onnxruntime((99, 0), "a future op")

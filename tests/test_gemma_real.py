@@ -15,6 +15,8 @@ from medc.compile.build import BuildOptions, build
 from medc.errors import MedcError
 from medc.manifest import Manifest
 
+from conftest import decode, prefill
+
 GGUF = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
 RECIPES = Path(__file__).parents[1] / "benchmarks" / "recipes"
 UNSEEN_PROMPTS = ["Aspirin is commonly used to", "A chest radiograph is"]
@@ -104,7 +106,8 @@ def test_fp32_on_unseen_prompts_and_text(real_fp32):
 
     import torch
 
-    from medc.compile.gates import hf_logits_fn, reference_model
+    from medc.compile.gates import hf_logits_fn
+    from medc.compile.loader import reference_model
     from medc.runtime import evaluate
     from medc.runtime.gemma import build_prompt_batch
 
@@ -129,19 +132,19 @@ def test_fp32_past_the_sliding_cache(real_fp32):
     buffer, then decodes: greedy tokens == HF fp32."""
     import torch
 
-    from medc.compile.gates import reference_model
+    from medc.compile.loader import reference_model
     from medc.runtime import evaluate
 
     with medc.runtime.load(real_fp32) as m:
         hf = reference_model(m.bundle.manifest.model["source"])
         text = evaluate.default_text().read_text()
         ids = [m.assets.special_ids["bos"]] + m.assets.tokenizer.encode(text, add_special_tokens=False).ids[:699]
-        assert len(ids) > m.gen["kv_cache"]["capacity"][0] and len(ids) > m.PREFILL_CHUNK
-        cache = m.new_cache(1)
-        logits = m.prefill_slot(cache, 0, ids)
+        dec = m.decoder(1)
+        assert len(ids) > m.gen["kv_cache"]["capacity"][0] and len(ids) > dec.prefill_chunk
+        logits = prefill(m, dec, 0, ids)[-1]
         ours = [int(logits.argmax())]
         for _ in range(15):
-            logits = m.step(cache, 0, 1, m._embed(np.array([[ours[-1]]])), [1], [[0]])[0, 0]
+            logits = decode(m, dec, {0: ours[-1]})[0]
             ours.append(int(logits.argmax()))
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,

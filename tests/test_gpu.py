@@ -26,7 +26,7 @@ def _cuda_build(tmp_path_factory, model: str, precision: str):
 
 
 def _on_cuda(pipeline) -> dict[str, str]:
-    return {name: s.open().active_providers[0] for name, s in pipeline._sessions.items()}
+    return {name: pipeline.active_providers(name)[0] for name in pipeline.bundle.manifest.components}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

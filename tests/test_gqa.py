@@ -14,8 +14,12 @@ from medc.compile import loader
 from medc.compile.build import BuildOptions, build
 from medc.compile.models import gemma3
 from medc.compile.models.siglip import builtin_images
-from medc.runtime.gemma import build_prompt_batch, image_attention
+from medc.runtime.batch import Batch, SamplingParams, Sequence
+from medc.runtime.decoder import Chunk, image_attention
+from medc.runtime.gemma import build_prompt_batch
 from medc.runtime.kvcache import resident, token_rows
+
+from conftest import decode, prefill
 
 PROMPT = "List three causes of pleural effusion in an adult patient, and how each is found on imaging."
 
@@ -42,15 +46,24 @@ def test_image_attention_mask_is_hfs():
     assert ok[0, 3].tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 0]  # second image: causal + its own image only
 
 
-def test_chunked_prefill_equals_one_step(gemma_fp32, monkeypatch):
+def test_chunked_prefill_equals_one_step(gemma_fp32):
     with medc.runtime.load(gemma_fp32) as m:
         ids = build_prompt_batch(m.assets, [PROMPT]).input_ids[0].tolist()
-        cache = m.new_cache(1)
-        whole = m.prefill_slot(cache, 0, ids)
-        monkeypatch.setattr(type(m), "PREFILL_CHUNK", 7)  # several chunks, each past the sliding window (8)
-        chunks = list(m.prefill_steps(cache, 0, ids))
-        assert len(chunks) == -(-len(ids) // 7) and all(c is None for c in chunks[:-1])
-        assert np.abs(chunks[-1] - whole).max() < 1e-4
+        dec = m.decoder(1)
+        whole = prefill(m, dec, 0, ids)
+        chunks = prefill(m, dec, 0, ids, chunk=7)  # several chunks, each past the sliding window (8)
+        assert len(whole) == 1 and len(chunks) == -(-len(ids) // 7)
+        assert np.abs(chunks[-1] - whole[0]).max() < 1e-4
+        # the sampling loop carries a prompt in chunks of the decoder's prefill size, a step each
+        dec.prefill_chunk = 7
+        batch = Batch(dec, m.embed, m.encode_images, None, m.eos_ids)
+        seq = Sequence(ids, None, SamplingParams(max_new_tokens=1))
+        batch.admit(seq)
+        steps = 0
+        while seq.prefilling:
+            batch.step()
+            steps += 1
+        assert steps == len(chunks) and seq.generated == 1 and batch.steps == steps
 
 
 def test_slots_decode_together_as_alone(gemma_fp32):
@@ -59,16 +72,15 @@ def test_slots_decode_together_as_alone(gemma_fp32):
     with medc.runtime.load(gemma_fp32) as m:
         prompts = [build_prompt_batch(m.assets, [p]).input_ids[0].tolist()
                    for p in (PROMPT, "Is there a pneumothorax?", "Describe the heart size.")]
-        cache = m.new_cache(3)
-        first = [int(m.prefill_slot(cache, i, ids).argmax()) for i, ids in enumerate(prompts)]
-        tokens = np.array([[first[0]], [first[1]], [first[2]]])
-        together = m.step(cache, 0, 3, m._embed(tokens), [1, 0, 1], np.zeros((3, 1), np.int64))[:, 0]
-        assert cache.lengths.tolist() == [len(prompts[0]) + 1, len(prompts[1]), len(prompts[2]) + 1]
-        later = m.step(cache, 1, 2, m._embed(tokens[1:2]), [1], [[0]])[0, 0]  # the idle one catches up alone
+        dec = m.decoder(3)
+        first = [int(prefill(m, dec, i, ids)[-1].argmax()) for i, ids in enumerate(prompts)]
+        together = decode(m, dec, {0: first[0], 2: first[2]})
+        assert dec.lengths.tolist() == [len(prompts[0]) + 1, len(prompts[1]), len(prompts[2]) + 1]
+        later = decode(m, dec, {1: first[1]})[1]  # the idle one catches up alone
         for row, logits in ((0, together[0]), (1, later), (2, together[2])):
-            alone = m.new_cache(1)
-            m.prefill_slot(alone, 0, prompts[row])
-            ref = m.step(alone, 0, 1, m._embed(tokens[row:row + 1]), [1], [[0]])[0, 0]
+            alone = m.decoder(1)
+            prefill(m, alone, 0, prompts[row])
+            ref = decode(m, alone, {0: first[row]})[0]
             assert np.abs(logits - ref).max() < 1e-4, row
 
 
@@ -82,29 +94,30 @@ def test_a_prompt_rides_in_a_decode_step(gemma_fp32):
     logits, and the next step's, equal the same work done in separate steps. The decoder computes only the step's
     real tokens (`token_rows`): padding columns must change nothing."""
     with medc.runtime.load(gemma_fp32) as m:
-        assert m.packs
         prompts = [build_prompt_batch(m.assets, [p]).input_ids[0].tolist()
                    for p in (PROMPT, "Is there a pneumothorax? Answer in one sentence, then list the signs.",
                              "Describe the heart size.")]
-        caches = {"packed": m.new_cache(3), "apart": m.new_cache(3)}
-        for cache in caches.values():
+        decoders = {"packed": m.decoder(3), "apart": m.decoder(3)}
+        assert decoders["packed"].packs
+        for dec in decoders.values():
             for slot in (0, 2):
-                m.prefill_slot(cache, slot, prompts[slot])
-        nxt = np.array([[5], [0], [7]])
+                prefill(m, dec, slot, prompts[slot])
         new_ids = np.array(prompts[1])
         width = len(new_ids)
-        tokens = np.zeros((3, width), np.int64)
-        tokens[0, 0], tokens[1], tokens[2, 0] = 5, new_ids, 7
-        packed = m.step(caches["packed"], 0, 3, m._embed(tokens), [1, width, 1], [[0], [width - 1], [0]])[:, 0]
-        apart = caches["apart"]
-        ref_prompt = m.prefill_slot(apart, 1, prompts[1])
-        ref_decode = m.step(apart, 0, 3, m._embed(nxt), [1, 0, 1], np.zeros((3, 1), np.int64))[:, 0]
-        assert np.abs(packed[1] - ref_prompt).max() < 1e-4
-        assert np.abs(packed[[0, 2]] - ref_decode[[0, 2]]).max() < 1e-4
-        assert caches["packed"].lengths.tolist() == apart.lengths.tolist()
-        after = {k: m.step(c, 0, 3, m._embed(np.array([[3], [4], [6]])), [1, 1, 1], np.zeros((3, 1), np.int64))[:, 0]
-                 for k, c in caches.items()}  # the caches the two ways wrote hold the same keys and values
-        assert np.abs(after["packed"] - after["apart"]).max() < 1e-4
+        packed_dec = decoders["packed"]
+        packed_dec.reset(1)
+        embeds = m.embed(np.concatenate([[5], new_ids, [7]])[None])[0]
+        packed = packed_dec.step([Chunk(0, embeds[:1], np.zeros(1, np.int64)),
+                                  Chunk(1, embeds[1:1 + width], np.array([width - 1])),
+                                  Chunk(2, embeds[1 + width:], np.zeros(1, np.int64))])
+        apart = decoders["apart"]
+        ref_prompt = prefill(m, apart, 1, prompts[1])[-1]
+        ref_decode = decode(m, apart, {0: 5, 2: 7})
+        assert np.abs(packed[1][0] - ref_prompt).max() < 1e-4
+        assert max(np.abs(packed[i][0] - ref_decode[s]).max() for i, s in ((0, 0), (2, 2))) < 1e-4
+        assert packed_dec.lengths.tolist() == apart.lengths.tolist()
+        after = {k: decode(m, d, {0: 3, 1: 4, 2: 6}) for k, d in decoders.items()}  # the caches the two ways wrote
+        assert max(np.abs(after["packed"][s] - after["apart"][s]).max() for s in range(3)) < 1e-4  # are the same
 
 
 def test_image_prompt_rows_attend_both_ways(gemma_fp32, gemma_tiny):
@@ -114,17 +127,15 @@ def test_image_prompt_rows_attend_both_ways(gemma_fp32, gemma_tiny):
         batch = build_prompt_batch(m.assets, [PROMPT], [images])
         ids = batch.input_ids[0].tolist()
         pixels = m.preprocess(images)
-        ours = m.prefill_slot(m.new_cache(1), 0, ids, pixels)
+        ours = prefill(m, m.decoder(1), 0, ids, pixels=pixels)[0]
         with torch.no_grad():
             ref = gemma_tiny.hf_model(input_ids=torch.from_numpy(batch.input_ids), pixel_values=torch.from_numpy(pixels),
                                       token_type_ids=torch.from_numpy(batch.token_type_ids)).logits[0, -1].numpy()
         assert np.abs(ours - ref).max() < 1e-4
         # the same embeddings as a causal prefill (no image rows): not HF's result
-        cache = m.new_cache(1)
-        embeds = m._embed(batch.input_ids)
-        feats = m._sessions["vision_encoder"].run({"pixel_values": pixels})["image_features"]
-        embeds[0, batch.token_type_ids[0] == 1] = feats.reshape(-1, embeds.shape[-1])
-        causal = m.step(cache, 0, 1, embeds, [len(ids)], [[len(ids) - 1]])[0, -1]
+        embeds = m.embed(batch.input_ids)[0]
+        embeds[batch.token_type_ids[0] == 1] = m.encode_images(pixels).reshape(-1, embeds.shape[-1])
+        causal = m.decoder(1).step([Chunk(0, embeds, np.array([len(ids) - 1]))])[0][-1]
         assert np.abs(causal - ref).max() > 1e-3
 
 
@@ -132,9 +143,8 @@ def test_context_limit_and_rebuild_hint(gemma_fp32):
     from medc.errors import MedcError
 
     with medc.runtime.load(gemma_fp32) as m:
-        cache = m.new_cache(1)
         with pytest.raises(MedcError, match="exceed this build's context of 512.*--context"):
-            m.prefill_slot(cache, 0, [2] * 513)
+            prefill(m, m.decoder(1), 0, [2] * 513)
 
 
 def test_int4_lm_head_is_rescored(tmp_path):
@@ -158,7 +168,7 @@ def test_int4_lm_head_is_rescored(tmp_path):
     with torch.no_grad():
         ref = fp32.hf_model(input_ids=torch.from_numpy(ids)).logits[0, -1].numpy()
     with medc.runtime.load(out) as model:
-        ours = model.prefill_slot(model.new_cache(1), 0, ids[0].tolist())
+        ours = prefill(model, model.decoder(1), 0, ids[0].tolist())[-1]
     cos = float(ours @ ref / np.linalg.norm(ours) / np.linalg.norm(ref))
     assert cos > 0.99  # int8 decoder and (rescored) head on random weights
     assert gemma3.text_config(fp32.config).vocab_size < 1024
@@ -166,12 +176,12 @@ def test_int4_lm_head_is_rescored(tmp_path):
 
 @pytest.mark.parametrize("vocab, top_k", [(4096, 64), (100, 64)], ids=["two-stage", "one-topk"])
 def test_rescoring_recomputes_exactly_the_top_logits(vocab, top_k):
-    """quantize.add_rescoring on a graph whose head is coarse: the top_k logits by the coarse head, and only those,
+    """weight_only.add_rescoring on a graph whose head is coarse: the top_k logits by the coarse head, and only those,
     become the int8 rows' dot products; the two-stage top-k picks the same set as one TopK over the vocabulary."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from medc.compile import quantize
+    from medc.compile import weight_only as quantize
 
     rng = np.random.default_rng(0)
     hidden_size = 64
@@ -179,15 +189,15 @@ def test_rescoring_recomputes_exactly_the_top_logits(vocab, top_k):
     coarse = np.round(w * 2) / 2  # a head with int4-like error
     x = ir.Value(name="hidden", shape=ir.Shape([2, 3, hidden_size]), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 20}, name="head")
-    weight = quantize._constant(graph, "w", np.ascontiguousarray(coarse.T))
+    weight = quantize.constant(graph, "w", np.ascontiguousarray(coarse.T))
     head = ir.node("MatMul", [x, weight], name="head")
     graph.append(head)
     logits = head.outputs[0]
     logits.name = "logits"
     graph.outputs.append(logits)
     rows, scales = quantize.int8_rows(w)
-    quantize.add_rescoring(graph, logits, x, quantize._constant(graph, "rows", rows),
-                           quantize._constant(graph, "scales", scales), top_k)
+    quantize.add_rescoring(graph, logits, x, quantize.constant(graph, "rows", rows),
+                           quantize.constant(graph, "scales", scales), top_k)
     proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
     assert [o.name for o in proto.graph.output] == ["logits"]
     h = rng.standard_normal((2, 3, hidden_size)).astype(np.float32)

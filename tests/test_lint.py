@@ -10,8 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from medc.compile import lint
-from medc.compile.lint import lint_bundle, lint_model, make_trt_ready, parser_spec
+from medc.compile import tensorrt
+from medc.compile.lint import lint_bundle, lint_model, parser_spec
+from medc.compile.tensorrt import make_trt_ready
 from medc.errors import MedcError
 
 F, I64, I8 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT8
@@ -128,7 +129,7 @@ def _qdq_matmul(zp=np.int8(0), scale=0.05, w_axis=1, w_scale=None, opset=21, qty
 
 def _int4_matmul(block_size=32, zero_point=None, opset=21, per_channel=False):
     w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
-    packed, scale = __import__("medc.compile.quantize", fromlist=["x"]).int4_blocks(w, 32)
+    packed, scale = __import__("medc.compile.weight_only", fromlist=["x"]).int4_blocks(w, 32)
     wq = TensorProto(name="w4", data_type=TensorProto.INT4, dims=[64, 8], raw_data=packed.tobytes())
     if per_channel:
         scale = scale[0]
@@ -294,16 +295,16 @@ def test_make_trt_ready_file_keeps_external_weights(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=1024)
     data = (tmp_path / "m.onnx.data").read_bytes()
-    assert lint.make_trt_ready_file(path, "t4") == {"CumSum:INT64->FLOAT": 1, "Pad:BOOL->INT32": 1}
+    assert tensorrt.make_trt_ready_file(path, "t4") == {"CumSum:INT64->FLOAT": 1, "Pad:BOOL->INT32": 1}
     assert (tmp_path / "m.onnx.data").read_bytes() == data
     assert lint_model(onnx.load(str(path), load_external_data=False), "t4", base_dir=tmp_path).ok
-    assert lint.make_trt_ready_file(path, "t4") == {}
+    assert tensorrt.make_trt_ready_file(path, "t4") == {}
 
 
 def test_int4_blocks_positive_scales_and_ort_parity():
     import onnxruntime as ort
 
-    from medc.compile.quantize import int4_blocks
+    from medc.compile.weight_only import int4_blocks
 
     w = np.random.default_rng(1).standard_normal((70, 6)).astype(np.float32)  # K not a multiple of the block
     w[:32, 0] = np.abs(w[:32, 0])  # a block whose extreme is positive: ORT's symmetric form signs that scale

@@ -18,7 +18,7 @@ def test_wheel_carries_data_files(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     profiles = {f"medc/targets/profiles/{p.name}" for p in (ROOT / "targets" / "profiles").glob("*.json")}
     assert profiles and profiles <= names
-    assert "medc/compile/data/tiny-spiece.model" in names
+    assert {"medc/compile/data/tiny-spiece.model", "medc/compile/data/tiny-gemma-tokenizer.json"} <= names
     for pkg in ("medc", "medc/compile", "medc/compile/models", "medc/runtime", "medc/targets", "medc/benchmarks"):
         assert f"{pkg}/__init__.py" in names
     assert not any(n.startswith("tests/") for n in names)

@@ -105,7 +105,7 @@ def test_static_qdq_is_symmetric_for_tensorrt(tmp_path, real_images):
     assert "patient" not in (out / "manifest.json").read_text()
 
 
-def _damage(src, dst, calibration=None, options=None):
+def _damage(src, dst, options=None):
     """A deliberately broken conversion: one weight matrix scrambled."""
     model = onnx.load(str(src))
     biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -13,10 +12,14 @@ from click.testing import CliRunner
 from medc.cli import main
 from medc.compile import planner
 from medc.compile.build import BuildOptions, build
+from medc.compile.models.gemma3_family import FORMS
+from medc.compile.plan import plan_for, resolve
 from medc.compile.registry import MODELS
 from medc.errors import MedcError
 from medc.manifest import Manifest
 from medc.targets import TARGETS, get_target
+
+from conftest import prefill
 
 # Issue 4's list, with the compute capabilities it names.
 EXPECTED_SM = {"jetson-orin-nano-8gb": "8.7", "jetson-orin-nx-16gb": "8.7", "jetson-agx-orin-32gb": "8.7",
@@ -57,7 +60,8 @@ def test_every_issue_target_exists():
 ])
 def test_precision_the_target_lacks(target, precision, match):
     with pytest.raises(MedcError, match=match):
-        planner.plan_build(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision=precision, target=target))
+        planner.plan_build(plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision=precision,
+                                                 target=target)))
 
 
 def test_unknown_target_lists_them():
@@ -66,7 +70,8 @@ def test_unknown_target_lists_them():
 
 
 def test_bf16_is_planned_but_not_built(tmp_path):
-    plan = planner.plan_build(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="bf16", target="h100"))
+    plan = planner.plan_build(plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="bf16",
+                                                    target="h100")))
     assert plan.recipe["decoder"] == "bf16" and plan.fits
     with pytest.raises(MedcError, match="not supported by this medc version"):
         build(BuildOptions(model="medgemma-tiny", out=tmp_path / "b", precision="bf16", target="h100"))
@@ -76,40 +81,43 @@ def test_bf16_is_planned_but_not_built(tmp_path):
 def test_kv_cache_is_window_aware():
     """MedGemma 4B, fp16 KV: 136 KiB per token over 34 layers; the 29 sliding layers stop at 1023 past tokens."""
     cfg = MODELS["medgemma-4b-it"].config
-    kv4k, per_token = planner._kv(cfg, 4096, 1, 2)
-    kv32k, _ = planner._kv(cfg, 32768, 1, 2)
+    kv4k, per_token = planner._kv(cfg, 4096, 1, 2, FORMS["explicit"])
+    kv32k, _ = planner._kv(cfg, 32768, 1, 2, FORMS["explicit"])
     assert per_token == 136 * 1024
     assert kv4k == (29 * 1023 + 5 * 4096) * 4096 and round(kv4k / MIB) == 196
     assert round(kv32k / MIB) == 756
-    assert planner._kv(cfg, 4096, 4, 2)[0] == 4 * kv4k  # linear in batch
+    assert planner._kv(cfg, 4096, 4, 2, FORMS["explicit"])[0] == 4 * kv4k  # linear in batch
 
 
 def test_floors_arithmetic():
     t = get_target("jetson-orin-nano-8gb")
-    plan = planner.plan_build(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="int4", target=t.name))
+    plan = planner.plan_build(plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="int4",
+                                                    target=t.name)))
     decoder = next(c for c in plan.components if c.name == "decoder")
     assert plan.decode_tokens_per_s == pytest.approx(t.bandwidth_gbs * 1e9 / (decoder.weight_bytes + plan.kv_bytes))
     flops = planner._vision_flops(MODELS["medgemma-4b-it"].config, "gemma3")
     assert flops == pytest.approx(5.5e12, rel=0.03)  # shared/FACTS.md: ~5.5 TFLOP per 896 px image
     assert plan.vision_ms == pytest.approx(flops / (t.peak_tflops["int8"] * 1e12) * 1e3)
     # int4 reads fewer bytes per token than int8 than fp16: the ceilings are ordered
-    ceilings = [planner.plan_build(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision=p,
-                                                target=t.name)).decode_tokens_per_s for p in ("fp16", "int8", "int4")]
+    ceilings = [planner.plan_build(plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision=p,
+                                                         target=t.name))).decode_tokens_per_s
+                for p in ("fp16", "int8", "int4")]
     assert ceilings == sorted(ceilings)
 
 
 def test_recommends_int4_for_medgemma_on_orin_nano_and_refuses_what_cannot_fit():
     opts = BuildOptions(model="medgemma-4b-it", out=Path("x"), target="jetson-orin-nano-8gb", context=1024)
-    best, plans = planner.recommend(opts)
-    assert planner._preset_of(best) == "int4"
-    assert {planner._preset_of(p): p.fits for p in plans} == {"fp32": False, "fp16": False, "int8": False, "int4": True}
+    best, plans = planner.recommend(resolve(opts.model), opts)
+    assert planner.preset_of(best) == "int4"
+    assert {planner.preset_of(p): p.fits for p in plans} == {"fp32": False, "fp16": False, "int8": False, "int4": True}
     with pytest.raises(MedcError, match="--precision int4 fits"):
-        planner.check_fits(BuildOptions(model="medgemma-4b-it", out=Path("x"), target="jetson-orin-nano-8gb",
-                                        precision="fp16", context=1024))
+        planner.check_fits(resolve("medgemma-4b-it"), BuildOptions(model="medgemma-4b-it", out=Path("x"),
+                                                                   target="jetson-orin-nano-8gb", precision="fp16",
+                                                                   context=1024))
     # the 27B does not fit an 8 GB Jetson in any form; the error says what would
     with pytest.raises(MedcError, match="no preset fits"):
-        planner.check_fits(BuildOptions(model="medgemma-27b-text-it", out=Path("x"), target="jetson-orin-nano-8gb",
-                                        precision="int4"))
+        planner.check_fits(resolve("medgemma-27b-text-it"), BuildOptions(
+            model="medgemma-27b-text-it", out=Path("x"), target="jetson-orin-nano-8gb", precision="int4"))
 
 
 def _weight_bytes_on_disk(path: Path) -> int:
@@ -128,11 +136,9 @@ def _weight_bytes_on_disk(path: Path) -> int:
 def check_plan_against_bundle(bundle: Path, model: str, rel: float = 0.02) -> dict[str, tuple[int, int]]:
     """The planner's weight bytes per component against the bundle's stored initializers (within `rel`).
     `model`: the registry name or checkpoint (directory or GGUF file) the bundle was built from."""
-    from medc.compile.build import plan_only
-
     m = Manifest.read(bundle)
     recipe = m.build["recipe"]
-    config = plan_only(BuildOptions(model=str(model), out=Path("-"))).config
+    config = resolve(str(model)).spec.config
     context = m.build["memory_plan"]["context"]  # the GroupQueryAttention decoder's rotary tables are sized by it
     plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"],
                                get_target(m.target), context, 1, recipe.get("flavour"), recipe.get("options"))
@@ -163,22 +169,20 @@ def test_kv_matches_the_runtime(gemma_fp32, gemma_portable):
     import medc.runtime
 
     cfg = MODELS["medgemma-tiny"].config
+    ids = [2] + [20 + i % 50 for i in range(39)]
     with medc.runtime.load(gemma_fp32) as model:
         assert model.attention == "gqa"
-        cache = model.new_cache(2)
-        model.prefill_slot(cache, 1, [2] + [20 + i % 50 for i in range(39)])
+        dec = model.decoder(2)
+        prefill(model, dec, 1, ids)
         context = model.gen["kv_cache"]["context"]
-        assert sum(b.nbytes for b in cache.buffers.values()) == planner._kv(cfg, context, 2, 4, "gqa")[0]
+        assert sum(b.nbytes for b in dec.cache.buffers.values()) == planner._kv(cfg, context, 2, 4, FORMS["gqa"])[0]
     with medc.runtime.load(gemma_portable) as model:
-        ids = np.array([[2] + [20 + i % 50 for i in range(39)]], np.int64)
-        s = ids.shape[1]
-        feeds = {"inputs_embeds": model._embed(ids), "attention_mask": np.ones((1, s), np.int64),
-                 "position_ids": np.arange(s, dtype=np.int64)[None], "token_type_ids": np.zeros((1, s), np.int64),
-                 "logits_positions": np.array([s - 1], np.int64)}
-        _, past = model._step(model._sessions["decoder"].open(), feeds, model._empty_past(1))
-        runtime_bytes = sum(v.numpy().nbytes for v in past.values())
+        dec = model.decoder(1)
+        prefill(model, dec, 0, ids)
+        runtime_bytes = sum(v.nbytes for v in dec.cache(0).values())
+    s = len(ids)
     assert s > cfg["text_config"]["sliding_window"]
-    assert planner._kv(cfg, s, 1, 4)[0] == runtime_bytes
+    assert planner._kv(cfg, s, 1, 4, FORMS["explicit"])[0] == runtime_bytes
 
 
 def test_cli_plan_exit_status_and_json():

@@ -7,36 +7,37 @@ from pathlib import Path
 
 import pytest
 
-from medc.compile.build import BuildOptions, plan_only
+from medc.compile.plan import BuildOptions, plan_for
+from medc.compile.spec import DecoderSettings
 from medc.errors import MedcError
 
 
 def _plan(tmp_path, **kw):
-    return plan_only(BuildOptions(model="medgemma-tiny", out=tmp_path / "b", **kw))
+    return plan_for(BuildOptions(model="medgemma-tiny", out=tmp_path / "b", **kw))
 
 
 def test_presets(tmp_path):
     p = _plan(tmp_path, precision="int4")
-    assert p.recipe["precisions"] == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder": "int4",
-                                      "lm_head": "int4"}
+    assert p.recipe.precisions == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder": "int4",
+                                   "lm_head": "int4"}
     dec = {c.name: c for c in p.components}["decoder"]
-    assert dec.methods == ["weight-only"] and dec.options["format"] == "nbits" and dec.options["lm_head"] == "int4"
+    assert dec.methods == ["weight-only"] and dec.weight_only.form == "nbits" and dec.weight_only.lm_head == "int4"
     # CPU target, ORT flavour: GroupQueryAttention decoder whose int4 lm_head's conversion rescores its top 1024
     # logits (a graph edit: the export is the same as for any other precision)
-    assert p.graph == {"attention": "gqa", "context": 512} and dec.options["rescore"] == 1024
+    assert p.decoder == DecoderSettings("gqa", 512) and dec.weight_only.rescore == 1024
     assert any("embed_tokens has no int4 form" in n for n in p.notes)
     # A GPU target: embeddings step down to fp16 instead of fp32, the vision encoder is calibrated Q/DQ only.
     gp = _plan(tmp_path, precision="int4", target="cuda")
     g = {c.name: c for c in gp.components}
     assert g["embed_tokens"].precision == "fp16" and g["vision_encoder"].methods == ["int8-static-qdq"]
     # ... and the explicit decoder: onnxruntime-gpu 1.31.1 refuses the GQA slot form (benchmarks/cuda_check.py, H200)
-    assert gp.graph["attention"] == "explicit" and "rescore" not in g["decoder"].options
+    assert gp.decoder.form == "explicit" and g["decoder"].weight_only.rescore == 0
 
 
 def test_explicit_list_and_lm_head(tmp_path):
     p = _plan(tmp_path, precision="decoder=int4,lm_head=int8")
-    assert p.recipe["precisions"]["lm_head"] == "int8" and p.recipe["precisions"]["vision_encoder"] == "fp32"
-    assert _plan(tmp_path, precision="decoder=int4").recipe["precisions"]["lm_head"] == "int4"  # follows decoder
+    assert p.recipe.precisions["lm_head"] == "int8" and p.recipe.precisions["vision_encoder"] == "fp32"
+    assert _plan(tmp_path, precision="decoder=int4").recipe.precisions["lm_head"] == "int4"  # follows decoder
     # An fp32 decoder with a quantised lm_head is still a weight-only conversion.
     dec = {c.name: c for c in _plan(tmp_path, precision="lm_head=int8").components}["decoder"]
     assert dec.precision == "fp32" and dec.methods == ["weight-only"]
@@ -45,8 +46,8 @@ def test_explicit_list_and_lm_head(tmp_path):
 def test_portable_flavour(tmp_path):
     p = _plan(tmp_path, precision="int4", flavour="portable")
     dec = {c.name: c for c in p.components}["decoder"]
-    assert dec.options["format"] == "qdq" and dec.optimizer == "none"
-    assert p.graph == {"attention": "explicit", "context": 512} and "rescore" not in dec.options
+    assert dec.weight_only.form == "qdq" and dec.optimizer == "none"
+    assert p.decoder == DecoderSettings("explicit", 512) and dec.weight_only.rescore == 0
     assert "portable" in _plan(tmp_path, precision="int4", flavour="portable").render()
 
 
@@ -55,16 +56,16 @@ def test_recipe_file(tmp_path):
     toml.write_text('[precision]\ndecoder = "int4"\nlm_head = "int8"\nvision_encoder = "int8"\n'
                     "[options]\nint4_block_size = 64\n")
     p = _plan(tmp_path, recipe=toml)
-    assert p.recipe["source"] == "file:r.toml" and p.recipe["options"] == {"int4_block_size": 64}
+    assert p.recipe.source == "file:r.toml" and p.recipe.options == {"int4_block_size": 64}
     dec = {c.name: c for c in p.components}["decoder"]
-    assert dec.options["int4_block_size"] == 64 and dec.options["lm_head"] == "int8"
+    assert dec.weight_only.int4_block_size == 64 and dec.weight_only.lm_head == "int8"
     shipped = Path(__file__).parents[1] / "benchmarks" / "recipes" / "gemma3-270m-int4.toml"
     shipped_dec = {c.name: c for c in _plan(tmp_path, recipe=shipped).components}["decoder"]
-    assert shipped_dec.precision == "int8" and shipped_dec.options["lm_head"] == "int4"
-    assert shipped_dec.options["rescore"] == 1024
+    assert shipped_dec.precision == "int8" and shipped_dec.weight_only.lm_head == "int4"
+    assert shipped_dec.weight_only.rescore == 1024
     js = tmp_path / "r.json"
     js.write_text(json.dumps({"precision": {"decoder": "int8"}}))
-    assert _plan(tmp_path, recipe=js).recipe["precisions"]["decoder"] == "int8"
+    assert _plan(tmp_path, recipe=js).recipe.precisions["decoder"] == "int8"
 
 
 @pytest.mark.parametrize("kw, message", [

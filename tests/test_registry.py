@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
 
 from medc.compile import loader
+from medc.compile.hf import hf_class, hf_config
+from medc.compile.plan import BuildOptions, plan_for
 from medc.compile.registry import MODELS
 
-# Each registered model and the tests that cover it. The guard below fails when a model is added without tests.
+# Each registered model and the tests that cover it ("module::test"). The guards below fail when a model is added
+# without tests, or when a test named here is renamed or removed.
 TESTED = {
-    "medsiglip-448": "test_medsiglip_448_architecture, test_registry_model_without_weights (test_bad_input)",
-    "medsiglip-tiny": "every test that builds a MedSigLIP bundle",
-    "medgemma-4b-it": "test_real_configs (test_gemma), test_dry_run_plan",
-    "medgemma-4b-pt": "test_dry_run_plan (no chat template: plain completion), test_real_configs",
-    "medgemma-1.5-4b-it": "test_dry_run_plan",
-    "medgemma-27b-text-it": "test_real_configs, test_27b_attention_shapes_on_a_2_layer_model (test_gemma)",
-    "medgemma-tiny": "test_gemma: export parity, generation vs HF generate, sampling, bad input",
+    "medsiglip-448": ["test_registry::test_medsiglip_448_architecture",
+                      "test_bad_input::test_registry_model_without_weights",
+                      "test_registry::test_text_encoder_skips_only_discarded_work"],
+    "medsiglip-tiny": ["test_parity::test_component_parity", "test_bundle::test_bundle_contents",
+                       "test_bad_input::test_build_from_checkpoint_dir"],
+    "medgemma-4b-it": ["test_gemma::test_real_configs", "test_registry::test_dry_run_plan",
+                       "test_planner::test_recommends_int4_for_medgemma_on_orin_nano_and_refuses_what_cannot_fit"],
+    "medgemma-4b-pt": ["test_registry::test_dry_run_plan", "test_gemma::test_real_configs"],  # no chat template
+    "medgemma-1.5-4b-it": ["test_registry::test_dry_run_plan"],
+    "medgemma-27b-text-it": ["test_gemma::test_real_configs", "test_gemma::test_27b_attention_shapes_on_a_2_layer_model"],
+    "medgemma-tiny": ["test_gemma::test_decoder_matches_hf_prefill_and_cached_decode",
+                      "test_gemma::test_greedy_equals_hf_generate", "test_gemma::test_streaming_sampling_and_stop",
+                      "test_gemma::test_bad_generation_input"],
 }
 
 
@@ -25,11 +36,18 @@ def test_every_registered_model_has_a_test():
     assert set(MODELS) <= set(TESTED), f"registered models without tests: {set(MODELS) - set(TESTED)}"
 
 
+def test_the_tests_it_names_exist():
+    for model, tests in TESTED.items():
+        for entry in tests:
+            module, name = entry.split("::")
+            assert callable(getattr(importlib.import_module(module), name, None)), f"{model}: {entry} does not exist"
+
+
 def test_medsiglip_448_architecture():
     """Real MedSigLIP-448 shapes, from the registry config, without allocating weights (meta device)."""
     spec = MODELS["medsiglip-448"]
     with torch.device("meta"):
-        model = loader._hf_class(spec.family)(loader._config_from_dict(spec.family, spec.config))
+        model = hf_class(spec.family)(hf_config(spec.family, spec.config))
     n_vision = sum(p.numel() for p in model.vision_model.parameters())
     n_text = sum(p.numel() for p in model.text_model.parameters())
     assert 0.40e9 < n_vision < 0.43e9 and 0.43e9 < n_text < 0.46e9  # ~878M together (FACTS.md)
@@ -73,11 +91,9 @@ def test_tiny_outputs_depend_on_input(tiny):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_dry_run_plan(name):
-    from medc.compile.build import BuildOptions, plan_only
-
-    plan = plan_only(BuildOptions(model=name, out="x", precision="int8", random_weights=True))
+    plan = plan_for(BuildOptions(model=name, out="x", precision="int8", random_weights=True))
     spec = MODELS[name]
-    comps = spec.family.components(loader._config_from_dict(spec.family, spec.config))
+    comps = spec.family.components(hf_config(spec.family, spec.config))
     assert [c.name for c in plan.components] == [c.name for c in comps]
     for c, p in zip(comps, plan.components):
         if "int8" not in c.precisions:
@@ -85,7 +101,7 @@ def test_dry_run_plan(name):
         elif c.static_int8:  # encoders: calibrated Q/DQ and dynamic int8 both built, the faster passing one kept
             assert p.methods == ["int8-static-qdq", "int8-dynamic"]
         else:  # decoders: weight-only int8 (activation outliers)
-            assert p.methods == ["weight-only"] and p.options["lm_head"] == "int8"
+            assert p.methods == ["weight-only"] and p.weight_only.lm_head == "int8"
     assert "fidelity gate" in plan.render()
     if name == "medgemma-4b-pt":
         assert spec.chat_template is None
@@ -98,7 +114,7 @@ def test_text_encoder_skips_only_discarded_work():
     cfg = dict(spec.config, text_config={**spec.config["text_config"], "num_hidden_layers": 2})
     cfg["vision_config"] = {**spec.config["vision_config"], "num_hidden_layers": 1}
     torch.manual_seed(0)
-    model = loader._hf_class(spec.family)(loader._config_from_dict(spec.family, cfg)).eval()
+    model = hf_class(spec.family)(hf_config(spec.family, cfg)).eval()
     loader.randomize_(model, seed=0)
     comp = {c.name: c for c in spec.family.components(model.config)}["text_encoder"]
     assert comp.reference_extract is not None and comp.reference_extract is not comp.extract

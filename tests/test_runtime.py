@@ -119,3 +119,24 @@ def test_session_is_context_manager(bundle_fp32):
     with OrtSession(bundle_fp32 / "text_encoder.onnx") as s:
         assert s._sess is not None
     assert s._sess is None
+
+
+def test_sessions_satisfy_the_protocol():
+    """OrtSession and TrtSession both have every member of the Session protocol, with its parameters: a pipeline
+    runs a component without knowing which one it has."""
+    import inspect
+
+    from medc.runtime.session import OrtSession, Session
+    from medc.runtime.trt_session import TrtSession
+
+    members = {n: v for n, v in vars(Session).items()
+               if (callable(v) or isinstance(v, property)) and (not n.startswith("_") or n in ("__enter__", "__exit__"))}
+    assert {"open", "close", "run", "active_providers", "input_names", "__enter__", "__exit__"} <= set(members)
+    for cls in (OrtSession, TrtSession):
+        for name, proto in members.items():
+            ours = inspect.getattr_static(cls, name, None)
+            assert ours is not None, f"{cls.__name__} lacks {name}"
+            if isinstance(proto, property):
+                assert isinstance(ours, property), f"{cls.__name__}.{name} is not a property"
+            else:
+                assert list(inspect.signature(ours).parameters) == list(inspect.signature(proto).parameters), name

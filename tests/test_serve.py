@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 import medc.runtime
-from medc.runtime.gemma import SamplingParams, encode_messages
-from medc.runtime.scheduler import GenerationScheduler, Sequence
+from medc.runtime.batch import SamplingParams, Sequence
+from medc.runtime.decoder import SlotDecoder
+from medc.runtime.gemma import encode_messages
+from medc.runtime.scheduler import GenerationScheduler
 from medc.runtime.serve import ServeConfig, create_app, load_models, uvicorn_config
 
 pytest.importorskip("uvicorn", reason="medc serve needs the serve extra: pip install 'medc[serve]'")
@@ -136,7 +138,7 @@ def test_openai_client(server, pipelines, real_images):
 
 
 def _solo_ids(gemma, ids, n, pixel_values=None):
-    """Greedy tokens of one prompt through GemmaPipeline's own prefill/decode (the reference for the server)."""
+    """Greedy tokens of one prompt decoded alone (the reference for the server)."""
     out = []
     done = threading.Event()
     sched = GenerationScheduler(gemma, "ref", max_concurrency=1)
@@ -226,7 +228,7 @@ def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images, mo
     the sliding-window and global KV layers, with an image prompt among them. Prompts ride in the decode steps in
     chunks of 7 tokens (7 per step in all), so B's and C's take several steps, one after the other."""
     _, gemma = pipelines
-    monkeypatch.setattr(type(gemma), "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(SlotDecoder, "prefill_chunk", 7)
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     prompts = [encode_messages(gemma.assets, user(t)) for t in [QUESTION, *OTHERS]]
     image_prompt = encode_messages(gemma.assets, [{"role": "user", "content": [{"type": "image"},
@@ -264,7 +266,7 @@ def test_greedy_tokens_do_not_depend_on_batch_company(pipelines, real_images, mo
     sched.close()
     assert [outs[i] for i in range(4)] == alone and outs[4] == alone_image
     assert sched.steps < sum(len(o) for o in outs.values())  # steps were shared
-    assert gemma.packs and sched.mixed >= 1  # B's and C's prompts rode in A's decode steps
+    assert sched.batch.decoder.packs and sched.mixed >= 1  # B's and C's prompts rode in A's decode steps
 
 
 def test_concurrent_http_chat_matches_alone(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,15 +15,19 @@ import torch
 from onnx import numpy_helper
 
 import medc.runtime
-from medc.compile import export, loader, optimize, quantize, stream
+from medc.compile import export, loader, optimize, quantize, stream, weight_only
 from medc.compile.build import BuildOptions, build
+from medc.compile.plan import resolve
+from medc.compile.quantize import ConvertOptions
 from medc.compile.registry import MODELS
+from medc.compile.spec import DecoderSettings, builtin_data
+from medc.compile.weight_only import WeightOnlyConfig
 from medc.manifest import Manifest
 from medc.runtime.session import OrtSession
 from medc.runtime.verify import evaluate
 
 SPEC = MODELS["medgemma-tiny"]
-INT4 = {"precision": "int4", "lm_head": "int4", "format": "nbits"}
+INT4 = WeightOnlyConfig(precision="int4", lm_head="int4", form="nbits")
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +42,11 @@ def full():
 
 # The decoder forms a build streams: the CPU target's (GroupQueryAttention) and TensorRT's (explicit attention,
 # standard ops).
-FORMS = {"gqa": {"attention": "gqa", "context": 64}, "explicit": {}}
+FORMS = {"gqa": DecoderSettings("gqa", 64), "explicit": None}
 
 
 def _decoder(loaded, form: str = "gqa"):
-    comp = {c.name: c for c in loaded.family.components(loaded.config, **FORMS[form])}["decoder"]
+    comp = {c.name: c for c in loaded.family.components(loaded.config, FORMS[form])}["decoder"]
     return comp, comp.extract(loaded.hf_model), comp.dummy_inputs(loaded, 2, np.random.default_rng(0))
 
 
@@ -123,24 +128,25 @@ def _nodes(path) -> list:
 
 
 @pytest.mark.parametrize("form, options", [
-    ("gqa", {**INT4, "lm_head": "int8"}),  # int4 projections (uint4 zero points), symmetric int8 lm_head
+    ("gqa", replace(INT4, lm_head="int8")),  # int4 projections (uint4 zero points), symmetric int8 lm_head
     # int4 lm_head rescored from int8 rows (two-stage top 16 of 384), some projections int8
-    ("gqa", {**INT4, "int4_projections": ["q_proj", "k_proj", "o_proj"], "rescore": 16}),
-    ("explicit", {**INT4, "lm_head": "int8", "format": "qdq"}),  # portable: blocked int4, per-channel int8 DQ
+    ("gqa", replace(INT4, int4_projections=("q_proj", "k_proj", "o_proj"), rescore=16)),
+    ("explicit", replace(INT4, lm_head="int8", form="qdq")),  # portable: blocked int4, per-channel int8 DQ
 ], ids=["int4", "mixed-rescored", "portable"])
 def test_streamed_int4_decoder_is_the_quantisers(tmp_path, full, weightless, optimised, form, options):
-    """Weightless export + streamed conversion == export + xformers optimiser + quantize._weight_only, byte for byte."""
+    """Weightless export + streamed conversion == export + xformers optimiser + the in-memory weight-only conversion,
+    byte for byte: one conversion (compile/weight_only.py) over two weight sources."""
     comp, _, _ = _decoder(full, form)
     normal = tmp_path / "normal.onnx"
-    expected = quantize.convert("weight-only", optimised(form), normal, None, options)
-    assert ("lm_head_rescore" in expected) == ("rescore" in options)
+    expected = quantize.convert("weight-only", optimised(form), normal, ConvertOptions(weight_only=options))
+    assert ("lm_head_rescore" in expected) == bool(options.rescore)
     streamed = tmp_path / "streamed" / "decoder.onnx"
     record, optimizations = stream.write_component(weightless(form), stream.RandomWeights(SPEC.seed), streamed,
                                                    "xformers", "weight-only", options)
     assert {k: v for k, v in record.items() if k != "streamed"} == expected and optimizations["streamed"]
     assert (streamed.parent / "decoder.onnx.data").stat().st_size > 0
     a, b = _nodes(normal), _nodes(streamed)
-    assert len(a) == len(b) >= 4 * 7 + 1 + ("rescore" in options)  # 7 projections per layer + lm_head (+ its rows)
+    assert len(a) == len(b) >= 4 * 7 + 1 + bool(options.rescore)  # 7 projections per layer + lm_head (+ its rows)
     for (op_a, wa, attrs_a), (op_b, wb, attrs_b) in zip(a, b):
         assert (op_a, attrs_a) == (op_b, attrs_b)
         assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
@@ -148,6 +154,30 @@ def test_streamed_int4_decoder_is_the_quantisers(tmp_path, full, weightless, opt
     gated = [t.name for t in comp.outputs if comp.gated_outputs is None or t.name in comp.gated_outputs]
     outs = [ort.InferenceSession(str(p)).run(gated, feeds) for p in (normal, streamed)]  # (cache rows a step does
     assert max(float(np.abs(x - y).max()) for x, y in zip(*outs)) == 0.0                 # not write: unspecified)
+
+
+@pytest.mark.parametrize("precision, bits, block", [("int4", 4, 32), ("int8", 8, 16)])
+def test_weight_only_is_onnxruntimes_quantizer(tmp_path, optimised, precision, bits, block):
+    """The weight-only conversion (nbits form) writes what ONNX Runtime's own MatMulNBitsQuantizer writes for the
+    same graph: the same MatMulNBits nodes, attributes and bytes."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ours = tmp_path / "ours.onnx"
+    quantize.convert("weight-only", optimised("gqa"), ours,
+                     ConvertOptions(weight_only=WeightOnlyConfig(precision=precision, lm_head=precision)))
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=bits == 8, accuracy_level=4, bits=bits,
+                                          quant_format=QuantFormat.QOperator)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(optimised("gqa"))), algo_config=config)
+    quantizer.process()
+    theirs = tmp_path / "theirs.onnx"
+    onnx.save(quantizer.model.model, str(theirs))
+    a, b = _nodes(ours), _nodes(theirs)
+    assert len(a) == len(b) == 4 * 7 + 1
+    for (op_a, wa, attrs_a), (op_b, wb, attrs_b) in zip(a, b):
+        assert (op_a, attrs_a) == (op_b, attrs_b) == ("MatMulNBits", attrs_a)
+        assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
 
 
 def test_reference_holds_one_module_at_a_time(full, reference):
@@ -169,7 +199,7 @@ def test_streamed_decoder_passes_its_gate(tmp_path, empty, weightless, reference
     comp, _, _ = _decoder(empty)
     dst = tmp_path / "decoder.onnx"
     stream.write_component(weightless(), stream.RandomWeights(SPEC.seed), dst, "xformers", method,
-                           {"precision": precision, "lm_head": precision})
+                           WeightOnlyConfig(precision=precision, lm_head=precision))
     with OrtSession(dst, ["CPUExecutionProvider"]) as sess:
         result = evaluate(sess.run, reference[0], comp.tolerances[precision])
     assert result["passed"], result["worst"]
@@ -179,7 +209,7 @@ def test_safetensors_source_renames_and_converts(tmp_path, full):
     """A checkpoint as transformers saves it (legacy `language_model.model.*` keys, bf16): read one tensor at a time."""
     model = loader.build_random(SPEC)
     model.to(torch.bfloat16).save_pretrained(tmp_path)
-    shutil.copyfile(loader.builtin_data(SPEC.builtin_tokenizer), tmp_path / "tokenizer.json")
+    shutil.copyfile(builtin_data(SPEC.builtin_tokenizer), tmp_path / "tokenizer.json")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(SPEC.preprocessor))
     loaded = loader.load(str(tmp_path), empty=True)
     source = stream.weight_source(loaded)
@@ -205,9 +235,10 @@ def test_streamed_build_passes_the_gate_and_runs(tmp_path):
 
 
 def test_decision_by_size():
-    assert stream.reason(BuildOptions(model="medgemma-tiny", out="x")) is None
-    assert stream.reason(BuildOptions(model="medgemma-tiny", out="x", stream=True)) == "forced (--stream)"
-    assert "GiB" in stream.reason(BuildOptions(model="medgemma-4b-it", out="x", random_weights=True))  # 17 GB fp32
+    tiny, big = resolve("medgemma-tiny"), resolve("medgemma-4b-it", random_weights=True)
+    assert stream.reason(tiny, BuildOptions(model="medgemma-tiny", out="x")) is None
+    assert stream.reason(tiny, BuildOptions(model="medgemma-tiny", out="x", stream=True)) == "forced (--stream)"
+    assert "GiB" in stream.reason(big, BuildOptions(model="medgemma-4b-it", out="x", random_weights=True))  # 17 GB
 
 
 @pytest.mark.parametrize("K,N,bits,block,qdq", [(96, 50, 4, 32, False), (100, 37, 4, 32, False),
@@ -219,14 +250,12 @@ def test_packing_by_slices_is_the_quantisers(monkeypatch, K, N, bits, block, qdq
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
 
-    monkeypatch.setattr(stream, "CHUNK_BYTES", 4 * 96 * 7)  # a few columns (or one block of rows) at a time
+    monkeypatch.setattr(weight_only, "CHUNK_BYTES", 4 * 96 * 7)  # a few columns (or one block of rows) at a time
     w = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)  # as HF stores a Linear: [N, K]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=bits == 8, bits=bits,
                                           quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
-    if qdq:  # the portable form: positive scales (quantize.int4_blocks; TensorRT refuses ORT's signed ones)
-        from medc.compile import quantize
-
-        packed, scales = quantize.int4_blocks(np.ascontiguousarray(w.T), block)
+    if qdq:  # the portable form: positive scales (weight_only.int4_blocks; TensorRT refuses ORT's signed ones)
+        packed, scales = weight_only.int4_blocks(np.ascontiguousarray(w.T), block)
     else:
         packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w.T))
     written = {}
@@ -239,12 +268,12 @@ def test_packing_by_slices_is_the_quantisers(monkeypatch, K, N, bits, block, qdq
 
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 20})
     value = ir.Value(name="w", shape=ir.Shape([K, N]), type=ir.TensorType(ir.DataType.FLOAT))
-    if qdq:
-        stream._write_qdq(ir.Model(graph, ir_version=10), value, [], w, True, block, Data())
+    if qdq:  # the graph reads the transposed view, as a streamed Linear weight
+        weight_only._write_int4_blocks(ir.Model(graph, ir_version=10), value, [], w.T, block, Data())
     else:
-        stream._write_nbits(graph, value, [], w, True, bits, block, Data())
+        weight_only._write_nbits(graph, value, [], w.T, bits, block, Data())
     expected = {"packed": packed.tobytes(), "scales": scales.tobytes()}
     if bits == 4 and not qdq:  # int4 MatMulNBits: asymmetric, uint4 zero points
         expected["zero_points"] = zero_points.tobytes()
     assert written == expected
-    assert b"".join(c.tobytes() for c in stream._rows(w, True)) == w.T.tobytes()
+    assert b"".join(c.tobytes() for c in weight_only.row_chunks(w.T)) == w.T.tobytes()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from medc.compile import tensorrt as trt_stage
+from medc.compile.lint import lint_model
 from medc.errors import MedcError
 from medc.manifest import ComponentEntry, Manifest
 from medc.specs import TensorSpec
@@ -29,12 +30,12 @@ TRT_TARGETS = sorted(n for n, t in TARGETS.items() if t.engine == "tensorrt")
 # -- manifests from the real component specs (no weights) --------------------------------------------------------------
 def _spec_manifest(model: str) -> Manifest:
     """A manifest with the registry model's real component I/O specs and KV layout, without building anything."""
-    from medc.compile.loader import _config_from_dict
+    from medc.compile.hf import hf_config
     from medc.compile.models import gemma3
     from medc.compile.registry import MODELS
 
     spec = MODELS[model]
-    cfg = _config_from_dict(spec.family, spec.config)
+    cfg = hf_config(spec.family, spec.config)
     comps = {c.name: ComponentEntry(f"{c.name}.onnx", "fp32", list(c.inputs), list(c.outputs),
                                     fidelity={"tolerance": {"min_cosine": 0.99999, "max_abs": 1e-4}})
              for c in spec.family.components(cfg)}
@@ -146,32 +147,34 @@ def _built(manifest: Manifest, version="10.3.0.30", cc="8.7") -> Manifest:
 
 
 def test_engine_compat_refusals():
+    from medc.runtime.trt_session import check_engine_compat
+
     m = _built(_spec_manifest("medgemma-tiny"))
-    trt_stage.check_engine_compat(m, "10.3.0", "8.7")  # build number may differ; major.minor.patch must not
+    check_engine_compat(m, "10.3.0", "8.7")  # build number may differ; major.minor.patch must not
     with pytest.raises(MedcError, match=r"TensorRT 10\.3\.0\.30 \(this device has TensorRT 10\.3\.1\).*"
-                                        r"rebuild the engines here: `medc build BUNDLE --target jetson-orin-nano-8gb`"):
-        trt_stage.check_engine_compat(m, "10.3.1", "8.7")
+                                        r"rebuild the engines here: `medc engines BUNDLE --target jetson-orin-nano-8gb`"):
+        check_engine_compat(m, "10.3.1", "8.7")
     with pytest.raises(MedcError, match=r"compute capability 8\.7 .*this GPU is 9\.0.*--target T` \(T: h100, h200\)"):
-        trt_stage.check_engine_compat(m, "10.3.0", "9.0")
+        check_engine_compat(m, "10.3.0", "9.0")
     with pytest.raises(MedcError, match=r"--target t4`"):
-        trt_stage.check_engine_compat(m, "10.3.0", "7.5")
+        check_engine_compat(m, "10.3.0", "7.5")
     m.tensorrt = {"engines": {}}
-    with pytest.raises(MedcError, match="no TensorRT engines yet"):
-        trt_stage.check_engine_compat(m, "10.3.0", "8.7")
+    with pytest.raises(MedcError, match="no TensorRT engines yet.*`medc engines BUNDLE"):
+        check_engine_compat(m, "10.3.0", "8.7")
 
 
 def test_missing_tensorrt_says_how_to_install(monkeypatch):
+    from medc.runtime import trt_session
+
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    monkeypatch.setattr(trt_stage, "_on_jetson", lambda target=None: target is not None and target.platform == "jetson")
+    monkeypatch.setattr(trt_session, "_on_jetson", lambda target=None: target is not None and target.platform == "jetson")
     with pytest.raises(MedcError, match=r"sudo apt install nvidia-jetpack.*python3-libnvinfer") as jetson:
-        trt_stage.import_tensorrt(get_target("jetson-orin-nano-8gb"))
+        trt_session.import_tensorrt(get_target("jetson-orin-nano-8gb"))
     assert "10.3 or 11.4" in str(jetson.value)
     with pytest.raises(MedcError, match=r"pip install tensorrt-cu12.*version 10\.13"):
-        trt_stage.import_tensorrt(get_target("t4"))
-    from medc.runtime.trt_session import TrtSession
-
+        trt_session.import_tensorrt(get_target("t4"))
     with pytest.raises(MedcError, match="tensorrt-cu12"):
-        TrtSession(Path("x.plan")).open()
+        trt_session.TrtSession(Path("x.plan")).open()
 
 
 # -- graph rewrites -----------------------------------------------------------------------------------------------------
@@ -208,15 +211,17 @@ def test_graph_rewrites_are_exact(tmp_path):
     _tiny_graph(path)
     ids = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], np.int64)
     before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
-    fixes, contrib = trt_stage._prepare_graph(path, t4)
-    assert contrib == [] and fixes == {"Pad:BOOL->INT32": 1, "CumSum:INT64->FLOAT": 1}
+    fixes = trt_stage.make_trt_ready_file(path, t4)
+    assert fixes == {"Pad:BOOL->INT32": 1, "CumSum:INT64->FLOAT": 1}
     after = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
     assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(before, after))
     assert _islands_in_place(onnx.load(str(path)).graph)
-    assert trt_stage._prepare_graph(path, t4)[0] == {}  # idempotent
+    assert trt_stage.make_trt_ready_file(path, t4) == {}  # idempotent
+    assert lint_model(onnx.load(str(path)), t4).ok
     bad = tmp_path / "c.onnx"
     _tiny_graph(bad, contrib=True)
-    assert trt_stage._prepare_graph(bad, t4) == ({}, ["com.microsoft:FastGelu"])
+    found = lint_model(onnx.load(str(bad)), t4).errors  # the TensorRT stage blocks what its lint finds
+    assert [f.name for f in found if f.rule == "op-contrib"] and any("FastGelu" in f.message for f in found)
 
 
 def _islands_in_place(graph) -> bool:
@@ -248,6 +253,7 @@ def test_prepare_bundle_writes_a_trt_ready_bundle(gemma_t4):
     m = open_bundle(gemma_t4).manifest  # hashes verified: prepare_bundle ran before the bundle was hashed
     rec = m.tensorrt
     assert rec["status"] == "trt-ready" and rec["blocked"] == {} and rec["engines"] == {}
+    assert rec["lint"]["ok"] and rec["lint"]["errors"] == 0  # the stage's last step
     assert rec["target"] == "t4" and rec["compute_capability"] == "7.5" and rec["tensorrt_versions"] == ["10.13"]
     assert rec["profiles"] == trt_stage.derive_profiles(m, get_target("t4"), rec["context"], rec["max_batch"])
     assert rec["context"] == 512 and rec["max_batch"] == 1
@@ -540,8 +546,9 @@ def test_engines_pass_verify_and_run_in_the_pipeline(finished):
     assert {"decoder (tensorrt)", "vision_encoder (tensorrt)", "embed_tokens (tensorrt)"} <= set(report)
     assert all(r["passed"] for r in report.values())
     with runtime.load(bundle) as model:
-        kinds = {n: type(s).__name__ for n, s in model._sessions.items()}
-        assert kinds == {"vision_encoder": "TrtSession", "embed_tokens": "TrtSession", "decoder": "OrtSession"}
+        kinds = {n: model.active_providers(n) for n in m.components}
+        assert kinds == {"vision_encoder": ["TensorRT"], "embed_tokens": ["TensorRT"], "decoder": ["TensorRT"]}
+        assert type(model.decoder(1)).__name__ == "TrtDecoder"  # the decoder drives the engine, cache on device
         assert isinstance(model.generate("Is there a pneumothorax?", max_new_tokens=3), str)
     # A batch above the profile's (3) is split; results match ONNX Runtime on the whole batch.
     pixels = np.random.default_rng(0).uniform(-1, 1, (5, 3, 64, 64)).astype(np.float32)
@@ -552,6 +559,7 @@ def test_engines_pass_verify_and_run_in_the_pipeline(finished):
 
 
 def test_trt_decoder_keeps_the_cache_on_device(finished):
+    from medc.runtime.decoder import Chunk
     from medc.runtime.session import OrtSession
     from medc.runtime.trt_session import TrtDecoder, TrtSession
     from medc.runtime.verify import golden_cases
@@ -562,20 +570,21 @@ def test_trt_decoder_keeps_the_cache_on_device(finished):
     rng = np.random.default_rng(1)
     with TrtSession(bundle / "tensorrt/decoder.plan", m.tensorrt["profiles"]["decoder"], manifest=m,
                     component="decoder") as trt, OrtSession(bundle / "decoder.onnx") as cpu:
-        dec = TrtDecoder(trt, m.generation)
-        dec.start(batch=1)
+        dec = TrtDecoder(trt, m.generation, slots=1)
         past = {k: v for k, v in prefill.items() if k.startswith("past_")}
         feeds, mallocs = step_feeds, []
+        chunk = Chunk(0, feeds["inputs_embeds"][0], feeds["logits_positions"], feeds["token_type_ids"][0] == 1)
         for step in range(6):  # a prefill, then decode steps past the sliding window (7 kept tokens)
             ref = cpu.run({**feeds, **past})
-            np.testing.assert_array_equal(dec.step(feeds), ref["logits"])
+            np.testing.assert_array_equal(dec.step([chunk])[0], ref["logits"][0])
             past = {k.replace("present_", "past_"): v for k, v in ref.items() if k.startswith("present_")}
             mallocs.append(trt.cuda.rt.mallocs)
             s = feeds["attention_mask"].shape[1] + 1
             feeds = {"inputs_embeds": rng.standard_normal((1, 1, 64)).astype(np.float32),
                      "attention_mask": np.ones((1, s), np.int64), "position_ids": np.array([[s - 1]], np.int64),
                      "token_type_ids": np.zeros((1, 1), np.int64), "logits_positions": np.zeros(1, np.int64)}
-        for name, arr in dec.cache_numpy().items():
+            chunk = Chunk(0, feeds["inputs_embeds"][0], np.zeros(1, np.int64))
+        for name, arr in dec.cache(0).items():
             np.testing.assert_array_equal(arr, past[name])
         assert mallocs[-1] - mallocs[1] <= 2 * len(dec.names)  # buffers reused and grown geometrically, not per step
         with pytest.raises(MedcError, match="outside the engine's optimisation profile"):
@@ -637,7 +646,7 @@ def test_session_registry(monkeypatch):
     monkeypatch.setattr(session.importlib.util, "find_spec", lambda name: object())
     assert session.session_kind(bundle, "image_encoder") == "tensorrt"
     gemma, _ = _fake_bundle({"engines": {"decoder": {}}}, family="gemma3")
-    assert session.session_kind(gemma, "decoder") == "onnxruntime"  # GemmaPipeline binds ORT values
+    assert session.session_kind(gemma, "decoder") == "tensorrt"  # driven by TrtDecoder, its cache on the device
     plain, _ = _fake_bundle({})
     assert session.session_kind(plain, "image_encoder") == "onnxruntime"
 
@@ -647,8 +656,8 @@ def test_session_registry(monkeypatch):
 @pytest.mark.gpu
 def test_real_engines_build_verify_and_decode(gemma_t4, copy_bundle):
     """On a machine with TensorRT and a GPU of the target's compute capability: build, verify, decode on device."""
-    from medc.compile.tensorrt import gpu_info
-    from medc.runtime.trt_session import TrtDecoder, TrtSession
+    from medc.runtime.decoder import Chunk
+    from medc.runtime.trt_session import TrtDecoder, TrtSession, gpu_info
     from medc.runtime.verify import golden_cases, verify_bundle
 
     gpu = gpu_info()
@@ -668,8 +677,8 @@ def test_real_engines_build_verify_and_decode(gemma_t4, copy_bundle):
     prefill = golden_cases(dict(np.load(bundle / "golden.npz")), "decoder")["prefill_b1"]["in"]
     with TrtSession(bundle / "tensorrt/decoder.plan", m.tensorrt["profiles"]["decoder"], manifest=m,
                     component="decoder") as trt:
-        dec = TrtDecoder(trt, m.generation)
-        dec.start(1)
-        logits = dec.step({k: v for k, v in prefill.items() if not k.startswith("past_")})
+        dec = TrtDecoder(trt, m.generation, slots=1)
+        logits = dec.step([Chunk(0, prefill["inputs_embeds"][0], prefill["logits_positions"],
+                                 prefill["token_type_ids"][0] == 1)])[0]
         assert np.isfinite(logits).all()
         dec.close()

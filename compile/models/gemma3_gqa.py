@@ -1,44 +1,48 @@
-"""Gemma 3 decoder, ORT flavour: ONNX Runtime's GroupQueryAttention with the KV cache updated in place.
-
-The portable decoder (gemma3.py) concatenates past and new keys every step (a copy that grows with the context) and
-spells attention out in ~60 standard ops per layer. This one hands each layer's attention to one
-`com.microsoft.GroupQueryAttention` node: rotary embedding (from cos/sin tables of the build's context), causal and
-sliding-window masks, grouped heads, and a cache that is both input and output (the runtime binds one buffer to
-both, runtime/kvcache.py). Sliding layers use the operator's window-sized cache (`sliding_window_cache`), so they
-hold about W positions whatever the context.
-
-Gemma 3 lets the image tokens of one image attend to each other in both directions during prefill, which no fused
-attention kernel expresses (vLLM and SGLang special-case it too). Here a prompt with images is prefilled in one step
-from an empty slot, and for the image rows only, each layer recomputes attention explicitly over the step's own keys
-with the mask the runtime gives (`image_bias`, from `medc.runtime.gemma.image_attention`), replacing those rows of
-the fused result. That branch sits in an `If` (torch.cond) that text and decode steps skip; text-only models
-(Gemma 3 270M, MedGemma 27B text) have neither the If nor the branch.
-
-Inputs per step (runtime/gemma.py): embeddings [B, S, H] right-padded per row; `query_seqlens` [B] valid rows per
-slot (0: idle); `token_rows` [T] the flat positions (row * S + column) of those valid rows, in order; `seqlens_k` [B]
-tokens the slot holds after the step minus one; `total_sequence_length` their max; `logits_index` [B, L] the rows
-whose logits are wanted (vocab is 262k: the last valid row when generating).
-The eager forward (used for the build's reference outputs) implements the operator's documented semantics in torch.
-
-Everything but attention runs on the T real tokens only (`token_rows`), the flat layout vLLM and llama.cpp batch in;
-only the GroupQueryAttention node sees the padded [B, S] layout it needs. That is what lets one step carry a new
-prompt's chunk and the other slots' decode tokens together (runtime/scheduler.py): padded, a 16-token prompt beside
-three decoding slots would run 64 rows through every projection (Gemma 3 270M int4, 2-core Xeon: 70 ms, against 27 +
-24 ms as two steps); packed it runs 19 (38 ms). Moving between the layouts costs two GatherND and a Concat per layer
-(about 2% of a 4-row decode step, nothing measurable at one row once text-only models lost their If, below).
-
-An int4 lm_head gets its top logits rescored from int8 rows by the weight-only conversion, an edit of the converted
-graph (`medc.compile.quantize.add_rescoring`): the export is the same for every precision.
-"""
+"""The Gemma 3 decoder in its ORT flavour ("gqa"): one GroupQueryAttention node per layer, the KV cache updated in
+place in per-sequence slots (runtime/kvcache.py), and every other op run on a step's real tokens only; for CPU
+targets. How the graph is laid out is the comment below the imports."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from medc.compile.export import module_args
 from medc.compile.models import gemma3
+from medc.compile.models.siglip import builtin_images
 from medc.compile.spec import ComponentSpec
+from medc.runtime.decoder import image_attention
+from medc.runtime.gemma import build_prompt_batch
 from medc.runtime.kvcache import resident, sliding_capacity, token_rows
 from medc.specs import TensorSpec
+
+# The portable decoder (gemma3.py) concatenates past and new keys every step (a copy that grows with the context) and
+# spells attention out in ~60 standard ops per layer. This one hands each layer's attention to one
+# `com.microsoft.GroupQueryAttention` node: rotary embedding (from cos/sin tables of the build's context), causal and
+# sliding-window masks, grouped heads, and a cache that is both input and output (the runtime binds one buffer to
+# both, runtime/kvcache.py). Sliding layers use the operator's window-sized cache (`sliding_window_cache`), so they
+# hold about W positions whatever the context.
+#
+# Gemma 3 lets the image tokens of one image attend to each other in both directions during prefill, which no fused
+# attention kernel expresses (vLLM and SGLang special-case it too). Here a prompt with images is prefilled in one step
+# from an empty slot, and for the image rows only, each layer recomputes attention explicitly over the step's own keys
+# with the mask the runtime gives (`image_bias`, from `medc.runtime.decoder.image_attention`), replacing those rows of
+# the fused result. That branch sits in an `If` (torch.cond) that text and decode steps skip; text-only models
+# (Gemma 3 270M, MedGemma 27B text) have neither the If nor the branch.
+#
+# Inputs per step (runtime/decoder.py SlotDecoder): embeddings [B, S, H] right-padded per row; `query_seqlens` [B] valid rows per
+# slot (0: idle); `token_rows` [T] the flat positions (row * S + column) of those valid rows, in order; `seqlens_k` [B]
+# tokens the slot holds after the step minus one; `total_sequence_length` their max; `logits_index` [B, L] the rows
+# whose logits are wanted (vocab is 262k: the last valid row when generating).
+# The eager forward (used for the build's reference outputs) implements the operator's documented semantics in torch.
+#
+# Everything but attention runs on the T real tokens only (`token_rows`), the flat layout vLLM and llama.cpp batch in;
+# only the GroupQueryAttention node sees the padded [B, S] layout it needs. That is what lets one step carry a new
+# prompt's chunk and the other slots' decode tokens together (runtime/batch.py): padded, a 16-token prompt beside
+# three decoding slots would run 64 rows through every projection, packed it runs 19. Moving between the layouts costs
+# two GatherND and a Concat per layer (benchmarks/results/design-measurements.md).
+#
+# An int4 lm_head gets its top logits rescored from int8 rows by the weight-only conversion, an edit of the converted
+# graph (`medc.compile.weight_only.add_rescoring`): the export is the same for every precision.
 
 
 def rotate(x, cos, sin):
@@ -150,8 +154,8 @@ def _decoder(model, context: int):
     lm, head, vision, _ = gemma3._parts(model)
     tcfg = lm.config
     kinds = tcfg.layer_types
-    # Text-only models (Gemma 3 270M, MedGemma 27B text) have no image rows: without the If, a 270M decode step
-    # saves 18 subgraph calls (~0.4 ms of ~14 on a 2-core Xeon). The inputs stay, unused, so one runtime feeds both.
+    # Text-only models (Gemma 3 270M, MedGemma 27B text) have no image rows: without the If, a decode step saves a
+    # subgraph call per layer. The inputs stay, unused, so one runtime feeds both.
     images = vision is not None
 
     class Decoder(torch.nn.Module):
@@ -199,8 +203,7 @@ def _decoder(model, context: int):
                                   tcfg.sliding_window if sliding else -1, sliding)
 
                 # The exporter traces each torch.cond's branches with dynamo: module-level functions whose per-layer
-                # values come as tensor operands trace faster than a closure per layer over its modules (a tiny
-                # decoder's export: 41 s with closures, 25 s so).
+                # values come as tensor operands trace faster than a closure per layer over its modules.
                 if images:
                     out = torch.cond(image_rows.shape[0] > 0, _image_rows_attention, _unchanged,
                                      (out, qkv, image_rows, biases[sliding], cos, sin, scale))
@@ -210,24 +213,42 @@ def _decoder(model, context: int):
                 presents += [pk, pv]
             wanted = shown.index_select(0, (torch.arange(b).unsqueeze(1) * s + logits_index).reshape(-1))
             h = self.lm.norm(gather_nd(h, torch.stack([torch.zeros_like(wanted), wanted], -1).view(b, -1, 2)))
-            logits = self.head(h)
-            if tcfg.final_logit_softcapping is not None:
-                cap = tcfg.final_logit_softcapping
-                logits = torch.tanh(logits / cap) * cap
-            return (logits, *presents)
+            return (gemma3.vocab_logits(self.head, tcfg, h), *presents)
 
     return Decoder().eval()
 
 
 # -- layout, inputs ----------------------------------------------------------------------------------------------------
+def kv_positions(text: dict, context: int) -> list[int]:
+    """Rows of each layer's slot buffer (a text config dict): the context on global layers, a window and its slack
+    on sliding ones (runtime/kvcache.py sliding_capacity)."""
+    window = text.get("sliding_window") or context
+    return [sliding_capacity(window) if t == "sliding_attention" else context for t in text["layer_types"]]
+
+
 def capacities(tcfg, context: int) -> list[int]:
-    return [sliding_capacity(tcfg.sliding_window) if t == "sliding_attention" else context for t in tcfg.layer_types]
+    return kv_positions({"layer_types": tcfg.layer_types, "sliding_window": tcfg.sliding_window}, context)
+
+
+def rotary_table_bytes(text: dict, context: int) -> int:
+    """The cos and sin tables the graph holds: [context, head_dim / 2] fp32 per rotary kind (global, sliding)."""
+    kinds = len(set(text.get("layer_types", ()))) or 1
+    return 2 * kinds * context * (text["head_dim"] // 2) * 4
 
 
 def kv_cache(tcfg, context: int) -> dict:
     """The manifest's `generation.kv_cache`: what the runtime allocates and the planner sizes."""
     return {"form": "slots", "context": context, "capacity": capacities(tcfg, context),
             "window": tcfg.sliding_window}
+
+
+def generation(tcfg, context: int) -> dict:
+    """What this form adds to the manifest's `generation` section: slots sized for the build's context, and each
+    layer's buffer rows as its KV layout."""
+    kv = kv_cache(tcfg, context)
+    return {"kv_cache": kv, "max_positions": context,
+            "kv_layout": [{"type": t, "keep": cap if t == "sliding_attention" else None}
+                          for t, cap in zip(tcfg.layer_types, kv["capacity"])]}
 
 
 def step_feeds(tcfg, embeds, held, new, logits_index, past, image_rows=None, image_bias=None) -> dict:
@@ -263,10 +284,6 @@ def _golden(loaded, context):
     """Held-out steps, references from the eager forward: an image (or text) prompt prefilled from an empty slot;
     three text prompts prefilled together right-padded; then one decode step of those three slots."""
     import torch
-
-    from medc.compile.export import module_args
-    from medc.compile.models.siglip import builtin_images
-    from medc.runtime.gemma import build_prompt_batch, image_attention
 
     model = loaded.hf_model
     tcfg = gemma3.text_config(model.config)

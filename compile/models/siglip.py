@@ -6,13 +6,15 @@ keeping them in the manifest lets one image embedding be scored against any labe
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from medc.compile.spec import ComponentSpec, Family
+from medc.compile.spec import ComponentSpec, Family, builtin_data
 from medc.errors import MedcError
+from medc.runtime.preprocess import load_image
 from medc.specs import TensorSpec
 
 # Real prompts for the gate and for int8 calibration of the text encoder (no patient data: generic findings).
@@ -97,8 +99,8 @@ def _pooled_token_layer(layer, x):
 def _text_encoder(model):
     """The exported text encoder. SigLIP's text embedding is the last position's state (HF: `pooler_output =
     last_hidden_state[:, -1]`), so the last layer's work on the other 63 positions is thrown away: this module
-    skips it. On the tiny model (2 layers) that is 40% of the encoder's time at every batch size; on MedSigLIP-448's
-    27 layers about 3.5%. The gate compares with `_text_reference` (HF's full computation), not with this."""
+    skips it (what that saves: benchmarks/results/design-measurements.md). The gate compares with `_text_reference` (HF's full computation), not with
+    this."""
     import torch
 
     class TextEncoder(torch.nn.Module):
@@ -135,8 +137,6 @@ def _image_golden(loaded):
 
 
 def _image_calibration(loaded, folder: Path | None):
-    from medc.runtime.preprocess import load_image
-
     if folder is None:
         images = builtin_images()
         images += [im.transpose(0) for im in images]  # + horizontal flips
@@ -171,7 +171,7 @@ def _text_calibration(loaded, folder):
     return [{"input_ids": loaded.tokenizer([p])} for p in PROMPTS], {"source": "builtin-prompts", "count": len(PROMPTS)}
 
 
-def components(config, **graph) -> tuple[ComponentSpec, ...]:
+def components(config, decoder=None) -> tuple[ComponentSpec, ...]:
     v, t = config.vision_config, config.text_config
     dim_img, dim_txt = v.hidden_size, getattr(t, "projection_size", None) or t.hidden_size
     return (
@@ -193,10 +193,8 @@ def components(config, **graph) -> tuple[ComponentSpec, ...]:
     )
 
 
-def write_assets(loaded, out: Path, **graph) -> dict:
+def write_assets(loaded, out: Path, decoder=None) -> dict:
     """Copy the tokenizer and preprocessor config into the bundle; return the manifest sections describing them."""
-    import json
-
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(loaded.tokenizer_file, out / "tokenizer" / "spiece.model")
     (out / "preprocessor_config.json").write_text(json.dumps(loaded.preprocessor_config, indent=2) + "\n")
@@ -214,8 +212,6 @@ def extras(model) -> dict:
 
 
 def prepare(loaded, checkpoint: Path | None) -> None:
-    from medc.compile.loader import builtin_data
-
     loaded.tokenizer_file = checkpoint / "spiece.model" if checkpoint else builtin_data(loaded.spec.builtin_tokenizer)
 
 

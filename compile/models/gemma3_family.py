@@ -1,0 +1,231 @@
+"""The Gemma 3 family (MedGemma 4B, MedGemma 27B text, Gemma 3 GGUF files): its two decoder forms, the bundle's
+tokenizer and generation assets, and the whole-model gate on real weights.
+
+Decoder forms (`FORMS`, recorded as the manifest's `generation.attention`; the runtime picks its decoder by it):
+- "explicit" (gemma3.py): attention spelled out in standard ONNX ops, the KV cache passed step to step. Portable:
+  TensorRT, the CUDA provider, and fp16 graphs (whose fp32 islands medc.compile.fp16 places).
+- "gqa" (gemma3_gqa.py): ONNX Runtime's GroupQueryAttention with KV slots updated in place, for CPU targets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from medc.compile.gates import hf_logits_fn
+from medc.compile.models import gemma3, gemma3_gqa
+from medc.compile.spec import DecoderForm, DecoderSettings, Family, builtin_data
+from medc.errors import MedcError
+from medc.manifest import sha256_file
+from medc.runtime import evaluate
+from medc.runtime.gemma import build_prompt_batch
+
+
+FORMS: dict[str, DecoderForm] = {
+    "explicit": DecoderForm("explicit", components=lambda config, context: gemma3.components(config),
+                            kv_positions=gemma3.kv_positions, generation=lambda tcfg, context: {}),
+    "gqa": DecoderForm("gqa", components=gemma3_gqa.components_for, kv_positions=gemma3_gqa.kv_positions,
+                       generation=gemma3_gqa.generation, context_bytes=gemma3_gqa.rotary_table_bytes, rescores=True,
+                       note="GroupQueryAttention with in-place KV slots"),
+}
+
+
+def components(config, decoder: DecoderSettings | None = None):
+    """vision_encoder (multimodal models), embed_tokens and the decoder in `decoder`'s form (default: explicit)."""
+    decoder = decoder or DecoderSettings("explicit", gemma3.default_context(config))
+    return FORMS[decoder.form].components(config, decoder.context)
+
+
+# -- bundle assets -----------------------------------------------------------------------------------------------------
+def write_assets(loaded, out: Path, decoder: DecoderSettings | None = None) -> dict:
+    decoder = decoder or DecoderSettings("explicit", gemma3.default_context(loaded.config))
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(loaded.tokenizer_file, out / "tokenizer" / "tokenizer.json")
+    tcfg = gemma3.text_config(loaded.config)
+    sections = {
+        "tokenizer": {"kind": "tokenizers", "file": "tokenizer/tokenizer.json",
+                      "chat_template": loaded.chat_template, "special_ids": loaded.special_ids,
+                      "special_tokens": loaded.special_tokens, "eos_token_ids": loaded.eos_token_ids,
+                      "placeholder": loaded.source["kind"] == "random"},
+        "generation": {"kv_layout": gemma3.kv_layout(tcfg), "sliding_window": tcfg.sliding_window,
+                       "num_layers": tcfg.num_hidden_layers, "num_kv_heads": tcfg.num_key_value_heads,
+                       "head_dim": tcfg.head_dim, "vocab_size": tcfg.vocab_size,
+                       "max_positions": tcfg.max_position_embeddings, "attention": decoder.form},
+    }
+    sections["generation"].update(FORMS[decoder.form].generation(tcfg, decoder.context))
+    if loaded.preprocessor_config:
+        (out / "preprocessor_config.json").write_text(json.dumps(loaded.preprocessor_config, indent=2) + "\n")
+        sections["preprocessing"] = {"image": loaded.preprocessing.to_json(),
+                                     "mm_tokens_per_image": loaded.config.mm_tokens_per_image}
+    return sections
+
+
+def extras(model) -> dict:
+    return {}
+
+
+# Gemma 3's instruction-tuned chat template (roles user/model; images as <start_of_image> slots). Real checkpoints
+# bring their own (tokenizer_config.json or chat_template.jinja); this one serves the built-in tiny model.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = (messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'][0]['text']) + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+_SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "boi": "<start_of_image>", "eoi": "<end_of_image>",
+                   "image": "<image_soft_token>", "start_of_turn": "<start_of_turn>", "end_of_turn": "<end_of_turn>"}
+
+
+def prepare(loaded, checkpoint: Path | None) -> None:
+    """Tokenizer, chat template and special ids, from the checkpoint or the spec's built-in tokenizer."""
+    from tokenizers import Tokenizer
+
+    if checkpoint is None:
+        loaded.tokenizer_file = builtin_data(loaded.spec.builtin_tokenizer)
+        loaded.chat_template = loaded.spec.chat_template
+        eos_config = None
+    else:
+        loaded.tokenizer_file = checkpoint / "tokenizer.json"
+        loaded.chat_template = _checkpoint_chat_template(checkpoint)
+        gen = checkpoint / "generation_config.json"
+        eos_config = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    tok = Tokenizer.from_file(str(loaded.tokenizer_file))
+    ids = {k: tok.token_to_id(v) for k, v in _SPECIAL_TOKENS.items()}
+    missing = [v for k, v in _SPECIAL_TOKENS.items() if ids[k] is None and (k not in ("boi", "eoi", "image")
+                                                                            or loaded.preprocessor_config)]
+    if missing:
+        raise MedcError(f"tokenizer {loaded.tokenizer_file} lacks Gemma's special tokens {', '.join(missing)}; "
+                        "is this a Gemma 3 checkpoint?")
+    loaded.special_ids = {k: v for k, v in ids.items() if v is not None}
+    loaded.special_tokens = {k: _SPECIAL_TOKENS[k] for k in loaded.special_ids}
+    eos = eos_config if eos_config is not None else [ids["eos"], ids["end_of_turn"]]
+    loaded.eos_token_ids = sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+def _checkpoint_chat_template(path: Path) -> str | None:
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            template = json.loads(f.read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None  # a base model: plain completion
+
+
+# -- whole-model gate on real weights -----------------------------------------------------------------------------------
+GATE_PROMPTS = ["The patient presented to the emergency department with", "Pneumonia is an infection of the",
+                "The most common causes of chest pain include"]
+GATE_NEW_TOKENS = 64
+GATE_WINDOWS = 8
+GATE_TOP_K = 32  # reference log-probs kept per position for the KL / top-1 statistics
+# Allowed perplexity increase over the fp32 reference, by the decoder's precision (fp32: tokens must be identical).
+PPL_GATE = {"fp32": 0.0, "fp16": 0.005, "int8": 0.005, "int4": 0.015}
+PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
+
+
+def gate_reference(loaded) -> dict:
+    """HF fp32 greedy tokens and perplexity (real weights only; tiny/random weights are gated on logits)."""
+    import torch
+
+    if loaded.source["kind"] != "checkpoint":
+        return {"applied": "teacher-forced logits (random weights: greedy text is fragile at near-ties)"}
+    cached = _reference_cache(loaded)
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text(), object_hook=_unjson)
+    assets = loaded.prompt_assets()
+    model = loaded.hf_model
+    greedy = []
+    with torch.no_grad():
+        for prompt in GATE_PROMPTS:
+            batch = build_prompt_batch(assets, [prompt])
+            out = model.generate(input_ids=torch.from_numpy(batch.input_ids), max_new_tokens=GATE_NEW_TOKENS,
+                                 min_new_tokens=GATE_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=loaded.special_ids["pad"])
+            greedy.append(out[0, batch.input_ids.shape[1]:].tolist())
+        text_path = evaluate.default_text()
+        wins = evaluate.windows(assets.tokenizer, loaded.special_ids["bos"], text_path.read_text(), 512, GATE_WINDOWS)
+        ppl = evaluate.perplexity(hf_logits_fn(model), wins, keep_top=GATE_TOP_K)
+    reference = {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
+                 "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist(), "dtype": str(a.dtype)}))
+    return reference
+
+
+def _reference_cache(loaded) -> Path | None:
+    """Where the HF reference of an identified source file (a GGUF's sha256) is kept between builds: it is a pure
+    function of the weights, the gate settings and the transformers version, and costs minutes on big models."""
+    from importlib import metadata
+
+    digest = loaded.source.get("sha256")
+    if not digest:
+        return None
+    key = (f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
+           f"-top{GATE_TOP_K}")
+    return Path.home() / ".cache" / "medc" / "gate-reference" / f"{key}.json"
+
+
+def _unjson(d: dict):
+    return np.asarray(d["__array__"], d.get("dtype", "int64")) if "__array__" in d else d
+
+
+def gate_check(pipeline, reference: dict, precisions: dict) -> dict:
+    """Run the finished bundle through the runtime: greedy tokens and perplexity against the HF reference."""
+    if "greedy" not in reference:
+        return {"applied": reference["applied"], "passed": True}
+    ours = [pipeline.generate_ids([p], max_new_tokens=GATE_NEW_TOKENS, ignore_eos=True)[0] for p in GATE_PROMPTS]
+    agree = [int(np.sum(np.cumprod(np.array(a[:len(r)]) == np.array(r[:len(a)])))) for a, r in
+             zip(ours, reference["greedy"])]
+    ppl = evaluate.perplexity(evaluate.bundle_logits_fn(pipeline), reference["windows"],
+                              reference_top=reference["perplexity"]["top"])
+    ref_ppl = reference["perplexity"]["perplexity"]
+    increase = ppl["perplexity"] / ref_ppl - 1
+    # The gate of the least precise of the decoder and its lm_head.
+    precision = max((precisions["decoder"], precisions.get("lm_head", precisions["decoder"])), key=PRECISION_RANK.get)
+    identical = all(a == len(r) for a, r in zip(agree, reference["greedy"]))
+    passed = identical if precision == "fp32" else increase <= PPL_GATE[precision]
+    return {
+        "applied": reference["applied"], "text": reference["text"],
+        "greedy_prefix_agreement": agree, "greedy_new_tokens": GATE_NEW_TOKENS, "greedy_identical": identical,
+        "perplexity": ppl["perplexity"], "reference_perplexity": ref_ppl, "perplexity_increase": increase,
+        "windows": ppl["windows"], "window": ppl["window"], "kl_mean": ppl["kl_mean"], "kl_p99": ppl["kl_p99"],
+        "top1_agreement": ppl["top1_agreement"], "kl_positions": ppl["kl_positions"], "gated_precision": precision,
+        "rule": "greedy tokens identical" if precision == "fp32" else
+        f"perplexity <= +{PPL_GATE[precision]:.1%} of fp32", "passed": bool(passed),
+    }
+
+
+GEMMA3 = Family(
+    name="gemma3", hf_class="Gemma3ForConditionalGeneration", model_types=("gemma3",), components=components,
+    load_assets=write_assets, extras=extras, required_files=("tokenizer.json", "preprocessor_config.json"),
+    prepare=prepare, gate_reference=gate_reference, gate_check=gate_check, forms=FORMS,
+    default_context=gemma3.default_context,
+)
+GEMMA3_TEXT = Family(
+    name="gemma3", hf_class="Gemma3ForCausalLM", model_types=("gemma3_text",), components=components,
+    load_assets=write_assets, extras=extras, required_files=("tokenizer.json",), prepare=prepare,
+    gate_reference=gate_reference, gate_check=gate_check, forms=FORMS, default_context=gemma3.default_context,
+)
