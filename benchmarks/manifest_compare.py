@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-RECIPES = Path(__file__).parent / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"
 GGUF = "gemma3-270m.gguf"  # assembled into OUT by `build`
 
 # name -> medc build arguments ({gguf} is the GGUF file's path)
