@@ -96,7 +96,7 @@ def torch_baseline(manifest):
         raise MedcError(f"--baseline torch needs the build extra (pip install 'medc[build]'): {e}") from None
     src = manifest.model["source"]
     if src["kind"] == "checkpoint":  # a checkpoint folder or a GGUF file
-        return loader.load(src["path"])
+        return loader.load(str(loader.locate_source(src)))
     name = manifest.model["name"]
     if name not in MODELS:
         raise MedcError(f"cannot rebuild the reference for {name}: not in this medc's registry.")

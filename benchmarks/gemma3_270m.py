@@ -110,7 +110,8 @@ def load_hf(gguf: Path, threads: int):
     from transformers import Gemma3ForCausalLM
 
     torch.set_num_threads(threads)
-    return Gemma3ForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    return Gemma3ForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                             trust_remote_code=False).eval()
 
 
 # -- the comparison -----------------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def bench_generation(bundle_dir: Path, prompt_tokens: int = 512, new_tokens: int
             if threads:
                 torch.set_num_threads(threads)
             ref = torch_baseline(pipe.bundle.manifest).hf_model
-            ref_info = dict(info, bundle=Path(pipe.bundle.manifest.model["source"].get("path", info["model"])).name,
+            ref_info = dict(info, bundle=pipe.bundle.manifest.model["source"].get("name", info["model"]),
                             backend="torch-eager", precision="fp32", method="none", threads=torch.get_num_threads(),
                             providers="torch-cpu")
         for _ in range(warmup):  # first runs grow ORT's memory arena; keep them out of the numbers

@@ -56,7 +56,12 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     m = Manifest.read(bundle)
     context = min(context, int(m.generation.get("max_positions", context)))  # the tiny model stops at 512
     source = m.model["source"]
-    model = source["path"] if source.get("kind") == "checkpoint" else m.model["name"]
+    if source.get("kind") == "checkpoint":
+        from medc.compile.loader import locate_source
+
+        model = str(locate_source(source))
+    else:
+        model = m.model["name"]
     config = resolve(model).spec.config
     recipe = m.build["recipe"]
     plan = planner.plan_memory(m.model["name"], m.model["family"], config, recipe["precisions"], get_target("cpu"),

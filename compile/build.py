@@ -21,16 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt
-from medc.compile.loader import load
+from medc.compile.loader import load, source_record
 from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve
 from medc.compile.quantize import ConvertOptions
 from medc.errors import FidelityError, MedcError
-from medc.manifest import ComponentEntry, Manifest, hash_files
+from medc.manifest import MANIFEST_NAME, SIGNATURE_NAME, ComponentEntry, Manifest, hash_files, read_json_file
 from medc.runtime import PIPELINES
 from medc.runtime.bundle import open_bundle
 from medc.runtime.preprocess import load_image
 from medc.runtime.session import OrtSession, stand_in_config
 from medc.runtime.verify import evaluate
+from medc.signing import Signature, canonical, load_private
+from medc.specs import gate_tolerance
 from medc.system import peak_rss_mib, toolchain_versions
 from medc.targets import get_target
 
@@ -43,6 +45,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     t0 = time.perf_counter()
     out = Path(opts.out)
     _check_out(out, opts.force)
+    key = load_private(opts.sign_key) if opts.sign_key else None  # a bad key fails now, not after the build
     if opts.calibration is not None:
         _check_calibration(Path(opts.calibration))
     model = resolve(opts.model, opts.random_weights)
@@ -103,7 +106,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         np.savez_compressed(stage / "golden.npz", **golden)
         manifest = Manifest(
             model={"name": loaded.spec.name, "family": loaded.family.name, "hf_class": loaded.family.hf_class,
-                   "description": loaded.spec.description, "source": loaded.source,
+                   "description": loaded.spec.description, "source": source_record(loaded.source),
                    "clinical_use": loaded.clinical_use,
                    **({} if loaded.clinical_use else
                       {"warning": "built from random weights: NOT FOR CLINICAL USE (latency and pipeline work only)"})},
@@ -127,6 +130,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             manifest.tensorrt = tensorrt.prepare_bundle(stage, manifest, target, memory.context, opts.max_batch)
         manifest.files = hash_files(stage)
         manifest.write(stage)
+        if key is not None:
+            Signature.make(canonical(read_json_file(stage)), key, "manifest").write(stage / SIGNATURE_NAME)
         os.chmod(stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied and read
         _replace(stage, out)
         return manifest
@@ -161,7 +166,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
                                                                 optimize.split_for(target)))
         return graphs[optimizer]
 
-    tol = comp.tolerances[cp.precision]
+    tol = gate_tolerance(cp.name, cp.precision)  # the table `medc verify` re-checks against
     options = ConvertOptions(
         calibration=prep.calibration, quantize_bias=target.engine != "tensorrt", weight_only=cp.weight_only,
         fp16_islands=cp.fp16_islands,  # decoders: fp32 islands where held-out inputs overflow fp16
@@ -272,10 +277,14 @@ def _whole_model_gate(family, manifest: Manifest, stage: Path, reference: dict, 
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MedcError(f"output {out} exists and is a file; choose a directory path for -o.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MedcError(f"output directory {out} is not empty; pass --force to replace it, or choose another -o.")
+    if out.is_symlink() or out.exists() and not out.is_dir():
+        raise MedcError(f"output {out} exists and is a file or a link; choose a directory path for -o.")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise MedcError(f"output directory {out} is not empty; pass --force to replace it, or choose another -o.")
+        if not (out / MANIFEST_NAME).is_file():  # --force replaces a bundle, never a folder of something else
+            raise MedcError(f"output directory {out} is not empty and holds no medc bundle ({MANIFEST_NAME}); "
+                            "--force replaces only an earlier bundle. Choose another -o.")
     parent = out.parent if out.parent != Path("") else Path(".")
     probe = parent
     while not probe.exists():

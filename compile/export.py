@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from medc.compile.cache import cache_dir, intact, publish
 from medc.compile.spec import ComponentSpec
 from medc.errors import MedcError
 from medc.runtime.verify import golden_key
@@ -118,10 +119,10 @@ def cached(key: str | None, path: Path, make) -> tuple[bool, dict | None]:
     caching. Returns (cache hit, the record)."""
     if key is None:
         return False, make()
-    cache = Path.home() / ".cache" / "medc" / "exports" / key
+    cache = cache_dir() / "exports" / key
     # Files keep the exported names: a graph with external data refers to its .data file by name.
     names = [path.name, path.name + ".data"]
-    if (cache / names[0]).is_file():
+    if intact(cache) and (cache / names[0]).is_file():
         for n in names:
             if (cache / n).is_file():
                 _link_or_copy(cache / n, path.with_name(n))
@@ -135,8 +136,7 @@ def cached(key: str | None, path: Path, make) -> tuple[bool, dict | None]:
             shutil.copyfile(path.with_name(n), tmp / n)
     if record is not None:
         (tmp / "record.json").write_text(json.dumps(record))
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
+    publish(tmp, cache)
     return False, record
 
 

@@ -82,4 +82,4 @@ def gguf_config(path: Path) -> dict:
         return json.loads(converted.read_text())
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False).to_dict()

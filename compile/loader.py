@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medc.compile.cache import intact, publish
 from medc.compile.gguf import check_gguf, gguf_cache
 from medc.compile.hf import empty_model, hf_class, hf_config
 from medc.compile.plan import ResolvedModel, resolve
@@ -163,6 +164,7 @@ def load_checkpoint(resolved: ResolvedModel, pad_to_square: bool = False, empty:
     pre_file = path / "preprocessor_config.json"
     pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
     source = {"kind": "checkpoint", "path": str(path.resolve()), "config_sha256": sha256_file(path / "config.json"),
+              "weights_sha256": {f.name: sha256_file(f) for f in weights},
               "revision": _revision(path), "registered_as": spec.name if spec.name in MODELS else None}
     loaded = LoadedModel(spec=spec, hf_model=model.float().eval(), config=model.config, source=source,
                          preprocessor_config=pre, checkpoint=path, pad_to_square=pad_to_square)
@@ -184,13 +186,13 @@ def load_gguf(resolved: ResolvedModel) -> LoadedModel:
     try:
         from transformers import AutoTokenizer, Gemma3ForCausalLM
 
-        if not (cache / "tokenizer.json").is_file():
+        if not (intact(cache) and (cache / "tokenizer.json").is_file()):
             tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-            shutil.rmtree(cache, ignore_errors=True)
-            tmp.rename(cache)
-        if (converted / "model.safetensors").is_file():
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                          trust_remote_code=False).save_pretrained(tmp)
+            publish(tmp, cache)
+        if intact(converted) and (converted / "model.safetensors").is_file():
             model = Gemma3ForCausalLM.from_pretrained(converted, local_files_only=True, use_safetensors=True,
                                                       dtype="float32", trust_remote_code=False)
         else:
@@ -203,7 +205,7 @@ def load_gguf(resolved: ResolvedModel) -> LoadedModel:
             tmp = converted.with_name(converted.name + f".tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, safe_serialization=True)
-            os.replace(tmp, converted)  # whole or absent: a killed conversion leaves only a .tmp folder
+            publish(tmp, converted)  # whole or absent: a killed conversion leaves only a .tmp folder
     except MedcError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -236,12 +238,39 @@ def _revision(path: Path) -> str | None:
     return name if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else None
 
 
-def reference_model(source: dict):
-    """The HF fp32 model a bundle was built from (its manifest's `model.source`: a checkpoint folder or GGUF file),
-    for gates run after the build (`medc eval --reference`)."""
+def source_record(source: dict) -> dict:
+    """A build's weights as the manifest records them: by name and digest, never by the build host's path (which
+    means nothing on a device and can name a user or a study folder)."""
+    out = {k: v for k, v in source.items() if k != "path"}
+    if "path" in source:
+        out["name"] = Path(source["path"]).name
+    return out
+
+
+def locate_source(source: dict, given: Path | None = None) -> Path:
+    """The checkpoint folder or GGUF file a bundle was built from (its manifest's `model.source`): `given`, else the
+    registry's weights folder, checked by digest against the record."""
     if source.get("kind") != "checkpoint":
-        raise MedcError("--reference needs a bundle built from real weights (a checkpoint or GGUF file).")
-    path = Path(source["path"])
-    if not path.exists():
-        raise MedcError(f"the bundle's source {path} is not on this machine; --reference needs it.")
-    return load(str(path)).hf_model
+        raise MedcError("this needs a bundle built from real weights (a checkpoint or GGUF file); this one was built "
+                        f"from {source.get('kind')} weights.")
+    path = given
+    if path is None and source.get("registered_as") in MODELS:
+        path = resolve(source["registered_as"]).source.path
+    if path is None:
+        raise MedcError(f"the bundle's source ({source.get('name')}) is not in medc's model folders on this machine; "
+                        "pass it with --source PATH.")
+    path = Path(path)
+    if source.get("format") == "gguf":
+        same = path.is_file() and sha256_file(path) == source.get("sha256")
+    else:
+        same = path.is_dir() and {f.name: sha256_file(f) for f in sorted(path.glob("*.safetensors"))} == source.get(
+            "weights_sha256")
+    if not same:
+        raise MedcError(f"{path} is not the source this bundle was built from ({source.get('name')}): its weights' "
+                        "sha256 differ from the manifest's record. Pass the checkpoint or GGUF file it was built from.")
+    return path
+
+
+def reference_model(source: dict, given: Path | None = None):
+    """The HF fp32 model a bundle was built from, for gates run after the build (`medc eval --reference`)."""
+    return load(str(locate_source(source, given))).hf_model

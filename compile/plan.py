@@ -47,6 +47,7 @@ class BuildOptions:
     # (None: 4096, or the model's limit if smaller) and the largest batch.
     context: int | None = None
     max_batch: int = 1
+    sign_key: Path | None = None  # private key (medc keygen) that signs the manifest
 
 
 # -- the model ------------------------------------------------------------------------------------------------------

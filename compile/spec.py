@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medc.specs import DEFAULT_TOLERANCES, TensorSpec, Tolerance
+from medc.specs import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,6 @@ class ComponentSpec:
     # (loaded model, calibration dir or None) -> (list of feeds, description without file names)
     calibration: Callable[[Any, Path | None], tuple[list[dict[str, np.ndarray]], dict]]
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     # ORT transformer-optimizer model type used for fusions (None: ORT's generic graph optimisations only)
     fusion_model_type: str | None = None
     # Static (calibrated) int8 activations: for encoders. Decoders and embeddings get dynamic / weight-only int8.

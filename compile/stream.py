@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medc.compile import export, weight_only
+from medc.compile.cache import cache_dir, intact, publish
 from medc.compile.hf import parameter_bytes
 from medc.compile.loader import random_parameter
 from medc.compile.optimize import split_for, split_skip_norms
@@ -449,8 +450,8 @@ class StreamedBuild:
         import torch
 
         cache = self._cache(comp)
-        if cache is not None and cache.is_file():
-            with np.load(cache) as z:
+        if cache is not None and intact(cache.parent):
+            with np.load(cache, allow_pickle=False) as z:
                 cases: dict = {}
                 for key in z.files:
                     case, kind, name = key.split("/", 2)
@@ -462,14 +463,15 @@ class StreamedBuild:
             for case, feeds in comp.golden_inputs(self.loaded).items():
                 cases[case] = {"in": feeds, "ref": comp.reference(module(*export.module_args(module, comp, feeds)))}
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
-            np.savez(tmp, **{f"{c}/{k}/{n}": a for c, v in cases.items() for k in ("in", "ref") for n, a in v[k].items()})
-            os.replace(tmp, cache)
+            tmp = cache.parent.with_name(f"{cache.parent.name}.tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp / cache.name,
+                     **{f"{c}/{k}/{n}": a for c, v in cases.items() for k in ("in", "ref") for n, a in v[k].items()})
+            publish(tmp, cache.parent)
         return cases
 
     def _cache(self, comp) -> Path | None:
-        """~/.cache/medc/reference/KEY.npz: a pure function of the weights, the config, the golden-input code and
+        """~/.cache/medc/reference/KEY/reference.npz: a pure function of the weights, the config, the golden-input code and
         data, the component's I/O and the torch/transformers versions. Tiny models are not cached (seconds)."""
         loaded = self.loaded
         if loaded.spec.tiny:
@@ -485,7 +487,7 @@ class StreamedBuild:
                          inspect.getsourcefile(comp.reference_extract or comp.extract),
                          str(loaded.tokenizer_file)}):
             h.update(Path(f).read_bytes())
-        return Path.home() / ".cache" / "medc" / "reference" / f"{loaded.spec.name}-{comp.name}-{h.hexdigest()[:24]}.npz"
+        return cache_dir() / "reference" / f"{loaded.spec.name}-{comp.name}-{h.hexdigest()[:24]}" / "reference.npz"
 
     def on_demand(self):
         return self.weights.on_demand()

@@ -10,17 +10,20 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from medc.compile import lint
 from medc.errors import MedcError
-from medc.manifest import MANIFEST_NAME, Manifest, hash_files, sha256_file, verify_files
+from medc.manifest import RECORDS_DIR, Manifest, Record, read_json_file, sha256_file
+from medc.runtime.bundle import open_bundle
 from medc.runtime.session import OrtSession
 from medc.runtime.trt_session import gpu_info, import_tensorrt
 from medc.runtime.verify import evaluate, golden_cases
-from medc.specs import Tolerance
+from medc.signing import digest
+from medc.specs import gate_tolerance
 from medc.system import version_tuple
 from medc.targets import get_target
 
@@ -256,7 +259,7 @@ def _recheck(stage: Path, manifest, name: str) -> dict:
     comp = manifest.components[name]
     golden = dict(np.load(stage / manifest.golden))
     with OrtSession(stage / comp.file, ["CPUExecutionProvider"]) as sess:
-        result = evaluate(sess.run, golden_cases(golden, name), Tolerance(**comp.fidelity["tolerance"]))
+        result = evaluate(sess.run, golden_cases(golden, name), gate_tolerance(name, comp.precision))
     if not result["passed"]:
         raise MedcError(f"{name}: the TensorRT form of the graph no longer meets its gate (worst cosine "
                         f"{result['worst']['cosine']:.6f}); this is a medc bug, please report it. Nothing was written.")
@@ -361,11 +364,13 @@ def _can_build_here(target) -> bool:
 
 
 # -- the device: engines -----------------------------------------------------------------------------------------------
-def finish_engines(bundle_dir: Path, target_name: str | None = None, log=print):
-    """On the device (`medc engines BUNDLE`): build the engines of a TRT-ready bundle in place and re-hash it.
-    Returns the new Manifest."""
+def finish_engines(bundle_dir: Path, target_name: str | None = None, log=print, sign_key=None, trust=None):
+    """On the device (`medc engines BUNDLE`): build the engines of a TRT-ready bundle in place. They go into a record
+    of their own (records/tensorrt.json: the engines, their TensorRT version and GPU, their sha256), signed by
+    `sign_key` (a medc.signing.PrivateKey: the device's) when given, so that the build's manifest and its signature
+    stay as they were. Returns the manifest with the record applied."""
     bundle_dir = Path(bundle_dir)
-    manifest = Manifest.read(bundle_dir)
+    manifest = Manifest.read(bundle_dir)  # the build's own, before any record
     if target_name is not None and target_name != manifest.target:
         raise MedcError(f"bundle {bundle_dir} was built for target {manifest.target!r}, not {target_name!r}; finish it "
                         f"with --target {manifest.target}, or build a bundle for {target_name} "
@@ -378,16 +383,42 @@ def finish_engines(bundle_dir: Path, target_name: str | None = None, log=print):
     if record.get("blocked"):
         raise MedcError("cannot build TensorRT engines: " + "; ".join(f"{n}: {w}" for n, w in record["blocked"].items())
                         + ".")
-    verify_files(bundle_dir, manifest)  # never add engines to a bundle whose graphs changed since the build
-    manifest.tensorrt = _build_all(bundle_dir, manifest, record, target, log)
-    manifest.files = hash_files(bundle_dir)
-    tmp = bundle_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, bundle_dir / MANIFEST_NAME)  # atomic: readers see the old manifest or the new one
-    return manifest
+    _drop_unrecorded(bundle_dir, manifest)
+    # Never add engines to a bundle whose graphs changed since the build, or whose signature the site does not trust.
+    current = open_bundle(bundle_dir, trust=trust).manifest
+    tensorrt, built = _build_all(bundle_dir, manifest, record, (current.tensorrt or {}).get("built_with") or {},
+                                 target, log)
+    # Swapped in together: an interruption before the record is written leaves plans no record lists, which the
+    # next run removes (_drop_unrecorded) instead of refusing the bundle.
+    (bundle_dir / RECORDS_DIR / "tensorrt.json").unlink(missing_ok=True)
+    for tmp, final in built:
+        os.replace(tmp, final)
+    added = {e["file"]: e["sha256"] for e in tensorrt["engines"].values()}
+    if (bundle_dir / TIMING_CACHE).is_file():
+        added[TIMING_CACHE] = sha256_file(bundle_dir / TIMING_CACHE)
+    Record(name="tensorrt", kind="tensorrt-engines", base=digest(read_json_file(bundle_dir)), files=added,
+           data={"tensorrt": tensorrt}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           ).write(bundle_dir, sign_key)
+    current.tensorrt = tensorrt
+    return current
 
 
-def _build_all(bundle_dir: Path, manifest, record: dict, target, log) -> dict:
+def _drop_unrecorded(bundle_dir: Path, manifest) -> None:
+    """Engine files of a run that ended before writing its record (medc's own names only)."""
+    if (bundle_dir / RECORDS_DIR / "tensorrt.json").is_file():
+        return
+    (bundle_dir / RECORDS_DIR / "tensorrt.sig").unlink(missing_ok=True)
+    folder = bundle_dir / "tensorrt"
+    for f in [*folder.glob("*.plan"), *folder.glob(".*.tmp"), bundle_dir / TIMING_CACHE]:
+        rel = f.relative_to(bundle_dir).as_posix()
+        if rel not in manifest.files and f.is_file() and not f.is_symlink():
+            f.unlink()
+
+
+def _build_all(bundle_dir: Path, manifest, record: dict, previous: dict, target,
+               log) -> tuple[dict, list[tuple[Path, Path]]]:
+    """The tensorrt section with its engines, and the (temporary, final) path of each engine file written.
+    `previous`: what an earlier run built with (its timing cache is reused on the same TensorRT and GPU)."""
     trt = import_tensorrt(target)
     gpu = gpu_info()
     if gpu is None:
@@ -403,30 +434,31 @@ def _build_all(bundle_dir: Path, manifest, record: dict, target, log) -> dict:
     if not any(rules.version == v or trt.__version__.startswith(v + ".") for v in record["tensorrt_versions"]):
         log(f"warning: TensorRT {trt.__version__} is not a version target {target.name} was written against "
             f"({', '.join(record['tensorrt_versions'])}); building anyway")
-    previous = record.get("built_with") or {}
     cache_path = bundle_dir / TIMING_CACHE
     # A timing cache only helps (and is only accepted) on the TensorRT version and GPU that wrote it.
     same = previous.get("tensorrt_version") == trt.__version__ and previous.get("compute_capability") == cc
     cache = cache_path.read_bytes() if (same and cache_path.is_file()) else b""
-    engines = {}
+    engines, built = {}, []
     for comp_name, comp in manifest.components.items():
         log(f"TensorRT {trt.__version__}: building {comp_name} engine")
         t0 = time.perf_counter()
         # Components gated on absolute error (fp32: 1e-4) must not run their MatMuls in TF32.
-        exact = (comp.fidelity.get("tolerance") or {}).get("max_abs") is not None
+        exact = gate_tolerance(comp_name, comp.precision).max_abs is not None
         plan, cache = _build_engine(trt, bundle_dir / comp.file, record["profiles"][comp_name],
                                     record["workspace_bytes"], cache, rules, no_tf32=exact)
         out = bundle_dir / "tensorrt" / f"{comp_name}.plan"
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_bytes(plan)
-        os.replace(tmp, out)
-        engines[comp_name] = {"file": f"tensorrt/{comp_name}.plan", "sha256": sha256_file(out), "bytes": len(plan),
+        built.append((tmp, out))
+        engines[comp_name] = {"file": f"tensorrt/{comp_name}.plan", "sha256": sha256_file(tmp), "bytes": len(plan),
                               "seconds": round(time.perf_counter() - t0, 1)}
     if cache:
-        cache_path.write_bytes(cache)
+        tmp = cache_path.with_name(f".{cache_path.name}.tmp")
+        tmp.write_bytes(cache)
+        built.append((tmp, cache_path))
     return {**record, "engines": engines, "status": "engines-built",
             "built_with": {"tensorrt_version": trt.__version__, "compute_capability": cc, "gpu": name,
-                           "strongly_typed": True, "workspace_bytes": record["workspace_bytes"]}}
+                           "strongly_typed": True, "workspace_bytes": record["workspace_bytes"]}}, built
 
 
 def _build_engine(trt, onnx_path: Path, shapes: dict, workspace: int, cache: bytes, rules: TrtRules,

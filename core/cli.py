@@ -59,6 +59,19 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _trust_option(fn):
+    return click.option("--trust", "trust", multiple=True, type=click.Path(path_type=Path, exists=True),
+                        help="Trusted public key (.pub) or a folder of them (repeatable): refuse bundles not signed "
+                             "by one. Default: MEDC_TRUSTED_KEYS (os.pathsep-separated).")(fn)
+
+
+def _trust(paths):
+    """The site's trusted keys: --trust, else MEDC_TRUSTED_KEYS, else None (unsigned bundles allowed)."""
+    from medc.signing import Trust
+
+    return Trust.load(paths) if paths else Trust.from_env()
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=False,
@@ -81,12 +94,14 @@ def _stderr_console():
               help="Tokens of context the bundle must serve (memory check, TensorRT profiles). Default 4096.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Largest batch the bundle must serve (memory check, TensorRT profiles).")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign the bundle's manifest with this private key (from `medc keygen`).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the memory check, and exit (1 if it does not fit).")
 @click.option("--stream", is_flag=True, hidden=True,
               help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
 def build(model, out, precision, recipe, flavour, target, calibration, random_weights, allow_degraded, force,
-          pad_to_square, optimizer, context, max_batch, dry_run, stream):
+          pad_to_square, optimizer, context, max_batch, sign_key, dry_run, stream):
     """Build a bundle from MODEL: a registry name (see `medc models`), a local Hugging Face checkpoint directory, or a
     Gemma 3 GGUF file."""
     from medc.compile.build import BuildOptions, build as run_build
@@ -102,7 +117,7 @@ def build(model, out, precision, recipe, flavour, target, calibration, random_we
                         calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
                         pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
-                        max_batch=max_batch)
+                        max_batch=max_batch, sign_key=sign_key)
     if dry_run:
         from medc.compile import planner
         from medc.compile.plan import make_plan, resolve
@@ -140,15 +155,22 @@ def build(model, out, precision, recipe, flavour, target, calibration, random_we
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="Sign the engines' record with this device's private key (from `medc keygen`).")
+@_trust_option
 @_friendly
-def engines(bundle, target):
+def engines(bundle, target, sign_key, trust):
     """Build BUNDLE's TensorRT engines in place, on the device that will run them (needs TensorRT there).
 
     BUNDLE is a TRT-ready bundle from `medc build MODEL --target T` (T a TensorRT target); the engines, their TensorRT
-    version, GPU and sha256 go into its manifest."""
+    version, GPU and sha256 go into a record of their own (records/tensorrt.json), signed with --sign-key: the
+    build's manifest and its signature stay as they were."""
     from medc.compile.tensorrt import finish_engines
+    from medc.signing import load_private
 
-    manifest = finish_engines(Path(bundle), target, log=lambda m: logging.getLogger("medc.build").info(m))
+    key = load_private(sign_key) if sign_key else None
+    manifest = finish_engines(Path(bundle), target, log=lambda m: logging.getLogger("medc.build").info(m),
+                              sign_key=key, trust=_trust(trust))
     click.echo(f"engines built in {bundle}")
     click.echo(_summary(manifest))
 
@@ -158,7 +180,7 @@ def _summary(manifest) -> str:
     for name, c in manifest.components.items():
         w = c.fidelity["worst"]
         method = c.quantization.get("method", "none")
-        gate = "PASS" if c.fidelity["passed"] else "DEGRADED"
+        gate = "PASS" if c.fidelity.get("passed") is True else "DEGRADED"
         lines.append(f"  {name:<16} {c.precision:<5} {method:<16} cosine {w['cosine']:.6f}  "
                      f"max abs {w['max_abs']:.2e}  {gate}")
     gate = manifest.build.get("generation_gate")
@@ -198,7 +220,7 @@ def inspect(bundle, as_json):
     for name, c in m.components.items():
         w = c.fidelity["worst"]
         table.add_row(name, c.precision, c.quantization.get("method", "none"), f"{w['cosine']:.6f}",
-                      f"{w['max_abs']:.2e}", "pass" if c.fidelity["passed"] else "DEGRADED")
+                      f"{w['max_abs']:.2e}", "pass" if c.fidelity.get("passed") is True else "DEGRADED")
     console.print(table)
     for name, c in m.components.items():
         sig = lambda ts: ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in ts)  # noqa: E731
@@ -215,12 +237,18 @@ def inspect(bundle, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@_trust_option
 @_friendly
-def verify(bundle):
-    """Re-run the fidelity gate from the bundle's golden inputs, without torch (on the device it runs on)."""
+def verify(bundle, trust):
+    """Check BUNDLE's signatures against the trusted keys and every file's sha256, then re-run the fidelity gate from
+    its golden inputs, without torch (on the device it runs on)."""
+    from medc.runtime.bundle import open_bundle
     from medc.runtime.verify import verify_bundle
 
-    report = verify_bundle(bundle)
+    opened = open_bundle(bundle, trust=_trust(trust))
+    for line in opened.check.chain:
+        click.echo(line)
+    report = verify_bundle(opened)
     ok = True
     for name, r in report.items():
         w = r["worst"]
@@ -229,7 +257,33 @@ def verify(bundle):
                    f"{'PASS' if r['passed'] else 'FAIL'}")
     if not ok:
         raise MedcError("the bundle no longer meets its fidelity gate on this machine.")
-    click.echo("verified: files intact, fidelity gate passed.")
+    signed = "signatures trusted" if opened.check.trusted else (
+        "manifest signed (signature not checked: no trusted keys)" if opened.check.signed else "manifest unsigned")
+    click.echo(f"verified: files intact, {signed}, fidelity gate passed.")
+
+
+@main.command()
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Writes OUT.key (private, mode 0600: keep it off the devices) and OUT.pub (give it to the sites).")
+@_friendly
+def keygen(out):
+    """Make an Ed25519 key pair for signing bundles (`medc build --sign-key`, `medc sign`) or a device's engines."""
+    from medc.signing import generate, load_public
+
+    key, pub = generate(out)
+    click.echo(f"wrote {key} (private) and {pub} (public, key {load_public(pub).key_id})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Private key (.key).")
+@_friendly
+def sign(bundle, key):
+    """Sign BUNDLE's manifest (after checking every file against it) with a private key from `medc keygen`."""
+    from medc.runtime.bundle import sign_bundle
+    from medc.signing import load_private
+
+    click.echo(sign_bundle(bundle, load_private(key)))
 
 
 @main.command()
@@ -246,13 +300,14 @@ def verify(bundle):
 @click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the embedding vectors).")
+@_trust_option
 @_friendly
 def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_k, top_p, seed, target, threads,
-        as_json):
+        as_json, trust):
     """Run a bundle: MedSigLIP zero-shot scores or embeddings; MedGemma answers (streamed)."""
     from medc import runtime
 
-    with runtime.load(bundle, target=target, threads=threads) as model:
+    with runtime.load(bundle, target=target, threads=threads, trust=_trust(trust)) as model:
         if hasattr(model, "generate"):
             if not prompt:
                 raise MedcError("a MedGemma bundle needs --prompt TEXT (and --image FILE for image questions).")
@@ -266,17 +321,19 @@ def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_
 
 def _generate(model, prompt, images, params, as_json):
     """Stream the answer as it is decoded; --json prints it whole at the end."""
-    tokenizer = model.assets.tokenizer
-    ids: list[int] = []
-    shown = ""
+    from medc.runtime.textstream import TextStream
+
+    text = TextStream(model.assets.tokenizer)  # decodes only the newest ids each step, as the server does
+    pieces: list[str] = []
     for step in model.stream([prompt], images=[images] if images else None, **params):
-        if step[0] is None:
-            continue
-        ids.append(step[0])
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not as_json:
-            click.echo(text[len(shown):], nl=False)
-        shown = text
+        if step[0] is not None:
+            pieces.append(text.push(step[0])[0])
+            if not as_json:
+                click.echo(pieces[-1], nl=False)
+    pieces.append(text.flush()[0])
+    if not as_json:
+        click.echo(pieces[-1], nl=False)
+    ids, shown = text.ids, "".join(pieces)
     # A random-weights build carries a placeholder tokenizer (a few hundred pieces): most generated ids decode to
     # nothing, so the ids themselves are what shows that the bundle generated.
     placeholder = bool(model.bundle.manifest.tokenizer.get("placeholder"))
@@ -386,9 +443,12 @@ def bench(bundle, batch, repeat, warmup, threads, components, baseline, prompt_t
 @click.option("--window", default=512, show_default=True, help="Tokens per window, [BOS] included.")
 @click.option("--max-windows", default=None, type=int, help="Score at most N windows.")
 @click.option("--reference", is_flag=True, help="Also score the source checkpoint with HF PyTorch fp32 (medc[build]).")
+@click.option("--source", type=click.Path(path_type=Path, exists=True),
+              help="With --reference: the checkpoint folder or GGUF file the bundle was built from (checked by "
+                   "digest; default: the registry's weights folder).")
 @click.option("--threads", type=int, default=None)
 @_friendly
-def eval_(bundle, text_file, window, max_windows, reference, threads):
+def eval_(bundle, text_file, window, max_windows, reference, source, threads):
     """Perplexity of a MedGemma / Gemma 3 bundle on a text file (as llama-perplexity computes it)."""
     from medc import runtime
     from medc.runtime import evaluate
@@ -403,14 +463,14 @@ def eval_(bundle, text_file, window, max_windows, reference, threads):
             raise MedcError("perplexity needs a generative (MedGemma / Gemma 3) bundle.")
         wins = evaluate.windows(model.assets.tokenizer, model.assets.special_ids["bos"], text, window, max_windows)
         ours = evaluate.perplexity(evaluate.bundle_logits_fn(model), wins)
-        source = model.bundle.manifest.model["source"]
+        record = model.bundle.manifest.model["source"]
     click.echo(f"{Path(text_file).name}: {ours['windows']} windows x {window} tokens")
     click.echo(f"bundle     perplexity {ours['perplexity']:.4f}")
     if reference:
         from medc.compile.gates import hf_logits_fn
         from medc.compile.loader import reference_model
 
-        ref = evaluate.perplexity(hf_logits_fn(reference_model(source)), wins)
+        ref = evaluate.perplexity(hf_logits_fn(reference_model(record, source)), wins)
         click.echo(f"reference  perplexity {ref['perplexity']:.4f}  (HF PyTorch fp32)")
         click.echo(f"difference {ours['perplexity'] / ref['perplexity'] - 1:+.3%}")
 
@@ -430,16 +490,32 @@ def eval_(bundle, text_file, window, max_windows, reference, threads):
 @click.option("--max-image-mb", default=16.0, show_default=True, type=click.FloatRange(min=0.01))
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1), help="Images per request.")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0.01))
+@click.option("--max-tokens-cap", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="New tokens one chat request may ask for (max_tokens above it: 400).")
+@click.option("--request-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a chat request may take, queue included; then it ends with what it has (finish_reason "
+                   "length).")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Open connections; at the cap a new one closes the longest-idle one.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds from connecting (or a kept-alive request's first byte) to its complete headers.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds from a request's headers to its whole body (else 408).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A name clients (or a reverse proxy) call this server by; the Host header must be one (repeatable). "
+                   "Default on loopback: localhost, 127.0.0.1, [::1]; elsewhere: not checked.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
 @click.option("--allow-degraded", is_flag=True, help="Serve bundles whose fidelity gate failed.")
+@_trust_option
 @_friendly
-def serve(bundles, host, port, api_key_file, max_queue, max_batch, max_concurrency, max_image_mb, max_images,
-          max_body_mb, threads, allow_degraded):
+def serve(bundles, trust, host, port, api_key_file, max_queue, max_batch, max_concurrency, max_image_mb, max_images,
+          max_body_mb, max_tokens_cap, request_timeout, max_connections, header_timeout, body_timeout, allowed_hosts,
+          threads, allow_degraded):
     """Serve BUNDLES over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/classify.
 
     A bundle is PATH or ID=PATH (the model id clients send; default: the model name in its manifest)."""
     try:
-        from medc.runtime.serve import ServeConfig, serve as run_server
+        from medc.runtime.serve import ServeConfig, allowed_hosts as hosts_checked, serve as run_server
     except ImportError as e:
         raise MedcError(f"medc serve needs the serve extra ({e.name} is missing): pip install 'medc[serve]'.") from None
     api_key = None
@@ -455,7 +531,13 @@ def serve(bundles, host, port, api_key_file, max_queue, max_batch, max_concurren
                                                 host)
     cfg = ServeConfig(host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
                       max_concurrency=max_concurrency, max_image_mb=max_image_mb, max_images=max_images,
-                      max_body_mb=max_body_mb, threads=threads, allow_degraded=allow_degraded)
+                      max_body_mb=max_body_mb, threads=threads, allow_degraded=allow_degraded, trust=_trust(trust),
+                      max_tokens_cap=max_tokens_cap, request_timeout=request_timeout, max_connections=max_connections,
+                      header_timeout=header_timeout, body_timeout=body_timeout, allowed_hosts=allowed_hosts or None)
+    if hosts_checked(cfg) is None:
+        logging.getLogger("medc.serve").warning(
+            "binding %s without --allowed-host: the Host header is not checked, so a web page can reach this server "
+            "through DNS rebinding where a browser can reach it; pass --allowed-host with the names clients use.", host)
     import signal
 
     def _stop(signum, frame):  # uvicorn drains first, then re-raises the signal it caught: end as Ctrl-C does

@@ -16,6 +16,24 @@ def peak_rss_mib(children: bool = False) -> float:
     return round(r / 1024 if platform.system() != "Darwin" else r / 2**20, 1)
 
 
+def give_back_large_frees(threshold: int = 1 << 20) -> bool:
+    """glibc: allocations of `threshold` bytes and more get pages of their own, which free() returns to the OS.
+
+    By default glibc raises this threshold each time such a block is freed (up to 32 MiB), after which large blocks
+    come from its heaps and freed ones stay with the process: a server that decodes bursts of large images then keeps
+    each burst's peak for good, climbing burst after burst (benchmarks/results/serve-hostile-input.md). Setting the
+    threshold fixes it and turns that adjustment off (mallopt(3), M_MMAP_THRESHOLD). False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def git_commit() -> str | None:
     """The commit of the medc source in use (None for an installed wheel)."""
     here = Path(__file__).resolve().parent

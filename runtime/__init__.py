@@ -14,9 +14,11 @@ from medc.runtime.siglip import SiglipPipeline
 PIPELINES = {"siglip": SiglipPipeline, "gemma3": GemmaPipeline}
 
 
-def load(path: str | Path, target: str | None = None, threads: int | None = None, providers: list[str] | None = None):
-    """Open a bundle (hash-verified, target-checked) and return its pipeline; use it as a context manager."""
-    bundle = open_bundle(path, target=target, providers=providers)
+def load(path: str | Path, target: str | None = None, threads: int | None = None, providers: list[str] | None = None,
+         trust=None):
+    """Open a bundle (hash-verified, target-checked, signatures checked against `trust`, a medc.signing.Trust, or
+    MEDC_TRUSTED_KEYS) and return its pipeline; use it as a context manager."""
+    bundle = open_bundle(path, target=target, providers=providers, trust=trust)
     family = bundle.manifest.model.get("family")
     if family not in PIPELINES:
         raise MedcError(f"bundle {path} holds a {family!r} model, which this medc runtime cannot run.")

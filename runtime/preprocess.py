@@ -5,6 +5,14 @@ transformers. Two medc additions, both recorded in the bundle manifest:
 - `pad_to_square`: zero-pad the short side before resizing, as Google evaluates MedSigLIP (keeps aspect ratio);
 - high-bit-depth greyscale (16-bit PNG/TIFF, as radiographs are) is scaled to [0, 1] by its bit depth and resized in
   floating point, instead of being clipped to 8 bits as a plain RGB conversion would.
+
+Memory is bounded by what a file decodes to, not by what it weighs: a 150 KiB PNG can hold 50 megapixels. Files are
+checked against `MAX_PIXELS`, `MAX_SIDE` and `MAX_ASPECT` from their header, before decoding. An image up to
+`EXACT_SIDE` pixels on its longest side is preprocessed exactly as HF's processor does; a larger one is first shrunk
+by an integer factor (JPEG: decoded at 1/2, 1/4 or 1/8 scale, `draft`; otherwise a box filter, `reduce`) to no less
+than `REDUCE_GAP` times the model's input, and only then padded and resized, so `pad_to_square` never builds a square
+canvas at full resolution. Greyscale stays one channel until the end (resizing and zero-padding act on each channel
+alone, so this equals converting to RGB first, bit for bit).
 """
 
 from __future__ import annotations
@@ -15,6 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
+
+MAX_PIXELS = 50_000_000  # a full-field mammogram is ~22 MP; beyond this an image is a decompression bomb, not a scan
+MAX_SIDE = 8192  # pixels on the longest side (mammograms ~4000x5600, panoramic dental ~3000x1500)
+MAX_ASPECT = 8  # longest side over shortest (panoramic dental ~2:1, stitched long-leg / whole-spine ~1:4)
+EXACT_SIDE = 4096  # up to this, preprocessing is Hugging Face's to the bit; beyond, images are reduced first
+REDUCE_GAP = 3  # a reduced image keeps at least this many pixels per model input pixel (as Pillow's reducing_gap)
+_HIGH_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
 
 # PIL's resampling filter ids, as stored in preprocessor_config.json ("resample": 2).
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -66,24 +81,51 @@ class ImagePreprocessing:
     def one(self, image) -> np.ndarray:
         from PIL import Image
 
-        image = load_image(image) if isinstance(image, (str, Path)) else image
+        image = load_image(image, self) if isinstance(image, (str, Path)) else image
         if isinstance(image, np.ndarray):
             image = _array_to_pil(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        if image.mode in _HIGH_BIT:
             return self._high_bit_depth(image)
-        image = image.convert("RGB")
+        if image.mode not in ("L", "RGB"):  # palette, alpha, CMYK ...: to RGB first, as HF does (resizing them differs)
+            image = image.convert("RGB")
+        factor = self.reduction(*image.size)
+        if factor > 1:
+            image = image.reduce(factor)
         if self.pad_to_square:
             image = _pad_square(image)
         image = image.resize((self.width, self.height), resample=Image.Resampling(self.resample))
         x = np.asarray(image, dtype=np.float32)
+        if x.ndim == 2:  # greyscale, kept one channel until now: the same numbers as converting it to RGB first
+            x = np.repeat(x[..., None], 3, axis=-1)
         return self._finish(x)
+
+    def reduction(self, width: int, height: int) -> int:
+        """The integer factor to shrink an image of this size by before padding and resizing: 1 up to EXACT_SIDE
+        (exactly HF's preprocessing), else as much as keeps REDUCE_GAP source pixels per input pixel."""
+        if max(width, height) <= EXACT_SIDE:
+            return 1
+        if self.pad_to_square:  # the square's side becomes the input's
+            return max(1, max(width, height) // (REDUCE_GAP * max(self.width, self.height)))
+        return max(1, min(width // (REDUCE_GAP * self.width), height // (REDUCE_GAP * self.height)))
+
+    def draft(self, image) -> None:
+        """Before an opened JPEG is decoded: decode it at 1/2, 1/4 or 1/8 scale when `reduction` would shrink it."""
+        factor = self.reduction(*image.size)
+        if factor > 1 and image.format == "JPEG":
+            image.draft(image.mode, (image.width // factor, image.height // factor))
 
     def _high_bit_depth(self, image) -> np.ndarray:
         from PIL import Image
 
         arr = np.asarray(image)
         bits = 16 if image.mode.startswith("I;16") else max(8, int(np.ceil(np.log2(float(arr.max()) + 1))))
-        grey = Image.fromarray(arr.astype(np.float32) / float(2**bits - 1))  # mode "F"
+        factor = self.reduction(*image.size)
+        if factor > 1:
+            x = _box_reduce(arr, factor)
+        else:
+            x = arr.astype(np.float32)
+        x /= float(2**bits - 1)
+        grey = Image.fromarray(x)  # mode "F"
         if self.pad_to_square:
             grey = _pad_square(grey)
         grey = grey.resize((self.width, self.height), resample=Image.Resampling(self.resample))
@@ -100,18 +142,60 @@ class ImagePreprocessing:
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def load_image(path: str | Path):
+def check_size(width: int, height: int, what: str) -> None:
+    """Refuse an image whose size (read from its header) is no medical image's: a decompression bomb."""
+    fix = ("If it is a real scan, downscale it first (e.g. to at most 4096 pixels on its longest side), as the model "
+           "sees it at its input size anyway.")
+    if width * height > MAX_PIXELS:
+        raise ImageTooLarge(f"{what} is {width}x{height} pixels ({width * height:,}), over medc's limit of "
+                            f"{MAX_PIXELS:,} pixels. {fix}")
+    if max(width, height) > MAX_SIDE:
+        raise ImageTooLarge(f"{what} is {width}x{height} pixels, over medc's limit of {MAX_SIDE} pixels on a side. "
+                            f"{fix}")
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        raise ImageTooLarge(f"{what} is {width}x{height} pixels, more elongated than medc's limit of {MAX_ASPECT}:1. "
+                            "Crop it to the region of interest first.")
+
+
+class ImageTooLarge(MedcError):
+    """An image over MAX_PIXELS, MAX_SIDE or MAX_ASPECT (HTTP 413 in the server)."""
+
+
+def open_image(source, what: str, prep: ImagePreprocessing | None = None, formats=None):
+    """A file path or file object -> a decoded PIL image, its size checked from the header before decoding and, with
+    `prep`, a large JPEG decoded at reduced scale. Raises ImageTooLarge, or ValueError/OSError for what is not a
+    readable image (the caller words it)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow warns from 89 MP and refuses from 179 MP (DecompressionBombError); medc's own limits are lower.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(source, formats=formats)
+        except Image.DecompressionBombError:
+            raise ImageTooLarge(f"{what} is over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, over medc's limit of "
+                                f"{MAX_PIXELS:,} pixels: a decompression bomb, or a scan to downscale first "
+                                "(e.g. to at most 4096 pixels on its longest side).") from None
+        check_size(im.width, im.height, what)
+        if prep is not None:
+            prep.draft(im)
+        im.load()  # decodes now: a truncated file fails here, not later
+    return im
+
+
+def load_image(path: str | Path, prep: ImagePreprocessing | None = None):
     """Open an image file, turning every failure into a clear MedcError (no patient data in the message)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise MedcError(f"image {path.name!r} not found; check the path.")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        with open(path, "rb") as f:  # medc's handle, not Pillow's: the loaded image stays usable after it closes
+            return open_image(f, f"image {path.name!r}", prep)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise MedcError(f"image {path.name!r} is corrupt or not an image medc can read ({type(e).__name__}); "
                         "pass a PNG, JPEG or TIFF file.") from None
 
@@ -124,6 +208,18 @@ def _array_to_pil(arr: np.ndarray):
     if arr.dtype != np.uint8:
         raise MedcError(f"image array of dtype {arr.dtype}: pass uint8 (H, W[, 3]) or uint16 (H, W) pixels.")
     return Image.fromarray(arr)
+
+
+def _box_reduce(arr: np.ndarray, factor: int, rows: int = 256) -> np.ndarray:
+    """Mean of each factor x factor block of a 2-D array -> float32, a band of rows at a time (no full-size float
+    copy); a remainder of under `factor` pixels at the right and bottom edges is left out."""
+    h, w = arr.shape[0] // factor, arr.shape[1] // factor
+    out = np.empty((h, w), np.float32)
+    step = max(1, rows // factor)
+    for i in range(0, h, step):
+        band = arr[i * factor:(i + step) * factor, :w * factor].astype(np.float32)
+        out[i:i + step] = band.reshape(-1, factor, w, factor).mean(axis=(1, 3), dtype=np.float32)
+    return out
 
 
 def _pad_square(image):

@@ -10,6 +10,14 @@ encoder threads need too), so the per-request path is kept lean: orjson for JSON
 the standard library's encoder took far more of the loop's time: benchmarks/results/design-measurements.md), request ids from a counter, and
 the route table dispatched by one dict lookup (`App`) instead of Starlette's router and middleware stack.
 
+Hostile input is bounded per request and per connection (tests/test_serve_limits.py): connections that send no
+complete request in time, or that sit idle when a new one needs the room, are closed in the protocol layer
+(runtime/connections.py); a body must arrive within --body-timeout (408); large bodies are parsed and validated in a
+worker thread; stop strings, messages, content parts, max_tokens and a request's wall time are capped; images are
+checked by their header before decoding, decoded reduced where they are large (runtime/preprocess.py), and decoded at
+most one per core at a time; POST bodies must be JSON (no CORS-simple content types, which a web page may send
+blind) and the Host header must name this server (DNS rebinding).
+
 Privacy: prompts, images and DICOM content are never logged; log lines carry a request id, sizes and timings only.
 """
 
@@ -24,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import time
@@ -37,14 +46,16 @@ import numpy as np
 
 from medc.errors import MedcError
 from medc.manifest import Manifest
+from medc.system import give_back_large_frees
 from medc.runtime import load
 from medc.runtime.batch import SamplingParams, Sequence
 from medc.runtime.gemma import encode_messages
+from medc.runtime.preprocess import ImageTooLarge, open_image
 from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, gather_limit, gather_window
+from medc.runtime.textstream import TextStream
 
 log = logging.getLogger("medc.serve")
 
-MAX_PIXELS = 50_000_000  # a full-field mammogram is ~20 MP; beyond this an image is a decompression bomb, not a scan
 _DATA_URL = re.compile(r"data:([\w.+/-]+)((?:;[\w=.+-]+)*),", re.ASCII)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Request ids: a random prefix per process and a counter. uuid4 per request reads the OS's random source each time;
@@ -88,7 +99,19 @@ class ServeConfig:
     max_images: int = 8  # per request
     max_inputs: int = 256  # texts or labels per request
     default_max_tokens: int = 256
+    max_tokens_cap: int = 4096  # new tokens one chat request may ask for, whatever the context leaves
+    request_timeout: float = 600.0  # seconds a chat request may take, queue included; then it ends (finish "length")
+    max_stops: int = 4
+    max_stop_chars: int = 256  # per stop string: the stop matcher's work per token grows with it
+    max_messages: int = 256
+    max_content_parts: int = 512  # text and image parts, all messages together
+    max_connections: int = 256  # open at once; at the cap a new one closes the longest-idle one
+    header_timeout: float = 10.0  # seconds from connecting (or a kept-alive request's first byte) to full headers
+    body_timeout: float = 30.0  # seconds from full headers to the whole body (else 408)
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names; None: loopback names when bound to loopback
+    decode_concurrency: int | None = None  # images decoded at once; None: the CPU cores this process may use
     allow_degraded: bool = False
+    trust: object = None  # medc.signing.Trust: bundles must be signed by one of its keys; None: MEDC_TRUSTED_KEYS
     threads: int | None = None
     shutdown_timeout: float = 60.0
 
@@ -97,6 +120,7 @@ class ApiError(Exception):
     """An answer other than 200, in OpenAI's error shape."""
 
     TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
+    CLOSE = {"Connection": "close"}  # the rest of a half-read body must not be read as the next request
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  headers: dict | None = None):
@@ -129,9 +153,10 @@ class ServedModel:
 
 def degraded(manifest) -> list[str]:
     """What failed its fidelity gate in this bundle (built with --allow-degraded); empty when all passed."""
-    bad = [name for name, c in manifest.components.items() if c.fidelity.get("passed") is False]
-    gate = manifest.build.get("generation_gate") or {}
-    if gate.get("passed") is False:
+    # Anything but an explicit pass is a failure: a manifest without "passed" was not written by a passing build.
+    bad = [name for name, c in manifest.components.items() if c.fidelity.get("passed") is not True]
+    gate = manifest.build.get("generation_gate")
+    if gate is not None and gate.get("passed") is not True:
         bad.append("whole-model generation gate")
     return bad
 
@@ -151,7 +176,7 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
             log.warning("serving %s although its fidelity gate failed (%s): --allow-degraded", model_id, ", ".join(bad))
         if model_id in models:
             raise MedcError(f"two bundles are named {model_id!r}; name them apart with ID=PATH.")
-        pipeline = load(path, threads=cfg.threads)
+        pipeline = load(path, threads=cfg.threads, trust=cfg.trust)
         m = ServedModel(model_id, "chat" if hasattr(pipeline, "generate") else "embeddings", pipeline, int(time.time()))
         if m.kind == "chat":
             pipeline.generate_ids(["warm-up"], max_new_tokens=1)  # opens the sessions before the first request
@@ -243,16 +268,65 @@ def _esc(value: str) -> str:
 
 
 # -- request parsing ------------------------------------------------------------------------------------------------
-async def read_json(request, limit: int) -> dict:
-    """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
+PARSE_IN_THREAD = 64 * 1024  # bytes: a larger body is parsed and checked in a worker thread, off the event loop
+# '{' and '[' in a large body, an upper bound on the JSON objects and arrays in it. orjson holds the GIL while it
+# parses, in a worker thread too, so a body of millions of empty arrays would stall every route for seconds; this cap
+# bounds that stall to milliseconds (benchmarks/results/serve-hostile-input.md).
+MAX_CONTAINERS = 100_000
+
+
+async def read_body(request, limit: int, timeout: float | None = None) -> bytearray:
+    """The body, refusing more than `limit` bytes before reading them all, and one not whole within `timeout`
+    seconds (408: a slow body must not hold its in-flight place for long)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large")
+        raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large",
+                       headers=ApiError.CLOSE)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large")
+    task, expired = asyncio.current_task(), []
+    # A timer that cancels this task (as asyncio.timeout does, without a task or a future per request).
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(
+        timeout, lambda: expired.append(True) or task.cancel())
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body over the {limit // 2**20} MiB limit.", "body_too_large",
+                               headers=ApiError.CLOSE)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancellation is handled
+            task.uncancel()
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout).", "body_timeout",
+                       headers=ApiError.CLOSE) from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return body
+
+
+async def read_json(request, limit: int, timeout: float | None = None, check=None):
+    """The body as a JSON object, then `check(data)` (validation) if given: what check returns. Large bodies are
+    parsed and checked in a worker thread."""
+    body = await read_body(request, limit, timeout)
+    if len(body) <= PARSE_IN_THREAD:
+        data = parse_json(body)
+        return check(data) if check else data
+    from starlette.concurrency import run_in_threadpool
+
+    def work():
+        if body.count(b"{") + body.count(b"[") > MAX_CONTAINERS:
+            raise ApiError(400, f"the request body holds over {MAX_CONTAINERS:,} JSON objects and arrays; medc "
+                                "refuses that many.", "too_many_json_values")
+        data = parse_json(body)
+        return check(data) if check else data
+
+    return await run_in_threadpool(work)
+
+
+def parse_json(body: bytes) -> dict:
+    """A body as a JSON object; anything else a 400."""
     import orjson
 
     try:
@@ -317,9 +391,10 @@ def _image_urls(value, key: str, limit: int) -> list[str]:
     return value
 
 
-def decode_image(url, max_bytes: int, param: str):
-    """A data URL -> a PIL image (PNG or JPEG). Every failure is a 4xx naming the problem, never the content."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(url, max_bytes: int, param: str, prep=None):
+    """A data URL -> a PIL image (PNG or JPEG), with `prep` (ImagePreprocessing) a large JPEG decoded at reduced
+    scale. Every failure is a 4xx naming the problem, never the content."""
+    from PIL import UnidentifiedImageError
 
     if not isinstance(url, str):
         raise ApiError(400, f"{param} must be a data URL string.", "invalid_type", param)
@@ -345,23 +420,18 @@ def decode_image(url, max_bytes: int, param: str):
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{param}: the base64 data is malformed.", "invalid_image", param) from None
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ApiError(413, f"an image of {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} pixel "
-                                    "limit.", "image_too_large", param)
-            im.load()  # decodes now: a truncated file fails here, not later in a worker
-            return im.copy()
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return open_image(io.BytesIO(data), param, prep, formats=["PNG", "JPEG"])
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e), "image_too_large", param) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise ApiError(400, f"{param} is not a readable PNG or JPEG image (corrupt or truncated).", "invalid_image",
                        param) from None
 
 
 def _pixels(pipeline, urls: list, cfg: ServeConfig, key: str) -> np.ndarray:
-    """In a worker thread: decode and preprocess every image -> float32 [N, 3, H, W]."""
-    limit = int(cfg.max_image_mb * 2**20)
-    return np.stack([pipeline.preprocess.one(decode_image(u, limit, f"{key}[{i}]")) for i, u in enumerate(urls)])
+    """In a worker thread (one of `Server.decoding`'s): decode and preprocess every image -> float32 [N, 3, H, W]."""
+    limit, prep = int(cfg.max_image_mb * 2**20), pipeline.preprocess
+    return np.stack([prep.one(decode_image(u, limit, f"{key}[{i}]", prep)) for i, u in enumerate(urls)])
 
 
 # -- chat -----------------------------------------------------------------------------------------------------------
@@ -371,14 +441,17 @@ _CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "tempe
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def parse_messages(value, max_images: int) -> tuple[list[dict], list]:
+def parse_messages(value, max_images: int, max_messages: int = 256, max_parts: int = 512) -> tuple[list[dict], list]:
     """OpenAI messages -> (messages in the chat template's form, image URLs in order)."""
     if not isinstance(value, list) or not value:
         raise ApiError(400, "messages must be a non-empty array.", "invalid_type", "messages")
-    out, urls = [], []
+    if len(value) > max_messages:
+        raise ApiError(400, f"{len(value):,} messages; at most {max_messages} per request.", "too_many_messages",
+                       "messages")
+    out, urls, n_parts = [], [], 0
     for i, msg in enumerate(value):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in _ROLES:
             raise ApiError(400, f"{where} needs a role: system, user or assistant.", "invalid_value", where)
         content = msg.get("content")
         if isinstance(content, str):
@@ -386,6 +459,10 @@ def parse_messages(value, max_images: int) -> tuple[list[dict], list]:
             continue
         if not isinstance(content, list):
             raise ApiError(400, f"{where}.content must be a string or an array of parts.", "invalid_type", where)
+        n_parts += len(content)
+        if n_parts > max_parts:
+            raise ApiError(400, f"over {max_parts} content parts; at most {max_parts} per request, all messages "
+                                "together.", "too_many_content_parts", where)
         parts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
@@ -401,36 +478,6 @@ def parse_messages(value, max_images: int) -> tuple[list[dict], list]:
     if len(urls) > max_images:
         raise ApiError(400, f"{len(urls)} images; at most {max_images} per request.", "too_many_images", "messages")
     return out, urls
-
-
-class TextStream:
-    """Token ids -> text deltas for streaming. Holds back an incomplete UTF-8 character and any tail that could be
-    the start of a stop string, so no client ever sees text past a stop."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0  # characters already given out
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """-> (new text, whether a stop string was reached)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", False
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            return self._take(text[:min(hits)]), True
-        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-        return self._take(text[:len(text) - hold]), False
-
-    def flush(self) -> str:
-        return self._take(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def _take(self, text: str) -> str:
-        delta = text[self.sent:]
-        self.sent = max(self.sent, len(text))
-        return delta
 
 
 class GenerationFailed(Exception):
@@ -458,19 +505,28 @@ def parse_chat(body: dict, model: ServedModel, cfg: ServeConfig) -> ChatRequest:
         if _get(body, key, float, 0.0) != 0:
             raise ApiError(400, f"{key} is not supported (only 0).", "unsupported_value", key)
     limit = model.pipeline.assets.max_positions
-    max_tokens = (_get(body, "max_completion_tokens", int, None, 1, limit)
-                  or _get(body, "max_tokens", int, None, 1, limit))
+    # Both are checked (a bad max_tokens is not ignored because max_completion_tokens is set); the newer name wins.
+    newer, older = (_get(body, key, int, None, 1, limit) for key in ("max_completion_tokens", "max_tokens"))
+    for key, value in (("max_completion_tokens", newer), ("max_tokens", older)):
+        if value is not None and value > cfg.max_tokens_cap:
+            raise ApiError(400, f"{key} is {value}; this server answers at most {cfg.max_tokens_cap} new tokens per "
+                                "request (--max-tokens-cap).", "invalid_value", key)
+    max_tokens = newer or older
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "stop must be a string or up to 4 non-empty strings.", "invalid_value", "stop")
+    if not isinstance(stop, list) or len(stop) > cfg.max_stops or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a string or up to {cfg.max_stops} non-empty strings.", "invalid_value",
+                       "stop")
+    if any(len(s) > cfg.max_stop_chars for s in stop):
+        raise ApiError(400, f"a stop string is over the {cfg.max_stop_chars} character limit.", "stop_too_long",
+                       "stop")
     # temperature defaults to 0 (greedy), not OpenAI's 1: the same question gets the same answer unless asked.
     sampling = dict(temperature=_get(body, "temperature", float, 0.0, 0, 2),
                     top_p=_get(body, "top_p", float, 1.0, 0, 1), top_k=_get(body, "top_k", int, 0, 0, 1 << 20),
                     seed=_get(body, "seed", int, None, 0, 2**63 - 1), ignore_eos=_get(body, "ignore_eos", bool, False))
     if sampling["top_p"] == 0:
         raise ApiError(400, "top_p must be above 0.", "invalid_value", "top_p")
-    messages, urls = parse_messages(body.get("messages"), cfg.max_images)
+    messages, urls = parse_messages(body.get("messages"), cfg.max_images, cfg.max_messages, cfg.max_content_parts)
     chars = sum(len(m["content"]) if isinstance(m["content"], str)
                 else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
     if chars > 64 * limit:  # no tokenizer makes fewer tokens than that: refuse before tokenizing megabytes
@@ -499,7 +555,8 @@ async def _deltas(events: asyncio.Queue, seq: Sequence, text: TextStream):
                     yield delta, "stop"
                     return
             elif kind == "done":
-                yield delta + text.flush(), value
+                rest, stopped = text.flush()
+                yield delta + rest, "stop" if stopped else _FINISH.get(value, value)
                 return
             else:
                 raise GenerationFailed(value)
@@ -507,52 +564,74 @@ async def _deltas(events: asyncio.Queue, seq: Sequence, text: TextStream):
             yield delta, None
 
 
+_FINISH = {"timeout": "length"}  # finish reasons clients know: a request cut at --request-timeout ends as "length"
+
+
+def _chat_request(srv: "Server", body: dict) -> tuple[ServedModel, ChatRequest]:
+    model = srv.pick(body.get("model"), "chat")
+    return model, parse_chat(body, model, srv.cfg)
+
+
 async def chat_completions(srv: "Server", request):
     from starlette.concurrency import run_in_threadpool
 
-    body = await read_json(request, srv.max_body)
-    model = srv.pick(body.get("model"), "chat")
-    chat = parse_chat(body, model, srv.cfg)
+    t0 = time.perf_counter()
+    model, chat = await read_json(request, srv.max_body, srv.cfg.body_timeout, lambda b: _chat_request(srv, b))
     model.scheduler.check()
 
     def prepare():  # in a worker thread: image decoding and the chat template are CPU work
         pixels = _pixels(model.pipeline, chat.image_urls, srv.cfg, "image_url") if chat.image_urls else None
         return encode_messages(model.pipeline.assets, chat.messages), pixels
 
-    ids, pixels = await run_in_threadpool(prepare)
+    if chat.image_urls:
+        async with srv.decoding:
+            ids, pixels = await run_in_threadpool(prepare)
+    else:
+        ids, pixels = await run_in_threadpool(prepare)
     limit = model.pipeline.assets.max_positions
     room = limit - len(ids)
     if room < 1 or (chat.max_tokens or 0) > room:
         raise ApiError(400, f"the prompt is {len(ids)} tokens and {chat.max_tokens or 1} new tokens were asked for; "
                             f"this model's context limit is {limit} tokens. Shorten the messages or max_tokens.",
                        "context_length_exceeded", "messages")
-    sampling = SamplingParams(max_new_tokens=chat.max_tokens or min(srv.cfg.default_max_tokens, room), **chat.sampling)
+    default = min(srv.cfg.default_max_tokens, srv.cfg.max_tokens_cap, room)
+    sampling = SamplingParams(max_new_tokens=chat.max_tokens or default, **chat.sampling)
     sampling.validate()
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     seq = Sequence(ids, pixels, sampling, lambda kind, v: loop.call_soon_threadsafe(events.put_nowait, (kind, v)))
     model.scheduler.submit(seq)
+    # The request's wall time, counted from its headers: past it the sequence ends at its next step (or leaves the
+    # queue), as a client disconnect ends it, and the answer so far goes out.
+    timer = loop.call_later(max(0.0, srv.cfg.request_timeout - (time.perf_counter() - t0)), seq.cancel, "timeout")
     srv.metrics.counters[("medc_prompt_tokens_total", model.id)] += len(ids)
     srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(chat.image_urls)
-    reply = _Reply(srv, request, model, seq, events, TextStream(model.pipeline.assets.tokenizer, chat.stop))
+    reply = _Reply(srv, request, model, seq, events, TextStream(model.pipeline.assets.tokenizer, chat.stop), timer)
     return await reply.stream(chat.usage_in_stream) if chat.stream else await reply.whole()
 
 
 class _Reply:
     """One chat answer, whole (JSON) or streamed (server-sent events in OpenAI's chunk format, then [DONE])."""
 
-    def __init__(self, srv: "Server", request, model: ServedModel, seq: Sequence, events, text: TextStream):
+    def __init__(self, srv: "Server", request, model: ServedModel, seq: Sequence, events, text: TextStream,
+                 timer: asyncio.TimerHandle | None = None):
         self.srv, self.request, self.model, self.seq, self.events, self.text = srv, request, model, seq, events, text
         self.id, self.created, self.t0 = f"chatcmpl-{new_id()}", int(time.time()), time.perf_counter()
+        self.timer = timer
 
     def usage(self) -> dict:
         n, m = len(self.seq.ids), len(self.text.ids)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     def done(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         elapsed = time.perf_counter() - self.t0
         self.srv.metrics.request("/v1/chat/completions", 200, elapsed)
+        if self.seq.finished == "timeout":
+            log.warning("%s chat %s: ended at --request-timeout (%g s) after %d new tokens", self.request.state.rid,
+                        self.model.id, self.srv.cfg.request_timeout, len(self.text.ids))
         log.info("%s chat %s: %d prompt + %d new tokens, %.0f ms, %s", self.request.state.rid, self.model.id,
                  len(self.seq.ids), len(self.text.ids), elapsed * 1e3, self.seq.finished or "client gone")
 
@@ -628,14 +707,14 @@ async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndar
 
     urls = _image_urls(value, key, srv.cfg.max_images)
     model.images.check()
-    with model.images.coming():
-        pixels = await run_in_threadpool(_pixels, model.pipeline, urls, srv.cfg, key)
+    async with srv.decoding:
+        with model.images.coming():
+            pixels = await run_in_threadpool(_pixels, model.pipeline, urls, srv.cfg, key)
     srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(urls)
     return await _encode(model.images, list(pixels))
 
 
-async def embeddings(srv: "Server", request):
-    body = await read_json(request, srv.max_body)
+def _embeddings_request(srv: "Server", body: dict):
     _check_keys(body, {"model", "input", "images", "encoding_format", "dimensions", "user"})
     model = srv.pick(body.get("model"), "embeddings")
     fmt = _get(body, "encoding_format", str, "float")
@@ -646,13 +725,19 @@ async def embeddings(srv: "Server", request):
     dim = model.pipeline.bundle.manifest.components["text_encoder"].outputs[0].shape[-1]
     if _get(body, "dimensions", int, dim) != dim:
         raise ApiError(400, f"dimensions must be {dim} for {model.id}.", "unsupported_value", "dimensions")
+    texts = _strings(body["input"], "input", srv.cfg.max_inputs) if body.get("input") is not None else None
+    return model, fmt, texts, body.get("images")
+
+
+async def embeddings(srv: "Server", request):
+    model, fmt, texts, images = await read_json(request, srv.max_body, srv.cfg.body_timeout,
+                                                lambda b: _embeddings_request(srv, b))
     tokens = 0
-    if body.get("input") is not None:
-        texts = _strings(body["input"], "input", srv.cfg.max_inputs)
+    if texts is not None:
         vectors, counts = await _encode(model.texts, texts)  # counted as they are tokenized, in the worker
         tokens = sum(counts.tolist())  # not counts.sum(): numpy call overhead, on the loop
     else:
-        vectors = await _images(srv, model, body["images"], "images")
+        vectors = await _images(srv, model, images, "images")
     encode = ((lambda v: base64.b64encode(v.astype("<f4").tobytes()).decode()) if fmt == "base64"
               else (lambda v: v))  # a float32 row: orjson writes it
     return json_response({"object": "list", "model": model.id,
@@ -661,14 +746,19 @@ async def embeddings(srv: "Server", request):
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-async def classify(srv: "Server", request):
-    body = await read_json(request, srv.max_body)
+def _classify_request(srv: "Server", body: dict):
     _check_keys(body, {"model", "images", "labels", "user"})
     model = srv.pick(body.get("model"), "embeddings")
     labels = _strings(body.get("labels"), "labels", srv.cfg.max_inputs)
     if not all(label.strip() for label in labels):
         raise ApiError(400, "labels must not be empty strings.", "invalid_value", "labels")
-    image_embeds = await _images(srv, model, body.get("images"), "images")
+    return model, labels, body.get("images")
+
+
+async def classify(srv: "Server", request):
+    model, labels, images = await read_json(request, srv.max_body, srv.cfg.body_timeout,
+                                            lambda b: _classify_request(srv, b))
+    image_embeds = await _images(srv, model, images, "images")
     text_embeds, _ = await _encode(model.texts, labels)
     # SigLIP scores each label independently: sigmoid(exp(scale) * cos + bias), not a softmax over labels.
     probs = 1 / (1 + np.exp(-model.pipeline.logits(image_embeds, text_embeds)))
@@ -700,6 +790,36 @@ async def metrics(srv: "Server", request):
     return PlainTextResponse(srv.metrics.render(srv.models), media_type="text/plain; version=0.0.4")
 
 
+# (schema in runtime/openapi.json, keyword, ServeConfig field): the document holds the defaults, a server its own.
+OPENAPI_LIMITS = (("Images", "maxItems", "max_images"), ("TextList", "maxItems", "max_inputs"),
+                  ("LabelList", "maxItems", "max_inputs"), ("Messages", "maxItems", "max_messages"),
+                  ("ContentParts", "maxItems", "max_content_parts"), ("StopList", "maxItems", "max_stops"),
+                  ("StopString", "maxLength", "max_stop_chars"))
+
+
+def openapi_document(cfg: ServeConfig, models: list[ServedModel]) -> bytes:
+    """runtime/openapi.json (written by hand, kept true by tests/test_openapi.py) with this server's limits filled in:
+    what GET /openapi.json answers."""
+    from importlib import resources
+
+    import orjson
+
+    doc = json.loads(resources.files("medc.runtime").joinpath("openapi.json").read_text("utf-8"))
+    schemas = doc["components"]["schemas"]
+    for name, keyword, field in OPENAPI_LIMITS:
+        schemas[name][keyword] = getattr(cfg, field)
+    # max_tokens over a model's context or over the cap is refused; the largest context served bounds them all.
+    contexts = [m.pipeline.assets.max_positions for m in models if m.kind == "chat"]
+    schemas["MaxTokens"]["maximum"] = min([cfg.max_tokens_cap, *([max(contexts)] if contexts else [])])
+    return orjson.dumps(doc)
+
+
+async def openapi(srv: "Server", request):
+    from starlette.responses import Response
+
+    return Response(srv.openapi, media_type="application/json")
+
+
 # The route table: (method, path, handler, needs the API key when one is set).
 ROUTES = [
     ("GET", "/health", health, False),
@@ -709,6 +829,7 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions, True),
     ("POST", "/v1/embeddings", embeddings, True),
     ("POST", "/v1/classify", classify, True),
+    ("GET", "/openapi.json", openapi, False),
 ]
 
 
@@ -721,6 +842,11 @@ class Server:
         self.max_body = int(cfg.max_body_mb * 2**20)
         self.inflight = 0
         self.closing = False
+        self.hosts = allowed_hosts(cfg)
+        # Image decoding and preprocessing, at most one per core at a time: waiting requests hold no thread and no
+        # decoded pixels (20 small-file 50 MP images at once took +2.5 GiB before).
+        self.decoding = asyncio.Semaphore(cfg.decode_concurrency or _cores())
+        self.openapi = openapi_document(cfg, models)  # built once, answered by GET /openapi.json
 
     def pick(self, name, kind: str) -> ServedModel:
         """The model a request names; it may be left out when one model of that kind is served."""
@@ -744,7 +870,7 @@ class Server:
         # Constant-time compare: the time taken tells nothing about how much of the key was right.
         return hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()) and scheme.lower() == "bearer"
 
-    def endpoint(self, path: str, handler, needs_key: bool):
+    def endpoint(self, path: str, handler, needs_key: bool, json_body: bool = False):
         async def run(request):
             rid = request.headers.get("x-request-id", "")
             rid = rid if _REQUEST_ID.fullmatch(rid) else new_id()
@@ -758,6 +884,12 @@ class Server:
                 if self.inflight > self.cfg.max_inflight:  # refused before its body is read: memory stays bounded
                     raise ApiError(503, "too many requests in progress; retry shortly.", "overloaded",
                                    headers={"Retry-After": "1"})
+                if json_body and not _is_json(request.headers.get("content-type")):
+                    # text/plain, forms and multipart are what a web page may POST to any origin without asking
+                    # (no CORS preflight): refusing them keeps a keyless server on loopback out of a browser's reach.
+                    raise ApiError(415, "the request body must be JSON: send it with Content-Type: application/json "
+                                        "(curl: -H 'Content-Type: application/json').", "unsupported_media_type",
+                                   headers=ApiError.CLOSE)
                 response = await handler(self, request)
             except ApiError as e:
                 response = e.response()
@@ -800,8 +932,9 @@ class App:
     def __init__(self, srv: Server):
         self.state = types.SimpleNamespace(server=srv)
         self.routes: dict[str, dict] = {}
+        self.hosts = srv.hosts
         for method, path, handler, needs_key in ROUTES:
-            endpoint = srv.endpoint(path, handler, needs_key)
+            endpoint = srv.endpoint(path, handler, needs_key, json_body=method == "POST")
             methods = self.routes.setdefault(path, {})
             methods[method] = endpoint
             if method == "GET":
@@ -815,7 +948,11 @@ class App:
         # scope["type"] is "http": uvicorn runs with ws="none". A trailing slash names the same route.
         methods = self.routes.get(scope["path"].rstrip("/") or "/")
         request = Request(scope, receive, send)
-        if methods is None:
+        if self.hosts is not None and (host := _wrong_host(scope, self.hosts)) is not None:
+            response = ApiError(400, f"Host {host[:100]!r} is not a name of this server; call it by one of "
+                                     f"{', '.join(sorted(self.hosts))}, or start it with --allowed-host NAME.",
+                                "host_not_allowed").response()
+        elif methods is None:
             response = ApiError(404, f"{scope['method']} {scope['path'][:100]}: Not Found.", "not_found").response()
         elif scope["method"] not in methods:
             response = ApiError(405, f"{scope['method']} {scope['path'][:100]}: Method Not Allowed.",
@@ -835,6 +972,59 @@ class App:
                 return
 
 
+def _is_json(content_type: str | None) -> bool:
+    """No Content-Type (tritonclient sends none), application/json, or any type/subtype+json, with any parameters."""
+    if content_type is None:
+        return True
+    mime = content_type.partition(";")[0].strip().lower()
+    return mime == "application/json" or mime.endswith("+json") and "/" in mime
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _host_name(value: str) -> str:
+    """A Host header (or an --allowed-host) without its port, lower case: example.org:8000 -> example.org,
+    [::1]:8000 -> [::1]; a bare IPv6 address gets its brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[:value.find("]") + 1]
+    if value.count(":") > 1:
+        return f"[{value}]"
+    return value.partition(":")[0].rstrip(".")
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str] | None:
+    """The names the Host header may carry (any port): --allowed-host, else the loopback names when bound to
+    loopback; None (no check) when bound elsewhere without --allowed-host (`medc serve` warns then)."""
+    import ipaddress
+
+    if cfg.allowed_hosts:
+        return frozenset(_host_name(h) for h in cfg.allowed_hosts)
+    try:
+        loopback = cfg.host == "localhost" or ipaddress.ip_address(cfg.host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return frozenset(LOOPBACK_NAMES) if loopback else None
+
+
+def _wrong_host(scope, hosts: frozenset[str]) -> str | None:
+    """The request's Host when it is not in `hosts`, else None. A request without one passes: no browser sends such
+    a request, and DNS rebinding needs the attacker's name in it."""
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value.decode("latin-1")
+            return None if _host_name(host) in hosts else host
+    return None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def create_app(models: list[ServedModel], cfg: ServeConfig) -> App:
     return App(Server(models, cfg))
 
@@ -842,21 +1032,35 @@ def create_app(models: list[ServedModel], cfg: ServeConfig) -> App:
 def uvicorn_config(app, cfg: ServeConfig, **kw):
     import uvicorn
 
+    from medc.runtime.connections import MAX_HEAD_BYTES, guard
+
+    close = ApiError.CLOSE
+    answers = {  # what the protocol layer answers by itself, in the same shape as every other error
+        "overloaded": ApiError(503, "too many connections with requests in progress; retry shortly.", "overloaded",
+                               headers={"Retry-After": "1", **close}).response(),
+        "invalid": ApiError(400, "not a valid HTTP/1.1 request.", "invalid_http", headers=close).response(),
+        "too_large": ApiError(431, f"the request line and headers are over {MAX_HEAD_BYTES // 1024} KiB.",
+                              "headers_too_large", headers=close).response()}
+
     # log_config=None: keep medc's logging; access_log off: medc logs its own line per request (ids, sizes, times).
     # Keep-alive 30 s, not uvicorn's 5: httpx (and so the openai client) drops idle connections after 5 s too, and
     # when both ends give up on a connection at the same moment, a request just sent on it dies with a reset (seen
     # under overload). Outlasting the clients lets them close first.
-    # proxy_headers off: nothing here reads the client's address, and medc is not meant to sit behind a proxy that
-    # rewrites it. ws="none": the app speaks HTTP only.
+    # proxy_headers off: nothing here reads the client's address (behind a reverse proxy, the proxy logs it).
+    # ws="none": the app speaks HTTP only. http: uvicorn's httptools protocol with a header deadline and a cap on
+    # open connections that closes the longest-idle one (runtime/connections.py); limit_concurrency, above that
+    # cap, is only a backstop for when every connection has a request in progress.
     return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, server_header=False,
                           timeout_graceful_shutdown=cfg.shutdown_timeout, timeout_keep_alive=30, proxy_headers=False,
-                          ws="none", **kw)
+                          ws="none", http=guard(cfg.max_connections, cfg.header_timeout, answers),
+                          limit_concurrency=cfg.max_connections + max(16, cfg.max_connections // 4), **kw)
 
 
 def serve(bundles: list[str], cfg: ServeConfig, on_ready=None) -> None:
     """Load the bundles, then serve until SIGINT/SIGTERM; in-flight requests finish first."""
     import uvicorn
 
+    give_back_large_frees()  # images decoded in bursts: their memory returns to the OS after each burst
     models = load_models(bundles, cfg)
     if on_ready:
         on_ready(models)

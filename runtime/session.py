@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -151,7 +152,9 @@ def stand_in_config(engine: str, providers: list[str]) -> dict[str, str]:
 def trt_ep_cache_dir(bundle) -> Path:
     """~/.cache/medc/trt-ep/<bundle hash>: the TensorRT EP's engines and timing cache for exactly this bundle."""
     digest = hashlib.sha256(json.dumps(bundle.manifest.files, sort_keys=True).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "medc" / "trt-ep" / f"{bundle.manifest.model.get('name', 'bundle')}-{digest}"
+    # The model name comes from the manifest: only its safe characters reach the path ('../../etc' would not).
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(bundle.manifest.model.get("name", "bundle")))[:64].strip("_") or "bundle"
+    return Path.home() / ".cache" / "medc" / "trt-ep" / f"{name}-{digest}"
 
 
 def provider_options(providers: list[str], bundle=None, component=None) -> list[dict] | None:

@@ -1,7 +1,8 @@
 """Closeness metrics and the torch-free re-run of a bundle's fidelity gate from its golden inputs.
 
 `medc verify BUNDLE` runs here, on the device the bundle is deployed to: same inputs, same reference outputs (saved
-at build time from the PyTorch fp32 model), same thresholds.
+at build time from the PyTorch fp32 model), same thresholds: medc's own table by precision (medc.specs.gate_tolerance),
+never a threshold read from the manifest.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import logging
 
 import numpy as np
 
-from medc.runtime.bundle import open_bundle
+from medc.errors import MedcError
+from medc.runtime.bundle import Bundle, open_bundle
 from medc.runtime.session import OrtSession, stand_in_config
 from medc.runtime.trt_session import TrtSession
-from medc.specs import Tolerance
+from medc.specs import Tolerance, gate_tolerance
 from medc.targets import get_target
 
 
@@ -78,17 +80,21 @@ def evaluate(run, cases: dict, tolerance: Tolerance) -> dict:
     }
 
 
-def verify_bundle(bundle_dir: Path, providers: list[str] | None = None) -> dict[str, dict]:
-    """Re-run every component's gate from the bundle's golden file. Returns {component: evaluation}."""
-    bundle = open_bundle(bundle_dir)
-    golden = dict(np.load(bundle.path / bundle.manifest.golden))
+def verify_bundle(bundle: Bundle | Path, providers: list[str] | None = None) -> dict[str, dict]:
+    """Re-run every component's gate from the bundle's golden file (a path, or a bundle `open_bundle` verified).
+    Returns {component: evaluation}."""
+    bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    golden = dict(np.load(bundle.file(bundle.manifest.golden), allow_pickle=False))
     report = {}
     providers = providers or bundle.providers
     config = stand_in_config(get_target(bundle.manifest.target).engine, providers)  # as the build gated it
     for name, comp in bundle.manifest.components.items():
-        tol = Tolerance(**comp.fidelity["tolerance"])
-        with OrtSession(bundle.path / comp.file, providers, config=config) as sess:
-            report[name] = evaluate(sess.run, golden_cases(golden, name), tol)
+        tol = gate_tolerance(name, comp.precision)
+        cases = golden_cases(golden, name)
+        if not cases:
+            raise MedcError(f"the bundle's golden file holds no held-out inputs for {name}; rebuild the bundle.")
+        with OrtSession(bundle.file(comp.file), providers, config=config) as sess:
+            report[name] = evaluate(sess.run, cases, tol)
     report.update(verify_engines(bundle, golden))
     return report
 
@@ -112,5 +118,5 @@ def verify_engines(bundle, golden: dict[str, np.ndarray]) -> dict[str, dict]:
         with TrtSession(bundle.file(engines[name]["file"]), record["profiles"].get(name), manifest=bundle.manifest,
                         component=name) as sess:
             report[f"{name} (tensorrt)"] = evaluate(sess.run, golden_cases(golden, name),
-                                                    Tolerance(**comp.fidelity["tolerance"]))
+                                                    gate_tolerance(name, comp.precision))
     return report

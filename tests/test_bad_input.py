@@ -74,6 +74,16 @@ def test_build_from_checkpoint_dir(tiny, tmp_path):
     assert m.model["source"]["kind"] == "checkpoint" and m.model["clinical_use"] is True
     assert "warning" not in m.model and len(m.model["source"]["config_sha256"]) == 64
     assert all(c.fidelity["passed"] for c in m.components.values())
+    # The source by name and digest, never the build host's path; found again only where the digests match.
+    from medc.compile.loader import locate_source
+    from medc.manifest import sha256_file
+
+    src = m.model["source"]
+    assert "path" not in src and src["name"] == "medsiglip-ckpt" and str(tmp_path) not in json.dumps(m.to_json())
+    assert src["weights_sha256"] == {"model.safetensors": sha256_file(ckpt / "model.safetensors")}
+    assert locate_source(src, ckpt) == ckpt
+    with pytest.raises(MedcError, match="not the source this bundle was built from"):
+        locate_source(src, tmp_path)
 
 
 def test_non_empty_out_refused_then_forced(bundle_fp32, tmp_path):
@@ -83,6 +93,9 @@ def test_non_empty_out_refused_then_forced(bundle_fp32, tmp_path):
     with pytest.raises(MedcError, match="not empty; pass --force"):
         build(BuildOptions(model="medsiglip-tiny", out=out))
     assert (out / "keep.txt").exists()
+    with pytest.raises(MedcError, match="holds no medc bundle"):  # --force replaces a bundle, nothing else
+        build(BuildOptions(model="medsiglip-tiny", out=out, force=True))
+    shutil.copytree(bundle_fp32, out, dirs_exist_ok=True)
     build(BuildOptions(model="medsiglip-tiny", out=out, precision="text_encoder=fp32", force=True))
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind

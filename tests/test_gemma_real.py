@@ -100,7 +100,7 @@ def test_fp32_whole_model_gate(real_fp32):
     assert m.generation["attention"] == "gqa" and m.generation["kv_cache"]["context"] == 4096
 
 
-def test_fp32_on_unseen_prompts_and_text(real_fp32):
+def test_fp32_on_unseen_prompts_and_text(real_fp32, gguf_file):
     """Greedy tokens and perplexity on prompts and a text the gate did not use, against HF fp32."""
     import sysconfig
 
@@ -112,7 +112,7 @@ def test_fp32_on_unseen_prompts_and_text(real_fp32):
     from medc.runtime.gemma import build_prompt_batch
 
     with medc.runtime.load(real_fp32) as m:
-        hf = reference_model(m.bundle.manifest.model["source"])
+        hf = reference_model(m.bundle.manifest.model["source"], gguf_file)
         for prompt in UNSEEN_PROMPTS:
             ours = m.generate_ids([prompt], max_new_tokens=32, ignore_eos=True)[0]
             ids = build_prompt_batch(m.assets, [prompt]).input_ids
@@ -127,7 +127,7 @@ def test_fp32_on_unseen_prompts_and_text(real_fp32):
     assert abs(ours / ref - 1) < 1e-5 and np.isfinite(ours)
 
 
-def test_fp32_past_the_sliding_cache(real_fp32):
+def test_fp32_past_the_sliding_cache(real_fp32, gguf_file):
     """A prompt longer than the sliding layers' buffer (576 rows): prefilled in two chunks, the operator compacts the
     buffer, then decodes: greedy tokens == HF fp32."""
     import torch
@@ -136,7 +136,7 @@ def test_fp32_past_the_sliding_cache(real_fp32):
     from medc.runtime import evaluate
 
     with medc.runtime.load(real_fp32) as m:
-        hf = reference_model(m.bundle.manifest.model["source"])
+        hf = reference_model(m.bundle.manifest.model["source"], gguf_file)
         text = evaluate.default_text().read_text()
         ids = [m.assets.special_ids["bos"]] + m.assets.tokenizer.encode(text, add_special_tokens=False).ids[:699]
         dec = m.decoder(1)
@@ -150,6 +150,18 @@ def test_fp32_past_the_sliding_cache(real_fp32):
         ref = hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16,
                           do_sample=False)[0, len(ids):].tolist()
     assert ours == ref
+
+
+def test_source_recorded_by_name_and_digest(real_fp32, gguf_file, tmp_path):
+    from medc.compile.loader import locate_source
+    from medc.manifest import sha256_file
+
+    src = Manifest.read(real_fp32).model["source"]
+    assert "path" not in src and src["name"] == gguf_file.name and src["sha256"] == sha256_file(gguf_file)
+    assert locate_source(src, gguf_file) == gguf_file
+    (tmp_path / "other.gguf").write_bytes(gguf_file.read_bytes()[:1000])
+    with pytest.raises(MedcError, match="not the source this bundle was built from"):
+        locate_source(src, tmp_path / "other.gguf")
 
 
 def test_eval_cli(real_fp32):

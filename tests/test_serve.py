@@ -491,6 +491,19 @@ def test_api_key(bundle_fp32):
         s.stop()
 
 
+def wait_ready(port: int, seconds: float = 60) -> str:
+    """The URL of a `medc serve` subprocess on `port`, once /ready answers 200."""
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return url
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -514,14 +527,7 @@ def test_cli_refuses_degraded_and_shuts_down_gracefully(bundle_fp32, gemma_fp32,
     proc = subprocess.Popen(cmd + [f"gemma={gemma_fp32}", f"ms={degraded}", "--allow-degraded", "--port", str(port)],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        url = wait_ready(port)
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["gemma", "ms"]
         with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
                           json=_chat(QUESTION, model="gemma", max_tokens=200, stream=True)) as r:

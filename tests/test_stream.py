@@ -17,6 +17,7 @@ from onnx import numpy_helper
 import medc.runtime
 from medc.compile import export, loader, optimize, quantize, stream, weight_only
 from medc.compile.build import BuildOptions, build
+from medc.specs import gate_tolerance
 from medc.compile.plan import resolve
 from medc.compile.quantize import ConvertOptions
 from medc.compile.registry import MODELS
@@ -201,7 +202,7 @@ def test_streamed_decoder_passes_its_gate(tmp_path, empty, weightless, reference
     stream.write_component(weightless(), stream.RandomWeights(SPEC.seed), dst, "xformers", method,
                            WeightOnlyConfig(precision=precision, lm_head=precision))
     with OrtSession(dst, ["CPUExecutionProvider"]) as sess:
-        result = evaluate(sess.run, reference[0], comp.tolerances[precision])
+        result = evaluate(sess.run, reference[0], gate_tolerance(comp.name, precision))
     assert result["passed"], result["worst"]
 
 

@@ -514,8 +514,10 @@ def test_finish_engines_records_and_rehashes(finished):
     assert rec["status"] == "engines-built" and set(rec["engines"]) == set(m.components)
     assert rec["built_with"] == {"tensorrt_version": "10.13.3.9", "compute_capability": "7.5", "gpu": "Tesla T4",
                                  "strongly_typed": True, "workspace_bytes": rec["workspace_bytes"]}
-    assert open_bundle(bundle).manifest.tensorrt == rec  # plans and timing cache hashed, manifest rewritten
-    assert {"tensorrt/decoder.plan", "tensorrt/timing.cache"} <= set(m.files)
+    assert open_bundle(bundle).manifest.tensorrt == rec  # plans and timing cache hashed in a record of their own
+    record = json.loads((bundle / "records/tensorrt.json").read_text())
+    assert {"tensorrt/decoder.plan", "tensorrt/timing.cache"} <= set(record["files"])
+    assert not {"tensorrt/decoder.plan", "tensorrt/timing.cache"} & set(m.files)  # the build's manifest is as built
     assert ("flags", 1) in calls  # STRONGLY_TYPED on 10.x; no precision flags, no calibrator
     assert ("pool", "workspace", rec["workspace_bytes"]) in calls
     assert ("clear", "tf32") not in calls  # fp16 components are gated on cosine; fp32 ones would clear TF32
@@ -524,6 +526,43 @@ def test_finish_engines_records_and_rehashes(finished):
     calls.clear()
     again = trt_stage.finish_engines(bundle, log=lambda m: None)  # rebuilding on the same TensorRT + GPU
     assert ("cache in", b"timing cache") in calls and again.tensorrt["engines"].keys() == rec["engines"].keys()
+
+
+def test_engines_added_after_signing_are_a_record_signed_by_the_device(gemma_t4, copy_bundle, fake_gpu, tmp_path):
+    """The build's signature survives `medc engines`: the engines are a record of their own, signed by the device's
+    key; a site that trusts the build key and that device key accepts it, one that trusts only the build key not."""
+    from click.testing import CliRunner
+
+    from medc.cli import main
+    from medc.runtime.bundle import open_bundle, sign_bundle
+    from medc.signing import Trust, generate, load_private
+
+    (site, site_pub), (device, device_pub) = generate(tmp_path / "site"), generate(tmp_path / "jetson")
+    bundle = copy_bundle(gemma_t4)
+    sign_bundle(bundle, load_private(site))
+    manifest_bytes = (bundle / "manifest.json").read_bytes()
+    trt_stage.finish_engines(bundle, "t4", log=lambda m: None, sign_key=load_private(device),
+                             trust=Trust.load([site_pub]))
+    assert (bundle / "manifest.json").read_bytes() == manifest_bytes  # the signed manifest is untouched
+    opened = open_bundle(bundle, trust=Trust.load([site_pub, device_pub]))
+    assert opened.manifest.tensorrt["status"] == "engines-built"
+    assert opened.check.chain == [
+        f"manifest: signed by site.pub (key {load_private(site).key_id}), trusted",
+        f"record tensorrt (tensorrt-engines): signed by jetson.pub (key {load_private(device).key_id}), trusted"]
+    with pytest.raises(MedcError, match="tensorrt-engines record 'tensorrt'.*not among the trusted keys"):
+        open_bundle(bundle, trust=Trust.load([site_pub]))
+    res = CliRunner().invoke(main, ["verify", str(bundle), "--trust", str(site_pub), "--trust", str(device_pub)])
+    assert res.exit_code == 0 and "record tensorrt (tensorrt-engines): signed by jetson.pub" in res.output
+    # An engine swapped afterwards is named; a record without a signature is refused where trust is configured.
+    plan = bundle / "tensorrt" / "decoder.plan"
+    plan.write_bytes(plan.read_bytes() + b" ")
+    with pytest.raises(MedcError, match="tensorrt/decoder.plan changed since the build"):
+        open_bundle(bundle)
+    (bundle / "records" / "tensorrt.json").unlink()
+    trt_stage.finish_engines(bundle, "t4", log=lambda m: None)  # the unrecorded plans are rebuilt, unsigned
+    assert open_bundle(bundle).manifest.tensorrt["status"] == "engines-built"
+    with pytest.raises(MedcError, match="record 'tensorrt'.*is unsigned"):
+        open_bundle(bundle, trust=Trust.load([site_pub, device_pub]))
 
 
 def test_finish_engines_refuses_another_gpu(gemma_t4, copy_bundle, fake_gpu, monkeypatch):

@@ -10,11 +10,14 @@ Decoder forms (`FORMS`, recorded as the manifest's `generation.attention`; the r
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from medc.compile.cache import cache_dir, intact, publish
 from medc.compile.gates import hf_logits_fn
 from medc.compile.models import gemma3, gemma3_gqa
 from medc.compile.spec import DecoderForm, DecoderSettings, Family, builtin_data
@@ -22,6 +25,8 @@ from medc.errors import MedcError
 from medc.manifest import sha256_file
 from medc.runtime import evaluate
 from medc.runtime.gemma import build_prompt_batch
+
+log = logging.getLogger(__name__)
 
 
 FORMS: dict[str, DecoderForm] = {
@@ -145,15 +150,24 @@ PPL_GATE = {"fp32": 0.0, "fp16": 0.005, "int8": 0.005, "int4": 0.015}
 PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2, "int4": 3}
 
 
+TEACHER_FORCED = "teacher-forced logits (random weights: greedy text is fragile at near-ties)"
+# What a real-weights reference must hold for gate_check (a cached one without them is computed again).
+GATE_FIELDS = {"applied", "greedy", "windows", "perplexity", "text"}
+
+
 def gate_reference(loaded) -> dict:
     """HF fp32 greedy tokens and perplexity (real weights only; tiny/random weights are gated on logits)."""
     import torch
 
     if loaded.source["kind"] != "checkpoint":
-        return {"applied": "teacher-forced logits (random weights: greedy text is fragile at near-ties)"}
+        return {"applied": TEACHER_FORCED}
     cached = _reference_cache(loaded)
-    if cached is not None and cached.is_file():
-        return json.loads(cached.read_text(), object_hook=_unjson)
+    if cached is not None and intact(cached.parent):
+        reference = json.loads(cached.read_text(), object_hook=_unjson)
+        if GATE_FIELDS <= set(reference):
+            return reference
+        log.warning("gate reference %s lacks %s; computing it again", cached.parent.name,
+                    ", ".join(sorted(GATE_FIELDS - set(reference))))
     assets = loaded.prompt_assets()
     model = loaded.hf_model
     greedy = []
@@ -170,8 +184,11 @@ def gate_reference(loaded) -> dict:
     reference = {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
                  "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist(), "dtype": str(a.dtype)}))
+        tmp = cached.parent.with_name(f"{cached.parent.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / cached.name).write_text(json.dumps(reference, default=lambda a: {"__array__": a.tolist(),
+                                                                               "dtype": str(a.dtype)}))
+        publish(tmp, cached.parent)
     return reference
 
 
@@ -185,7 +202,7 @@ def _reference_cache(loaded) -> Path | None:
         return None
     key = (f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
            f"-top{GATE_TOP_K}")
-    return Path.home() / ".cache" / "medc" / "gate-reference" / f"{key}.json"
+    return cache_dir() / "gate-reference" / key / "reference.json"
 
 
 def _unjson(d: dict):
@@ -194,8 +211,11 @@ def _unjson(d: dict):
 
 def gate_check(pipeline, reference: dict, precisions: dict) -> dict:
     """Run the finished bundle through the runtime: greedy tokens and perplexity against the HF reference."""
-    if "greedy" not in reference:
+    if reference.get("applied") == TEACHER_FORCED:  # tiny/random weights: gated per component on logits
         return {"applied": reference["applied"], "passed": True}
+    if not GATE_FIELDS <= set(reference):
+        raise MedcError(f"the whole-model gate reference lacks {', '.join(sorted(GATE_FIELDS - set(reference)))}; "
+                        "this is a medc bug, please report it. Nothing was written.")
     ours = [pipeline.generate_ids([p], max_new_tokens=GATE_NEW_TOKENS, ignore_eos=True)[0] for p in GATE_PROMPTS]
     agree = [int(np.sum(np.cumprod(np.array(a[:len(r)]) == np.array(r[:len(a)])))) for a, r in
              zip(ours, reference["greedy"])]

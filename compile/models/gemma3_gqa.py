@@ -349,7 +349,7 @@ def components_for(config, context: int) -> tuple[ComponentSpec, ...]:
         dummy_inputs=lambda loaded, batch, rng: _dummy(loaded, batch, rng, context),
         golden_inputs=lambda loaded: _golden(loaded, context),
         calibration=gemma3._no_calibration, precisions=("fp32", "int8", "int4"), static_int8=False,
-        tolerances=gemma3.DECODER_TOLERANCES, parts=("lm_head",),
+        parts=("lm_head",),
         # The cache outputs are the input buffers updated in place; rows a step does not define are unspecified.
         gated_outputs=("logits",), variant={"attention": "gqa", "context": context}))
     return tuple(comps)
