@@ -28,7 +28,7 @@ from medc.errors import FidelityError, MedcError
 from medc.manifest import MANIFEST_NAME, SIGNATURE_NAME, ComponentEntry, Manifest, hash_files, read_json_file
 from medc.runtime import PIPELINES
 from medc.runtime.bundle import open_bundle
-from medc.runtime.preprocess import load_image
+from medc.runtime.preprocess import image_files, load_image
 from medc.runtime.session import OrtSession, stand_in_config
 from medc.runtime.verify import evaluate
 from medc.signing import Signature, canonical, load_private
@@ -298,10 +298,11 @@ def _check_out(out: Path, force: bool) -> None:
 def _check_calibration(folder: Path) -> None:
     """Fail before minutes of export if the calibration folder cannot be used. Messages name files, never content."""
     if not folder.is_dir():
-        raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG/JPEG images.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG, JPEG or DICOM images.")
+    files = image_files(folder)
     if not files:
-        raise MedcError(f"calibration folder {folder} holds no PNG or JPEG images; add 16-64 representative images.")
+        raise MedcError(f"calibration folder {folder} holds no PNG, JPEG or DICOM images; add 16-64 representative "
+                        "images.")
     for f in files:
         load_image(f)
 

@@ -84,7 +84,8 @@ def _trust(paths):
 @click.option("--flavour", type=click.Choice(["ort", "portable"]), default=None,
               help="Decoder graph: ONNX Runtime fused ops, or standard ops for TensorRT (default: the target's).")
 @click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
-@click.option("--calibration", type=click.Path(path_type=Path), help="Folder of PNG/JPEG images for int8 calibration.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Folder of PNG, JPEG or DICOM images for int8 calibration.")
 @click.option("--random-weights", is_flag=True, help="Real architecture, random weights (latency work; not clinical).")
 @click.option("--allow-degraded", is_flag=True, help="Keep components that fail the fidelity gate (recorded).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
@@ -300,26 +301,74 @@ def sign(bundle, key):
 @click.option("--target", default=None, help="Refuse the bundle unless it was built for this target.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the embedding vectors).")
+@click.option("--dicom-config", type=click.Path(path_type=Path), help="TOML file of per-modality DICOM recipes.")
+@click.option("--slices", type=click.IntRange(min=1), default=None,
+              help="MedGemma: slices of a CT/MR volume (--image SERIES_DIR)  [default: as many as the context and the "
+                   "memory plan hold].")
 @_trust_option
 @_friendly
 def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_k, top_p, seed, target, threads,
-        as_json, trust):
-    """Run a bundle: MedSigLIP zero-shot scores or embeddings; MedGemma answers (streamed)."""
+        as_json, dicom_config, slices, trust):
+    """Run a bundle: MedSigLIP zero-shot scores or embeddings; MedGemma answers (streamed).
+
+    --image takes PNG, JPEG or DICOM: a .dcm file or a series folder (README, DICOM)."""
     from medc import runtime
 
     with runtime.load(bundle, target=target, threads=threads, trust=_trust(trust)) as model:
         if hasattr(model, "generate"):
             if not prompt:
                 raise MedcError("a MedGemma bundle needs --prompt TEXT (and --image FILE for image questions).")
-            _generate(model, prompt, list(images), dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                         top_k=top_k, top_p=top_p, seed=seed), as_json)
+            inputs, records = _image_inputs(images, dicom_config, slices, model, prompt, max_new_tokens)
+            _generate(model, prompt, inputs, dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_k=top_k, top_p=top_p, seed=seed), as_json, records)
             return
         if prompt:
             raise MedcError("--prompt is for MedGemma bundles; this bundle embeds images and texts (--image, --text).")
-        _siglip_run(model, images, labels, texts, as_json)
+        if slices:
+            raise MedcError("--slices is for MedGemma bundles (a volume as several images); MedSigLIP embeds the "
+                            "middle slice of a series.")
+        inputs, records = _image_inputs(images, dicom_config)
+        _siglip_run(model, inputs, labels, texts, as_json, records)
 
 
-def _generate(model, prompt, images, params, as_json):
+def _image_inputs(paths, dicom_config=None, slices=None, model=None, prompt=None, max_new_tokens=0):
+    """--image paths -> (inputs, records): PNG/JPEG stay paths; a DICOM file or series folder is read by
+    runtime/dicom.py (for MedGemma a CT/MR volume as K evenly spaced slices, K fitted to the bundle's context and
+    memory plan: runtime/gemma.py max_slices).
+    records: per input, its file name and, for DICOM, the recipe applied (no patient data)."""
+    from medc.runtime.preprocess import is_dicom_file
+
+    dicom = [p for p in paths if p.is_dir() or (p.is_file() and is_dicom_file(p))]
+    if not dicom:
+        if dicom_config:
+            raise MedcError("--dicom-config is for DICOM --image inputs (a .dcm file or a series folder).")
+        return list(paths), [{"image": Path(p).name} for p in paths]
+    from medc.runtime.dicom import DicomConfig, load_config, read_dicom, read_volume
+    from medc.runtime.gemma import max_slices, prompt_positions
+
+    config = load_config(dicom_config) if dicom_config else DicomConfig()
+    fit = max_slices(model.assets, prompt, max_new_tokens) if model is not None else None
+    k = slices or (max(1, fit - (len(paths) - 1)) if fit is not None else None)
+    inputs, records = [], []
+    for p in paths:
+        if p not in dicom:
+            inputs.append(p)
+            records.append({"image": p.name})
+            continue
+        ims = read_dicom(p, config) if k is None else read_volume(p, k, config)
+        inputs += ims
+        records += [{"image": p.name, "frame": im.ref.frame, "dicom": im.recipe} for im in ims]
+    if fit is not None and len(inputs) > fit:
+        a = model.assets
+        room = (f"context of {a.max_positions} tokens" if prompt_positions(a) == a.max_positions else
+                f"memory plan, which leaves {prompt_positions(a)} of its {a.max_positions} positions")
+        raise MedcError(f"{len(inputs)} images ({a.mm_tokens_per_image} tokens each) with this prompt "
+                        f"and --max-new-tokens {max_new_tokens} do not fit this bundle's {room}, which holds {fit}; "
+                        f"pass --slices {max(1, fit)} or fewer, or rebuild with a longer --context.")
+    return inputs, records
+
+
+def _generate(model, prompt, images, params, as_json, records=None):
     """Stream the answer as it is decoded; --json prints it whole at the end."""
     from medc.runtime.textstream import TextStream
 
@@ -339,6 +388,7 @@ def _generate(model, prompt, images, params, as_json):
     placeholder = bool(model.bundle.manifest.tokenizer.get("placeholder"))
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "answer": shown, "tokens": len(ids),
+                               **({"images": records} if records else {}),
                                **({"token_ids": ids} if placeholder else {})}))
     else:
         click.echo()
@@ -346,19 +396,20 @@ def _generate(model, prompt, images, params, as_json):
             click.echo(f"(placeholder tokenizer of a random-weights build; {len(ids)} token ids: {ids})", err=True)
 
 
-def _siglip_run(model, images, labels, texts, as_json):
+def _siglip_run(model, images, labels, texts, as_json, records=None):
+    records = records or [{"image": Path(p).name} for p in images]
     if not images and not texts:
         raise MedcError("nothing to run: pass --image FILE (with --labels for zero-shot) and/or --text TEXT.")
     result = {}
     if images and labels:
         label_list = [l.strip() for l in labels.split(",") if l.strip()]
         probs = model.zero_shot(images, label_list)
-        result["zero_shot"] = [{"image": Path(p).name, "scores": dict(zip(label_list, map(float, row)))}
-                               for p, row in zip(images, probs)]
+        result["zero_shot"] = [{**r, "scores": dict(zip(label_list, map(float, row)))}
+                               for r, row in zip(records, probs)]
     elif images:
         emb = model.embed_images(images)
-        result["image_embeds"] = [{"image": Path(p).name, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
-                                   **({"vector": e.tolist()} if as_json else {})} for p, e in zip(images, emb)]
+        result["image_embeds"] = [{**r, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
+                                   **({"vector": e.tolist()} if as_json else {})} for r, e in zip(records, emb)]
     if texts:
         emb = model.embed_texts(texts)
         result["text_embeds"] = [{"text": t, "shape": list(e.shape), "norm": float((e @ e) ** 0.5),
@@ -506,11 +557,18 @@ def eval_(bundle, text_file, window, max_windows, reference, source, threads):
                    "Default on loopback: localhost, 127.0.0.1, [::1]; elsewhere: not checked.")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
 @click.option("--allow-degraded", is_flag=True, help="Serve bundles whose fidelity gate failed.")
+@click.option("--dicom-store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder where POST /dicomweb/studies (STOW-RS) stores instances and the SRs it writes; without "
+                   "it that route answers 501.")
+@click.option("--max-stow-instances", default=64, show_default=True, type=click.IntRange(min=1),
+              help="application/dicom parts per STOW-RS request.")
+@click.option("--dicom-config", "serve_dicom_config", type=click.Path(path_type=Path), default=None,
+              help="TOML file of per-modality DICOM recipes for DICOM images (README, DICOM).")
 @_trust_option
 @_friendly
 def serve(bundles, trust, host, port, api_key_file, max_queue, max_batch, max_concurrency, max_image_mb, max_images,
           max_body_mb, max_tokens_cap, request_timeout, max_connections, header_timeout, body_timeout, allowed_hosts,
-          threads, allow_degraded):
+          threads, allow_degraded, dicom_store, max_stow_instances, serve_dicom_config=None):
     """Serve BUNDLES over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/classify.
 
     A bundle is PATH or ID=PATH (the model id clients send; default: the model name in its manifest)."""
@@ -533,7 +591,14 @@ def serve(bundles, trust, host, port, api_key_file, max_queue, max_batch, max_co
                       max_concurrency=max_concurrency, max_image_mb=max_image_mb, max_images=max_images,
                       max_body_mb=max_body_mb, threads=threads, allow_degraded=allow_degraded, trust=_trust(trust),
                       max_tokens_cap=max_tokens_cap, request_timeout=request_timeout, max_connections=max_connections,
-                      header_timeout=header_timeout, body_timeout=body_timeout, allowed_hosts=allowed_hosts or None)
+                      header_timeout=header_timeout, body_timeout=body_timeout, allowed_hosts=allowed_hosts or None,
+                      dicom_store=str(dicom_store) if dicom_store else None, max_stow_instances=max_stow_instances)
+    if serve_dicom_config:  # read now: a bad file fails at startup, not on the first DICOM request
+        import dataclasses
+
+        from medc.runtime.dicom import load_config
+
+        cfg = dataclasses.replace(cfg, dicom=load_config(serve_dicom_config))
     if hosts_checked(cfg) is None:
         logging.getLogger("medc.serve").warning(
             "binding %s without --allowed-host: the Host header is not checked, so a web page can reach this server "
@@ -643,6 +708,82 @@ def lint(bundle, target, as_json):
         sys.exit(0)
     click.echo(f"not TRT-ready: rebuild with --target {target}", err=as_json)
     sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Spool and results folder.")
+@click.option("--ae-title", default="MEDC", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (default: loopback only).")
+@click.option("--port", default=11112, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--labels", default="normal,abnormal", show_default=True, help="MedSigLIP: comma-separated labels.")
+@click.option("--prompt", default="Describe the findings.", show_default=True, help="MedGemma: the question.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--allow-aet", default=None, help="Comma-separated calling AE titles to accept (others are rejected).")
+@click.option("--forward", default=None, metavar="HOST:PORT:AET", help="C-STORE each SR to this PACS.")
+@click.option("--forward-untrusted", is_flag=True, help="Forward SRs from random-weight or degraded bundles too.")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--tls-ca", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Require client certificates signed by this CA.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--series-quiet", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds without a new instance after which a CT/MR series is complete (MedGemma volume prompt).")
+@click.option("--sr-class", type=click.Choice(["comprehensive3d", "comprehensive"]), default="comprehensive3d",
+              show_default=True)
+@click.option("--keep-days", type=click.FloatRange(min=0), default=None,
+              help="Delete received instances this many days after their result (and forward) is done.")
+@click.option("--dicom-config", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Windowing and frame settings for DICOM ingest (medc.runtime.dicom).")
+@click.option("--retry-failed", is_flag=True, help="Queue the instances whose inference failed again, then listen.")
+@click.option("--status", "status_dir", type=click.Path(path_type=Path), default=None,
+              help="Print the counters of the listener writing to this --out folder and exit.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
+@click.option("--inline-workers", is_flag=True, hidden=True,
+              help="Infer in threads of the SCP's own process (slower C-STORE acks; for comparison).")
+@_trust_option
+@_friendly
+def listen(bundle, out, ae_title, host, port, labels, prompt, max_new_tokens, allow_aet, forward, forward_untrusted,
+           tls_cert, tls_key, tls_ca, workers, series_quiet, sr_class, keep_days, dicom_config, retry_failed,
+           status_dir, threads, inline_workers, trust):
+    """A DICOM node: receive images by C-STORE (and answer C-ECHO), run BUNDLE on each, write a JSON result and a
+    DICOM Structured Report per instance under --out, and optionally forward the SRs to a PACS."""
+    try:
+        from medc.runtime.listen import ListenConfig, Listener, parse_forward, read_status
+    except ImportError as e:
+        raise MedcError(f"medc listen needs the dicom extra ({e.name} is missing): pip install 'medc[dicom]'.") from None
+    if status_dir is not None:
+        click.echo(json.dumps(read_status(status_dir), indent=1))
+        return
+    if bundle is None or out is None:
+        raise MedcError("medc listen needs a BUNDLE and --out DIR (or --status DIR).")
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    cfg = ListenConfig(out=out, ae_title=ae_title, host=host, port=port, labels=split(labels) or ["normal", "abnormal"],
+                       prompt=prompt, max_new_tokens=max_new_tokens, allow_aet=split(allow_aet),
+                       forward=parse_forward(forward) if forward else None, forward_untrusted=forward_untrusted,
+                       tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, workers=workers, quiet_s=series_quiet,
+                       sr_class=sr_class, keep_days=keep_days, dicom_config=dicom_config, threads=threads,
+                       trust=_trust(trust), trust_paths=[str(t) for t in trust] or None,
+                       worker_process=not inline_workers)
+    log = logging.getLogger("medc.listen")
+    if host not in ("127.0.0.1", "localhost", "::1") and not cfg.allow_aet:
+        log.warning("binding %s without --allow-aet: any calling AE title that reaches it is accepted.", host)
+    node = Listener(bundle, cfg)
+    if retry_failed:
+        click.echo(f"queued {node.retry_failed()} failed instance(s) again", err=True)
+    import signal
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    node.start()
+    click.echo(f"listening as {ae_title} on {host}:{node._server.server_address[1]} (Ctrl-C stops)", err=True)
+    try:
+        node.serve_forever()
+    except KeyboardInterrupt:
+        node.stop()
+        click.echo("stopped: what was received and not yet inferred stays queued under --out.", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

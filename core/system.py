@@ -34,6 +34,15 @@ def give_back_large_frees(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def fsync_dir(path) -> None:
+    """Make a rename or a new name in `path` durable (a file's own fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def git_commit() -> str | None:
     """The commit of the medc source in use (None for an installed wheel)."""
     here = Path(__file__).resolve().parent

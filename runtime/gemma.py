@@ -19,7 +19,7 @@ from medc.runtime.session import Pipeline
 from medc.runtime.trt_session import TrtDecoder, TrtSession
 
 __all__ = ["GemmaPipeline", "PromptAssets", "SamplingParams", "build_prompt_batch", "encode_messages",
-           "encode_prompt"]
+           "encode_prompt", "max_slices", "planned_positions"]
 
 
 @dataclass
@@ -32,6 +32,7 @@ class PromptAssets:
     special_tokens: dict[str, str]  # the same, as strings
     mm_tokens_per_image: int = 0
     max_positions: int = 131072
+    memory_positions: int | None = None  # tokens one prompt's KV may hold by the build's memory plan (planned_positions)
 
 
 @dataclass
@@ -88,6 +89,62 @@ def encode_prompt(assets: PromptAssets, prompt: str, n_images: int = 0) -> list[
     if n_images and not assets.mm_tokens_per_image:
         raise MedcError("this model is text-only: it takes no images.")
     return _encode(assets, *render_prompt(assets, prompt, n_images), n_images)
+
+
+def planned_positions(memory_plan: dict | None, generation: dict) -> int | None:
+    """Tokens (prompt and answer) whose KV cache one sequence may hold by the build's memory plan
+    (manifest build.memory_plan); None when the plan names no usable memory. The rule, from the manifest's numbers
+    only (the runtime does not import medc.compile):
+
+      KV budget of one sequence = min(kv_bytes, usable_bytes - (total_bytes - kv_bytes)) / batch
+      (what the plan gave the KV cache at `context` tokens, less any shortfall of the target's usable memory:
+      weights, activations planned at the full context and the runtime's own memory are taken as fixed)
+      KV(T) = KV at context x sum over layers of min(T, keep) / sum over layers of min(context, keep)
+      (generation.kv_layout: a sliding-window layer keeps at most `keep` positions; without a layout KV grows
+      linearly)
+
+    The largest T <= context with KV(T) <= that budget. When the plan fits, it is `context`: the memory bounds
+    nothing the context does not; a plan over its target's memory (an --allow-degraded build, or a manifest tightened
+    for a smaller device) bounds it below."""
+    plan = memory_plan or {}
+    keys = ("context", "kv_bytes", "usable_bytes", "total_bytes")
+    if any(plan.get(k) is None for k in keys) or not plan["kv_bytes"]:
+        return None
+    context, kv, batch = int(plan["context"]), int(plan["kv_bytes"]), max(1, int(plan.get("batch") or 1))
+    budget = min(kv, int(plan["usable_bytes"]) - (int(plan["total_bytes"]) - kv)) / batch
+    keeps = [layer.get("keep") for layer in generation.get("kv_layout") or []] or [None]
+
+    def kv_at(t: int) -> float:
+        held = sum(min(t, k or t) for k in keeps)
+        return kv / batch * held / sum(min(context, k or context) for k in keeps)
+
+    if budget <= 0:
+        return 0
+    lo, hi = 0, context  # kv_at grows with t: the largest t whose KV fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if kv_at(mid) <= budget else (lo, mid - 1)
+    return lo
+
+
+def prompt_positions(assets) -> int:
+    """Tokens one prompt and its answer may hold here: the context, or less where the memory plan says so."""
+    mem = getattr(assets, "memory_positions", None)
+    return assets.max_positions if mem is None else min(assets.max_positions, mem)
+
+
+def image_tokens(assets) -> int:
+    """Tokens one more image adds to a prompt that holds one: its soft tokens, begin/end of image and the newlines
+    between (measured from 2 images and 1: the newlines of images side by side may merge into fewer tokens)."""
+    return max(1, len(encode_prompt(assets, "", 2)) - len(encode_prompt(assets, "", 1)))
+
+
+def max_slices(assets, prompt: str, max_new_tokens: int) -> int:
+    """How many images of `assets.mm_tokens_per_image` tokens (each with its begin/end tokens) fit together with the
+    prompt and the answer in `prompt_positions` (the bundle's context, bounded by its memory plan: see
+    `planned_positions`): the default --slices, and the bound for a larger one."""
+    room = prompt_positions(assets) - len(encode_prompt(assets, prompt, 1)) - max_new_tokens
+    return 0 if room < 0 else 1 + room // image_tokens(assets)
 
 
 def encode_messages(assets: PromptAssets, messages: list[dict]) -> list[int]:
@@ -150,7 +207,8 @@ class GemmaPipeline(Pipeline):
                 tokenizer=Tokenizer.from_file(str(self.bundle.file(t["file"]))), chat_template=t.get("chat_template"),
                 special_ids=t["special_ids"], special_tokens=t["special_tokens"],
                 mm_tokens_per_image=int(self.bundle.manifest.preprocessing.get("mm_tokens_per_image", 0)),
-                max_positions=int(self.gen["max_positions"]))
+                max_positions=int(self.gen["max_positions"]),
+                memory_positions=planned_positions((self.bundle.manifest.build or {}).get("memory_plan"), self.gen))
         return self._assets
 
     @property

@@ -7,7 +7,7 @@ transformers. Two medc additions, both recorded in the bundle manifest:
   floating point, instead of being clipped to 8 bits as a plain RGB conversion would.
 
 Memory is bounded by what a file decodes to, not by what it weighs: a 150 KiB PNG can hold 50 megapixels. Files are
-checked against `MAX_PIXELS`, `MAX_SIDE` and `MAX_ASPECT` from their header, before decoding. An image up to
+checked against the limits of runtime/imagelimits.py from their header, before decoding. An image up to
 `EXACT_SIDE` pixels on its longest side is preprocessed exactly as HF's processor does; a larger one is first shrunk
 by an integer factor (JPEG: decoded at 1/2, 1/4 or 1/8 scale, `draft`; otherwise a box filter, `reduce`) to no less
 than `REDUCE_GAP` times the model's input, and only then padded and resized, so `pad_to_square` never builds a square
@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.dicom import DicomImage, is_dicom, read_dicom
+from medc.runtime.imagelimits import MAX_PIXELS, ImageTooLarge, check_size
 
-MAX_PIXELS = 50_000_000  # a full-field mammogram is ~22 MP; beyond this an image is a decompression bomb, not a scan
-MAX_SIDE = 8192  # pixels on the longest side (mammograms ~4000x5600, panoramic dental ~3000x1500)
-MAX_ASPECT = 8  # longest side over shortest (panoramic dental ~2:1, stitched long-leg / whole-spine ~1:4)
 EXACT_SIDE = 4096  # up to this, preprocessing is Hugging Face's to the bit; beyond, images are reduced first
 REDUCE_GAP = 3  # a reduced image keeps at least this many pixels per model input pixel (as Pillow's reducing_gap)
 _HIGH_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -82,6 +81,8 @@ class ImagePreprocessing:
         from PIL import Image
 
         image = load_image(image, self) if isinstance(image, (str, Path)) else image
+        if isinstance(image, DicomImage):  # already 8-bit RGB, windowed by its modality's recipe
+            image = image.pixels
         if isinstance(image, np.ndarray):
             image = _array_to_pil(image)
         if image.mode in _HIGH_BIT:
@@ -142,25 +143,6 @@ class ImagePreprocessing:
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def check_size(width: int, height: int, what: str) -> None:
-    """Refuse an image whose size (read from its header) is no medical image's: a decompression bomb."""
-    fix = ("If it is a real scan, downscale it first (e.g. to at most 4096 pixels on its longest side), as the model "
-           "sees it at its input size anyway.")
-    if width * height > MAX_PIXELS:
-        raise ImageTooLarge(f"{what} is {width}x{height} pixels ({width * height:,}), over medc's limit of "
-                            f"{MAX_PIXELS:,} pixels. {fix}")
-    if max(width, height) > MAX_SIDE:
-        raise ImageTooLarge(f"{what} is {width}x{height} pixels, over medc's limit of {MAX_SIDE} pixels on a side. "
-                            f"{fix}")
-    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
-        raise ImageTooLarge(f"{what} is {width}x{height} pixels, more elongated than medc's limit of {MAX_ASPECT}:1. "
-                            "Crop it to the region of interest first.")
-
-
-class ImageTooLarge(MedcError):
-    """An image over MAX_PIXELS, MAX_SIDE or MAX_ASPECT (HTTP 413 in the server)."""
-
-
 def open_image(source, what: str, prep: ImagePreprocessing | None = None, formats=None):
     """A file path or file object -> a decoded PIL image, its size checked from the header before decoding and, with
     `prep`, a large JPEG decoded at reduced scale. Raises ImageTooLarge, or ValueError/OSError for what is not a
@@ -192,12 +174,28 @@ def load_image(path: str | Path, prep: ImagePreprocessing | None = None):
     path = Path(path)
     if not path.is_file():
         raise MedcError(f"image {path.name!r} not found; check the path.")
+    if is_dicom_file(path):  # its middle frame, by the built-in recipe (runtime/dicom.py)
+        return _array_to_pil(read_dicom(path)[0].pixels)
     try:
         with open(path, "rb") as f:  # medc's handle, not Pillow's: the loaded image stays usable after it closes
             return open_image(f, f"image {path.name!r}", prep)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise MedcError(f"image {path.name!r} is corrupt or not an image medc can read ({type(e).__name__}); "
                         "pass a PNG, JPEG or TIFF file.") from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A .dcm/.dicom file, or any file with the DICOM Part 10 marker ('DICM' at byte 128)."""
+    return path.suffix.lower() in (".dcm", ".dicom") or is_dicom(path)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of a folder (calibration): PNG, JPEG and DICOM files (each DICOM file its middle frame)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".") and (
+        p.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(p)))
 
 
 def _array_to_pil(arr: np.ndarray):

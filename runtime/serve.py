@@ -50,7 +50,9 @@ from medc.system import give_back_large_frees
 from medc.runtime import load
 from medc.runtime.batch import SamplingParams, Sequence
 from medc.runtime.gemma import encode_messages
-from medc.runtime.preprocess import ImageTooLarge, open_image
+from medc.runtime import stow
+from medc.runtime.imagelimits import ImageTooLarge, check_size
+from medc.runtime.preprocess import open_image
 from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, gather_limit, gather_window
 from medc.runtime.textstream import TextStream
 
@@ -114,6 +116,9 @@ class ServeConfig:
     trust: object = None  # medc.signing.Trust: bundles must be signed by one of its keys; None: MEDC_TRUSTED_KEYS
     threads: int | None = None
     shutdown_timeout: float = 60.0
+    dicom_store: str | None = None  # folder of POST /dicomweb/studies (STOW-RS); None: the route answers 501
+    max_stow_instances: int = 64  # application/dicom parts per STOW-RS request
+    dicom: object = None  # runtime.dicom.DicomConfig for DICOM images (--dicom-config); None: the built-in recipes
 
 
 class ApiError(Exception):
@@ -391,9 +396,11 @@ def _image_urls(value, key: str, limit: int) -> list[str]:
     return value
 
 
-def decode_image(url, max_bytes: int, param: str, prep=None):
+def decode_image(url, max_bytes: int, param: str, prep=None, dicom=None, slices: int | None = None):
     """A data URL -> a PIL image (PNG or JPEG), with `prep` (ImagePreprocessing) a large JPEG decoded at reduced
-    scale. Every failure is a 4xx naming the problem, never the content."""
+    scale; DICOM -> its middle frame as uint8 RGB, by `dicom` (a DicomConfig; None: the built-in recipes), or with
+    `slices` K a list: a CT/MR multi-frame instance's K evenly spaced frames (runtime/dicom.py read_volume; one
+    frame for other modalities). Every failure is a 4xx naming the problem, never the content."""
     from PIL import UnidentifiedImageError
 
     if not isinstance(url, str):
@@ -406,12 +413,9 @@ def decode_image(url, max_bytes: int, param: str, prep=None):
         raise ApiError(400, f"{param} is not a base64 data URL (data:image/png;base64,...).", "invalid_image_url",
                        param)
     mime = m.group(1).lower()
-    if mime == "application/dicom":
-        raise ApiError(415, "DICOM input is not supported by this medc version yet; send the image as PNG or JPEG.",
-                       "unsupported_media_type", param)
-    if mime not in ("image/png", "image/jpeg", "image/jpg"):
-        raise ApiError(415, f"image type {mime[:40]!r} is not supported; send PNG or JPEG.", "unsupported_media_type",
-                       param)
+    if mime not in ("image/png", "image/jpeg", "image/jpg", "application/dicom"):
+        raise ApiError(415, f"image type {mime[:40]!r} is not supported; send PNG, JPEG or DICOM "
+                            "(data:application/dicom;base64,...).", "unsupported_media_type", param)
     payload = url[m.end():]
     if len(payload) * 3 // 4 > max_bytes:
         raise ApiError(413, f"an image is over the {max_bytes / 2**20:g} MiB limit.", "image_too_large", param)
@@ -419,6 +423,8 @@ def decode_image(url, max_bytes: int, param: str, prep=None):
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{param}: the base64 data is malformed.", "invalid_image", param) from None
+    if mime == "application/dicom":
+        return _decode_dicom(data, param, dicom, slices)
     try:
         return open_image(io.BytesIO(data), param, prep, formats=["PNG", "JPEG"])
     except ImageTooLarge as e:
@@ -428,16 +434,35 @@ def decode_image(url, max_bytes: int, param: str, prep=None):
                        param) from None
 
 
+def _decode_dicom(data: bytes, param: str, config=None, k: int | None = None):
+    """DICOM Part 10 bytes -> the middle frame's model-ready uint8 RGB, or with `k` a list of K evenly spaced
+    slices' (a CT/MR volume; runtime/dicom.py, the same size limits as PNG/JPEG, checked from the header before
+    decoding). Errors name the part, never the content."""
+    from medc.runtime.dicom import UnsupportedTransferSyntax, read_dicom, read_volume
+
+    try:
+        if k is not None:
+            return [im.pixels for im in read_volume(data, k, config, name=param)]
+        return read_dicom(data, config, frames="middle", name=param)[0].pixels
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e), "image_too_large", param) from None
+    except UnsupportedTransferSyntax as e:
+        raise ApiError(415, str(e), "unsupported_media_type", param) from None
+    except MedcError as e:
+        raise ApiError(400, str(e), "invalid_image", param) from None
+
+
 def _pixels(pipeline, urls: list, cfg: ServeConfig, key: str) -> np.ndarray:
     """In a worker thread (one of `Server.decoding`'s): decode and preprocess every image -> float32 [N, 3, H, W]."""
     limit, prep = int(cfg.max_image_mb * 2**20), pipeline.preprocess
-    return np.stack([prep.one(decode_image(u, limit, f"{key}[{i}]", prep)) for i, u in enumerate(urls)])
+    dicom = getattr(cfg, "dicom", None)
+    return np.stack([prep.one(decode_image(u, limit, f"{key}[{i}]", prep, dicom)) for i, u in enumerate(urls)])
 
 
 # -- chat -----------------------------------------------------------------------------------------------------------
 _CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
               "stop", "stream", "stream_options", "n", "user", "logprobs", "frequency_penalty", "presence_penalty",
-              "ignore_eos"}  # top_k and ignore_eos (benchmarks: exactly max_tokens) as llama-server and vLLM take them
+              "ignore_eos", "slices"}  # top_k and ignore_eos (benchmarks: exactly max_tokens) as llama-server and vLLM take them
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -493,6 +518,7 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     usage_in_stream: bool
+    slices: int | None = None  # K per DICOM CT/MR volume; None: what fits (_chat_images)
 
 
 def parse_chat(body: dict, model: ServedModel, cfg: ServeConfig) -> ChatRequest:
@@ -534,8 +560,66 @@ def parse_chat(body: dict, model: ServedModel, cfg: ServeConfig) -> ChatRequest:
                             "tokens.", "context_length_exceeded", "messages")
     if urls and not model.pipeline.assets.mm_tokens_per_image:
         raise ApiError(400, f"model {model.id!r} is text-only: it takes no images.", "invalid_value", "messages")
+    slices = _get(body, "slices", int, None, 1, cfg.max_images)  # without a DICOM image_url: nothing to slice
     return ChatRequest(messages, urls, sampling, max_tokens, stop, _get(body, "stream", bool, False),
-                       bool(_get(body, "stream_options", dict, {}).get("include_usage")))
+                       bool(_get(body, "stream_options", dict, {}).get("include_usage")), slices)
+
+
+def _is_dicom_url(url) -> bool:
+    m = _DATA_URL.match(url) if isinstance(url, str) else None
+    return bool(m) and m.group(1).lower() == "application/dicom"
+
+
+def _expand_images(messages: list[dict], counts: list[int]) -> list[dict]:
+    """The messages with their i-th image part repeated counts[i] times (a volume's slices, in order)."""
+    it = iter(counts)
+    return [m if isinstance(m["content"], str) else
+            {**m, "content": [q for p in m["content"] for q in ([p] * next(it) if p["type"] == "image" else [p])]}
+            for m in messages]
+
+
+def _chat_images(pipeline, chat: ChatRequest, cfg: ServeConfig) -> tuple[list[int], np.ndarray]:
+    """In a worker thread (under `Server.decoding`): prompt ids and the chat's images, decoded and preprocessed
+    (float32 [N, 3, H, W]). A DICOM CT or MR volume (a multi-frame instance) becomes K evenly spaced slices, each
+    windowed, its image part repeated K times, as MedGemma 1.5 reads CT/MR. K is the request's `slices`, else the
+    most that fit, shared evenly among the request's DICOM images: every image of the request counts against
+    max_images, and the prompt with max_tokens (else the default answer length) kept free must fit the context as
+    bounded by the bundle's memory plan (runtime/gemma.py prompt_positions, the rule `medc run --slices` obeys).
+    Each slice goes through the same byte, pixel and decode limits as any image."""
+    from medc.runtime.gemma import image_tokens, prompt_positions
+
+    assets, limit, prep = pipeline.assets, int(cfg.max_image_mb * 2**20), pipeline.preprocess
+    urls, dicom = chat.image_urls, getattr(cfg, "dicom", None)
+    volumes = {i for i, u in enumerate(urls) if _is_dicom_url(u)}
+    reserve = chat.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_cap)
+    positions = prompt_positions(assets)
+
+    def length(k: int) -> int:  # prompt tokens were each volume K slices
+        return len(encode_messages(assets, _expand_images(chat.messages, [k if i in volumes else 1
+                                                                          for i in range(len(urls))])))
+
+    fit = len(urls) + (positions - length(1) - reserve) // image_tokens(assets)  # images that fit, all together
+    k = chat.slices
+    if volumes and k is None:
+        k = max(1, (min(fit, cfg.max_images) - (len(urls) - len(volumes))) // len(volumes))
+        while k > 1 and length(k) + reserve > positions:  # image tokens are not quite additive in every tokenizer
+            k -= 1
+    images, counts = [], []
+    for i, u in enumerate(urls):
+        got = decode_image(u, limit, f"image_url[{i}]", prep, dicom, k if i in volumes else None)
+        got = got if isinstance(got, list) else [got]
+        counts.append(len(got))
+        if sum(counts) > cfg.max_images:
+            raise ApiError(400, f"over {cfg.max_images} images (a DICOM volume counts its slices); at most "
+                                f"{cfg.max_images} per request: send fewer slices.", "too_many_images",
+                           "slices" if chat.slices else "messages")
+        images += [prep.one(g) for g in got]
+    ids = encode_messages(assets, _expand_images(chat.messages, counts))
+    if len(images) > len(urls) and len(ids) + reserve > positions:
+        raise ApiError(400, f"{len(images)} images with these messages and {reserve} new tokens do not fit this "
+                            f"model's {positions} positions (context and memory plan), which hold {max(fit, 1)}; "
+                            "send fewer slices or a smaller max_tokens.", "context_length_exceeded", "slices")
+    return ids, np.stack(images)
 
 
 async def _deltas(events: asyncio.Queue, seq: Sequence, text: TextStream):
@@ -580,8 +664,9 @@ async def chat_completions(srv: "Server", request):
     model.scheduler.check()
 
     def prepare():  # in a worker thread: image decoding and the chat template are CPU work
-        pixels = _pixels(model.pipeline, chat.image_urls, srv.cfg, "image_url") if chat.image_urls else None
-        return encode_messages(model.pipeline.assets, chat.messages), pixels
+        if chat.image_urls:
+            return _chat_images(model.pipeline, chat, srv.cfg)
+        return encode_messages(model.pipeline.assets, chat.messages), None
 
     if chat.image_urls:
         async with srv.decoding:
@@ -606,7 +691,7 @@ async def chat_completions(srv: "Server", request):
     # queue), as a client disconnect ends it, and the answer so far goes out.
     timer = loop.call_later(max(0.0, srv.cfg.request_timeout - (time.perf_counter() - t0)), seq.cancel, "timeout")
     srv.metrics.counters[("medc_prompt_tokens_total", model.id)] += len(ids)
-    srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(chat.image_urls)
+    srv.metrics.counters[("medc_images_encoded_total", model.id)] += 0 if pixels is None else len(pixels)
     reply = _Reply(srv, request, model, seq, events, TextStream(model.pipeline.assets.tokenizer, chat.stop), timer)
     return await reply.stream(chat.usage_in_stream) if chat.stream else await reply.whole()
 
@@ -768,6 +853,255 @@ async def classify(srv: "Server", request):
     return json_response({"object": "list", "model": model.id, "data": data})
 
 
+# -- DICOMweb: STOW-RS in, Structured Reports out -------------------------------------------------------------------
+STOW_DEFAULT_LABELS = ("normal", "abnormal")
+STOW_DEFAULT_PROMPT = "Describe the findings in this image."
+_STOW_QUERY = {"model", "labels", "prompt", "max_tokens"}
+# A prompt or labels in a URL: with percent-encoding (up to 12 bytes a character) they stay inside the 64 KiB header
+# cap, so text over it is a 400 that names it, not a 431 for the whole request line.
+MAX_QUERY_TEXT = 2000
+
+
+@dataclass
+class _Stowed:
+    """One instance stored and decoded: what the model reads and what the answer and the SR name."""
+
+    index: int
+    header: stow.Header
+    dataset: object  # pydicom Dataset without its pixel data: the SR's evidence
+    image: object  # runtime.dicom.DicomImage
+    pixels: np.ndarray  # float32 [3, H, W], the bundle's preprocessing applied
+
+
+def _stow_query(srv: "Server", query) -> tuple[ServedModel, list[str], str, int | None]:
+    """(model, labels, prompt, max_tokens) from the query string: `labels` repeated or comma separated."""
+    for key in query.keys():
+        if key not in _STOW_QUERY:
+            raise ApiError(400, f"unsupported query parameter {key[:64]!r}.", "unsupported_parameter", key[:64])
+    model_id = query.get("model") or None
+    kind = "chat" if query.get("prompt") is not None or query.get("max_tokens") is not None else "embeddings"
+    if model_id is None and not any(m.kind == kind for m in srv.models):
+        kind = "chat" if kind == "embeddings" else kind
+    if model_id is not None and model_id in srv.by_id:
+        kind = srv.by_id[model_id].kind
+    model = srv.pick(model_id, kind)
+    if any(len(v) > MAX_QUERY_TEXT for v in query.getlist("labels")):
+        raise ApiError(400, f"labels: over {MAX_QUERY_TEXT:,} characters in one parameter.", "input_too_long", "labels")
+    labels = [x.strip() for v in query.getlist("labels") for x in v.split(",")] or list(STOW_DEFAULT_LABELS)
+    if model.kind == "chat" and query.get("labels") is not None:
+        raise ApiError(400, f"labels are for a MedSigLIP model; {model.id!r} answers a prompt.", "invalid_value",
+                       "labels")
+    if model.kind == "embeddings" and (query.get("prompt") is not None or query.get("max_tokens") is not None):
+        raise ApiError(400, f"prompt and max_tokens are for a MedGemma model; {model.id!r} scores labels.",
+                       "invalid_value", "prompt")
+    _strings(labels, "labels", srv.cfg.max_inputs)
+    if not all(labels):
+        raise ApiError(400, "labels must not be empty strings.", "invalid_value", "labels")
+    prompt = query.get("prompt", STOW_DEFAULT_PROMPT)
+    if not prompt.strip() or len(prompt) > MAX_QUERY_TEXT:
+        raise ApiError(400, f"prompt must be 1 to {MAX_QUERY_TEXT:,} characters.", "invalid_value", "prompt")
+    max_tokens = query.get("max_tokens")
+    if max_tokens is not None:
+        if not max_tokens.isdigit() or not 1 <= int(max_tokens) <= srv.cfg.max_tokens_cap:
+            raise ApiError(400, f"max_tokens must be an integer from 1 to {srv.cfg.max_tokens_cap}.",
+                           "invalid_value", "max_tokens")
+        max_tokens = int(max_tokens)
+    return model, labels, prompt, max_tokens
+
+
+def _stow_one(srv: "Server", model: ServedModel, part: stow.Part):
+    """In a worker thread (one of `Server.decoding`'s): one part read from its header, its size checked, decoded,
+    stored durably. A _Stowed, or stow.Refused (the instance is then not stored)."""
+    from medc.runtime.dicom import read_dicom
+
+    where = f"part {part.index}"
+    try:
+        if part.content_type not in ("application/dicom", ""):
+            raise stow.Refused(stow.CANNOT_UNDERSTAND, f"{where} is {part.content_type[:60]!r}, not application/dicom.")
+        h, ds = stow.header(part.data, where, check_size)
+        try:
+            image = read_dicom(bytes(part.data), name=where)[0]
+            pixels = model.pipeline.preprocess.one(image.pixels)
+        except (MedcError, ValueError, IndexError) as e:
+            raise stow.Refused(stow.CANNOT_UNDERSTAND, f"{where}: the pixel data cannot be read "
+                                                       f"({type(e).__name__}).", h.sop_class, h.sop) from None
+        try:
+            stow.store(srv.store / "instances", h, part.data)
+        except OSError as e:
+            log.error("DICOM store: an instance could not be written (%s)", type(e).__name__)
+            raise stow.Refused(stow.OUT_OF_RESOURCES, "the instance could not be stored (disk full or not "
+                                                      "writable).", h.sop_class, h.sop) from None
+        return _Stowed(part.index, h, ds, image, pixels)
+    except stow.Refused as e:
+        return e
+
+
+async def _stow_infer(srv: "Server", model: ServedModel, done: list[_Stowed], labels: list[str], prompt: str,
+                      max_tokens: int | None, rid: str) -> list[dict]:
+    """The served model on every stored instance: MedSigLIP through the image and text micro-batchers, MedGemma
+    through the generation scheduler (at most --max-concurrency of this request's at once)."""
+    if not done:
+        return []
+    if model.kind == "embeddings":
+        image_embeds = await _encode(model.images, [d.pixels for d in done])
+        text_embeds, _ = await _encode(model.texts, labels)
+        probs = 1 / (1 + np.exp(-model.pipeline.logits(image_embeds, text_embeds)))
+        return [{"scores": {labels[j]: float(row[j]) for j in np.argsort(-row, kind="stable")}} for row in probs]
+    from starlette.concurrency import run_in_threadpool
+
+    room = model.pipeline.assets.max_positions
+    ids = await run_in_threadpool(encode_messages, model.pipeline.assets, [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}])
+    if len(ids) >= room:
+        raise ApiError(400, f"the prompt with its image is {len(ids)} tokens; this model's context limit is {room}.",
+                       "context_length_exceeded", "prompt")
+    n = min(max_tokens or srv.cfg.default_max_tokens, srv.cfg.max_tokens_cap, room - len(ids))
+    loop, gate = asyncio.get_running_loop(), asyncio.Semaphore(srv.cfg.max_concurrency)
+    deadline = time.monotonic() + srv.cfg.request_timeout
+
+    async def one(d: _Stowed) -> dict:
+        async with gate:
+            events: asyncio.Queue = asyncio.Queue()
+            seq = Sequence(ids, d.pixels[None], SamplingParams(max_new_tokens=n),
+                           lambda kind, v: loop.call_soon_threadsafe(events.put_nowait, (kind, v)))
+            model.scheduler.submit(seq)
+            timer = loop.call_later(max(0.0, deadline - time.monotonic()), seq.cancel, "timeout")
+            text, finish = TextStream(model.pipeline.assets.tokenizer, []), None
+            pieces = []
+            try:
+                async for delta, finish in _deltas(events, seq, text):
+                    pieces.append(delta)
+            except GenerationFailed:
+                raise ApiError(500, f"inference failed; request id {rid}.", "inference_failed") from None
+            finally:
+                timer.cancel()
+                seq.cancel()
+            srv.metrics.counters[("medc_generated_tokens_stow_total", model.id)] += len(text.ids)
+            return {"prompt": prompt, "text": "".join(pieces), "finish_reason": finish}
+
+    return list(await asyncio.gather(*(one(d) for d in done)))
+
+
+def _stow_sr(srv: "Server", model: ServedModel, d: _Stowed, out: dict):
+    """In a worker thread: the result as a Comprehensive 3D SR (runtime/sr.py), stored under the store's sr/ folder
+    where GET /dicomweb/studies/{study}/series/{series}/instances/{instance} answers it. Its UIDs, or None when no
+    SR could be made from this source (logged by type, without content)."""
+    from medc.runtime.sr import AiResult, make_sr
+
+    info = srv.sr_info(model)
+    result = AiResult(model=info["name"], bundle_sha256=info["sha256"], precision=info["precision"],
+                      scores=out.get("scores") or {}, text=out.get("text"), prompt=out.get("prompt"),
+                      clinical_use=info["clinical_use"], degraded=info["degraded"])
+    try:
+        sr = make_sr([d.dataset], result)
+        buf = io.BytesIO()
+        sr.save_as(buf, enforce_file_format=True)
+    except Exception as e:  # noqa: BLE001 - highdicom refuses some sources; the instance is stored all the same
+        log.warning("DICOM SR: not written for one instance (%s)", type(e).__name__)
+        return None
+    h = stow.Header(str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID), str(sr.SOPClassUID),
+                    0, 0, 1)
+    stow.store(srv.store / "sr", h, buf.getbuffer())
+    return h
+
+
+async def stow_studies(srv: "Server", request):
+    """STOW-RS (PS3.18 10.5): every application/dicom part checked, stored durably, run through the model; the
+    Store Instances Response (200 all stored, 202 some, 409 none) with medc's results."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    if srv.store is None:
+        raise ApiError(501, "this server stores no DICOM: start medc serve with --dicom-store DIR to accept STOW-RS.",
+                       "dicom_store_not_configured", headers=ApiError.CLOSE)
+    model, labels, prompt, max_tokens = _stow_query(srv, request.query_params)
+    try:
+        sep = stow.boundary(request.headers.get("content-type"))
+    except stow.UnsupportedType as e:
+        raise ApiError(415, str(e), "unsupported_media_type", headers=ApiError.CLOSE) from None
+    except stow.MultipartError as e:
+        raise ApiError(400, str(e), "invalid_multipart", headers=ApiError.CLOSE) from None
+    (model.images or model.scheduler).check()
+    body = await read_body(request, srv.max_body, srv.cfg.body_timeout)
+    try:
+        parts = await run_in_threadpool(stow.split, body, sep, srv.cfg.max_stow_instances)
+    except stow.TooManyParts as e:
+        raise ApiError(400, str(e), "too_many_instances") from None
+    except stow.MultipartError as e:
+        raise ApiError(400, str(e), "invalid_multipart") from None
+
+    async def take(part):
+        async with srv.decoding:
+            return await run_in_threadpool(_stow_one, srv, model, part)
+
+    if model.images is not None:
+        with model.images.coming():
+            taken = await asyncio.gather(*(take(p) for p in parts))
+    else:
+        taken = await asyncio.gather(*(take(p) for p in parts))
+    done = [t for t in taken if isinstance(t, _Stowed)]
+    srv.metrics.counters[("medc_dicom_instances_stored_total", model.id)] += len(done)
+    srv.metrics.counters[("medc_dicom_instances_failed_total", model.id)] += len(taken) - len(done)
+    outs = await _stow_infer(srv, model, done, labels, prompt, max_tokens, request.state.rid)
+    base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
+    results, by_index = [], {d.index: (d, o) for d, o in zip(done, outs)}
+    for t in taken:
+        if isinstance(t, stow.Refused):
+            results.append({"index": len(results), "status": "failed", "sop_class_uid": t.sop_class or None,
+                            "sop_instance_uid": t.sop or None, "failure_reason": t.reason, "message": t.message})
+            continue
+        d, out = by_index[t.index]
+        h, ref = d.header, d.image.ref
+        sr = await run_in_threadpool(_stow_sr, srv, model, d, out)
+        item = {"index": t.index, "status": "stored", "study_instance_uid": h.study, "series_instance_uid": h.series,
+                "sop_instance_uid": h.sop, "sop_class_uid": h.sop_class, "modality": ref.modality or None,
+                "frame": ref.frame, **out, "sr": None}
+        if "scores" in out:
+            item["scores"] = [{"label": k, "score": v} for k, v in out["scores"].items()]
+        if sr is not None:
+            item["sr"] = {"study_instance_uid": sr.study, "series_instance_uid": sr.series,
+                          "sop_instance_uid": sr.sop, "sop_class_uid": sr.sop_class,
+                          "retrieve_url": f"{base}/{sr.study}/series/{sr.series}/instances/{sr.sop}"}
+        results.append(item)
+    info = srv.sr_info(model)
+    trusted = info["clinical_use"] and not info["degraded"]
+    medc = {"object": "dicomweb.store", "model": model.id, "clinical_use": trusted, "results": results}
+    failed = [(t.sop_class, t.sop, t.reason) for t in taken if isinstance(t, stow.Refused)]
+    stored = [(d.header.sop_class, d.header.sop, None) for d in done]
+    import orjson
+
+    log.info("%s STOW-RS %s: %d parts, %d stored, %d failed", request.state.rid, model.id, len(parts), len(done),
+             len(failed))
+    accept = request.headers.get("accept", "")
+    if "application/json" in accept and "application/dicom+json" not in accept:
+        status, dataset = stow.response(stored, failed, None)
+        return json_response({**medc, "status": status, "stow": dataset}, status)
+    status, dataset = stow.response(stored, failed, None, orjson.dumps(medc).decode())
+    return Response(orjson.dumps(dataset), status, media_type="application/dicom+json")
+
+
+async def retrieve_instance(srv: "Server", request):
+    """WADO-RS Retrieve Instance (PS3.18 10.4) for the SRs this server wrote: multipart/related with one
+    application/dicom part. Stored source instances are not served back (medc is not a PACS)."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    if srv.store is None:
+        raise ApiError(501, "this server stores no DICOM: start medc serve with --dicom-store DIR.",
+                       "dicom_store_not_configured")
+    p = request.path_params
+    try:
+        path = stow.instance_path(srv.store / "sr", p["study"], p["series"], p["instance"])
+        data = await run_in_threadpool(path.read_bytes)
+    except (ValueError, OSError):
+        raise ApiError(404, "no such instance among the Structured Reports this server wrote.",
+                       "instance_not_found") from None
+    sep = new_id()
+    body = b"".join((b"--", sep.encode(), b"\r\nContent-Type: application/dicom\r\n\r\n", data, b"\r\n--",
+                     sep.encode(), b"--\r\n"))
+    return Response(body, media_type=f'multipart/related; type="application/dicom"; boundary={sep}')
+
+
 # -- small routes ---------------------------------------------------------------------------------------------------
 async def health(srv: "Server", request):
     return json_response({"status": "ok"})
@@ -794,7 +1128,7 @@ async def metrics(srv: "Server", request):
 OPENAPI_LIMITS = (("Images", "maxItems", "max_images"), ("TextList", "maxItems", "max_inputs"),
                   ("LabelList", "maxItems", "max_inputs"), ("Messages", "maxItems", "max_messages"),
                   ("ContentParts", "maxItems", "max_content_parts"), ("StopList", "maxItems", "max_stops"),
-                  ("StopString", "maxLength", "max_stop_chars"))
+                  ("StopString", "maxLength", "max_stop_chars"), ("Slices", "maximum", "max_images"))
 
 
 def openapi_document(cfg: ServeConfig, models: list[ServedModel]) -> bytes:
@@ -829,6 +1163,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions, True),
     ("POST", "/v1/embeddings", embeddings, True),
     ("POST", "/v1/classify", classify, True),
+    ("POST", "/dicomweb/studies", stow_studies, True),
+    ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}", retrieve_instance, True),
     ("GET", "/openapi.json", openapi, False),
 ]
 
@@ -847,6 +1183,25 @@ class Server:
         # decoded pixels (20 small-file 50 MP images at once took +2.5 GiB before).
         self.decoding = asyncio.Semaphore(cfg.decode_concurrency or _cores())
         self.openapi = openapi_document(cfg, models)  # built once, answered by GET /openapi.json
+        self.store = Path(cfg.dicom_store) if cfg.dicom_store else None  # STOW-RS: instances/ and sr/ under it
+        self._sr_info: dict[str, dict] = {}
+
+    def sr_info(self, model: ServedModel) -> dict:
+        """What an SR records of the model that made it (as `medc listen` does): name, bundle digest, precision,
+        whether its weights are meant for clinical use, components that failed their gate."""
+        if model.id not in self._sr_info:
+            from medc.manifest import read_json_file
+            from medc.signing import digest
+
+            bundle = model.pipeline.bundle
+            m = bundle.manifest
+            self._sr_info[model.id] = {
+                "name": m.model["name"], "sha256": digest(read_json_file(Path(bundle.path))),
+                "precision": ",".join(sorted({c.precision for c in m.components.values()})),
+                "clinical_use": m.model.get("clinical_use", True) is not False
+                and m.model.get("source", {}).get("kind") not in ("random", "tiny"),
+                "degraded": degraded(m)}
+        return self._sr_info[model.id]
 
     def pick(self, name, kind: str) -> ServedModel:
         """The model a request names; it may be left out when one model of that kind is served."""
@@ -932,10 +1287,17 @@ class App:
     def __init__(self, srv: Server):
         self.state = types.SimpleNamespace(server=srv)
         self.routes: dict[str, dict] = {}
+        self.templates: list[tuple[re.Pattern, dict]] = []  # paths with {parameters}, tried when no path matches
         self.hosts = srv.hosts
         for method, path, handler, needs_key in ROUTES:
-            endpoint = srv.endpoint(path, handler, needs_key, json_body=method == "POST")
+            # STOW-RS bodies are multipart/related: no CORS-simple type either (a browser asks first), so checked
+            # by the route (415) instead of the JSON check.
+            json_body = method == "POST" and handler is not stow_studies
+            endpoint = srv.endpoint(path, handler, needs_key, json_body=json_body)
             methods = self.routes.setdefault(path, {})
+            if "{" in path and not any(t[1] is methods for t in self.templates):
+                pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path))
+                self.templates.append((re.compile(pattern), methods))
             methods[method] = endpoint
             if method == "GET":
                 methods["HEAD"] = endpoint  # as Starlette does; uvicorn sends no body for HEAD
@@ -946,7 +1308,13 @@ class App:
         if scope["type"] == "lifespan":
             return await self._lifespan(receive, send)
         # scope["type"] is "http": uvicorn runs with ws="none". A trailing slash names the same route.
-        methods = self.routes.get(scope["path"].rstrip("/") or "/")
+        path = scope["path"].rstrip("/") or "/"
+        methods = self.routes.get(path)
+        if methods is None and path.startswith("/dicomweb/"):
+            for pattern, candidate in self.templates:
+                if (m := pattern.fullmatch(path)) is not None:
+                    methods, scope["path_params"] = candidate, m.groupdict()
+                    break
         request = Request(scope, receive, send)
         if self.hosts is not None and (host := _wrong_host(scope, self.hosts)) is not None:
             response = ApiError(400, f"Host {host[:100]!r} is not a name of this server; call it by one of "

@@ -147,3 +147,12 @@ def decode(model, decoder, tokens: dict) -> dict:
     embeds = model.embed(np.array([[tokens[s] for s in slots]], np.int64))[0]
     out = decoder.step([Chunk(s, embeds[i:i + 1], np.zeros(1, np.int64)) for i, s in enumerate(slots)])
     return {s: o[0] for s, o in zip(slots, out)}
+
+
+@pytest.fixture(scope="module")
+def pipelines(bundle_fp32, gemma_fp32):
+    """The tiny MedSigLIP and MedGemma bundles loaded, as the server tests compare against them."""
+    import medc.runtime
+
+    with medc.runtime.load(bundle_fp32) as siglip, medc.runtime.load(gemma_fp32) as gemma:
+        yield siglip, gemma

@@ -130,7 +130,7 @@ def test_bad_calibration_folder(tmp_path, kind):
         calib.mkdir()
     if kind == "unreadable":
         (calib / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    match = {"empty": "holds no PNG or JPEG", "unreadable": "'broken.png' is corrupt", "missing": "does not exist"}[kind]
+    match = {"empty": "holds no PNG, JPEG or DICOM", "unreadable": "'broken.png' is corrupt", "missing": "does not exist"}[kind]
     out = tmp_path / "b"
     with pytest.raises(MedcError, match=match):
         build(BuildOptions(model="medsiglip-tiny", out=out, precision="image_encoder=int8", calibration=calib))

@@ -102,8 +102,9 @@ class Contract:
 
 
 @pytest.fixture(scope="module")
-def server(bundle_fp32, gemma_fp32):
-    s = ThreadServer([bundle_fp32, gemma_fp32], api_key=KEY, **LIMITS)
+def server(bundle_fp32, gemma_fp32, tmp_path_factory):
+    s = ThreadServer([bundle_fp32, gemma_fp32], api_key=KEY, dicom_store=str(tmp_path_factory.mktemp("dicom")),
+                     **LIMITS)
     yield s
     s.stop()
 
@@ -172,7 +173,10 @@ def test_every_error_code_is_documented():
             for status, response in (op["responses"].items() if method in METHODS else ()):
                 if status not in ("200", "default"):
                     name = response["$ref"].rsplit("/", 1)[1]
-                    error = doc["components"]["responses"][name]["content"]["application/json"]["schema"]["allOf"][1]
+                    schema = doc["components"]["responses"][name]["content"]["application/json"]["schema"]
+                    if "allOf" not in schema:  # not an error: STOW-RS answers 202 and 409 with its results
+                        continue
+                    error = schema["allOf"][1]
                     code = error["properties"]["error"]["properties"]["code"]
                     documented[int(status)] |= set(code.get("enum", [code.get("const")]))
     before_routing = {(404, "not_found"), (405, "method_not_allowed"), (400, "invalid_http"), (431, "headers_too_large")}
@@ -300,6 +304,11 @@ def api_schema(server, served):
     return schemathesis.openapi.from_dict(served, config=config)
 
 
+@schemathesis.serializer("multipart/related")
+def _multipart(ctx, value):  # STOW-RS: whatever was generated, sent as the body (the request has no boundary)
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 @schemathesis.deserializer("text/plain")
 def _text(ctx, response):  # /metrics: without it schemathesis leaves text bodies unchecked
     return response.content.decode(response.encoding or "utf-8")
@@ -343,6 +352,7 @@ def test_fuzz_reached_every_operation():
     assert SEEN["streams"][200] >= 1
     for method, path, _, _ in ROUTES:
         codes = SEEN[f"{method} {path}"]
-        assert codes[200] >= 1, (path, codes)
+        # A fuzzer makes no DICOM file (nor the UIDs of an SR this server wrote): tests/test_stow.py answers 200 there.
+        assert codes[200] >= 1 or path.startswith("/dicomweb/"), (path, codes)
         if method == "POST":
             assert sum(n for code, n in codes.items() if 400 <= code < 500) >= 1, (path, codes)

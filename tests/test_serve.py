@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 
-import medc.runtime
 from medc.runtime.batch import SamplingParams, Sequence
 from medc.runtime.decoder import SlotDecoder
 from medc.runtime.gemma import encode_messages
@@ -72,12 +71,6 @@ def server(bundle_fp32, gemma_fp32):
                      max_image_mb=1.0, max_body_mb=4.0)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def pipelines(bundle_fp32, gemma_fp32):
-    with medc.runtime.load(bundle_fp32) as siglip, medc.runtime.load(gemma_fp32) as gemma:
-        yield siglip, gemma
 
 
 def _data_url(path: Path) -> str:
@@ -338,8 +331,8 @@ def test_bad_images_and_limits(server):
     cases = [
         ({"images": ["data:image/png;base64," + base64.b64encode(b"not an image").decode()]}, 400, "invalid_image"),
         ({"images": ["data:image/png;base64," + base64.b64encode(png[:len(png) // 2]).decode()]}, 400, "invalid_image"),
-        ({"images": ["data:application/dicom;base64," + base64.b64encode(b"DICM" * 40).decode()]}, 415,
-         "unsupported_media_type"),
+        ({"images": ["data:application/dicom;base64," + base64.b64encode(b"DICM" * 40).decode()]}, 400,
+         "invalid_image"),  # DICOM is read (tests/test_dicom.py); this is no dataset
         ({"images": ["data:image/gif;base64,R0lGODlhAQABAAAAACw="]}, 415, "unsupported_media_type"),
         ({"images": ["https://example.org/cxr.png"]}, 400, "unsupported_image_url"),
         ({"images": ["data:image/png;base64,@@@"]}, 400, "invalid_image"),

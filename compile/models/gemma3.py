@@ -22,7 +22,7 @@ from medc.compile.models.siglip import builtin_images
 from medc.compile.spec import ComponentSpec
 from medc.errors import MedcError
 from medc.runtime.gemma import build_prompt_batch
-from medc.runtime.preprocess import load_image
+from medc.runtime.preprocess import image_files, load_image
 from medc.specs import TensorSpec
 
 # A few real prompts for the gate (no patient data).
@@ -268,7 +268,7 @@ def _vision_calibration(loaded, folder):
     if folder is None:
         images = builtin_images()
         return [{"pixel_values": loaded.preprocessing([im])} for im in images], {"source": "builtin", "count": len(images)}
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    files = image_files(Path(folder))
     return [{"pixel_values": loaded.preprocessing([load_image(f)])} for f in files], {"source": "user", "count": len(files)}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from medc.compile.spec import ComponentSpec, Family, builtin_data
 from medc.errors import MedcError
-from medc.runtime.preprocess import load_image
+from medc.runtime.preprocess import image_files, load_image
 from medc.specs import TensorSpec
 
 # Real prompts for the gate and for int8 calibration of the text encoder (no patient data: generic findings).
@@ -143,10 +143,11 @@ def _image_calibration(loaded, folder: Path | None):
         return [{"pixel_values": loaded.preprocessing([im])} for im in images], {"source": "builtin", "count": len(images)}
     folder = Path(folder)
     if not folder.is_dir():
-        raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG/JPEG images.")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        raise MedcError(f"calibration folder {folder} does not exist; pass a folder of PNG, JPEG or DICOM images.")
+    files = image_files(folder)
     if not files:
-        raise MedcError(f"calibration folder {folder} holds no PNG or JPEG images; add 16-64 representative images.")
+        raise MedcError(f"calibration folder {folder} holds no PNG, JPEG or DICOM images; add 16-64 representative "
+                        "images.")
     feeds = [{"pixel_values": loaded.preprocessing([load_image(f)])} for f in files]
     return feeds, {"source": "user", "count": len(feeds)}
 
