@@ -728,7 +728,11 @@ def lint(bundle, target, as_json):
               help="Require client certificates signed by this CA.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--series-quiet", default=10.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds without a new instance after which a CT/MR series is complete (MedGemma volume prompt).")
+              help="Seconds without a new instance after which a series is complete (MedGemma: the volume prompt; "
+                   "MedSigLIP: the series aggregate).")
+@click.option("--secondary-capture", is_flag=True,
+              help="Also write (and forward) each result rendered as a Secondary Capture image, for PACS without SR "
+                   "display.")
 @click.option("--sr-class", type=click.Choice(["comprehensive3d", "comprehensive"]), default="comprehensive3d",
               show_default=True)
 @click.option("--keep-days", type=click.FloatRange(min=0), default=None,
@@ -744,8 +748,8 @@ def lint(bundle, target, as_json):
 @_trust_option
 @_friendly
 def listen(bundle, out, ae_title, host, port, labels, prompt, max_new_tokens, allow_aet, forward, forward_untrusted,
-           tls_cert, tls_key, tls_ca, workers, series_quiet, sr_class, keep_days, dicom_config, retry_failed,
-           status_dir, threads, inline_workers, trust):
+           tls_cert, tls_key, tls_ca, workers, series_quiet, secondary_capture, sr_class, keep_days, dicom_config,
+           retry_failed, status_dir, threads, inline_workers, trust):
     """A DICOM node: receive images by C-STORE (and answer C-ECHO), run BUNDLE on each, write a JSON result and a
     DICOM Structured Report per instance under --out, and optionally forward the SRs to a PACS."""
     try:
@@ -762,7 +766,8 @@ def listen(bundle, out, ae_title, host, port, labels, prompt, max_new_tokens, al
                        prompt=prompt, max_new_tokens=max_new_tokens, allow_aet=split(allow_aet),
                        forward=parse_forward(forward) if forward else None, forward_untrusted=forward_untrusted,
                        tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca, workers=workers, quiet_s=series_quiet,
-                       sr_class=sr_class, keep_days=keep_days, dicom_config=dicom_config, threads=threads,
+                       secondary_capture=secondary_capture, sr_class=sr_class, keep_days=keep_days,
+                       dicom_config=dicom_config, threads=threads,
                        trust=_trust(trust), trust_paths=[str(t) for t in trust] or None,
                        worker_process=not inline_workers)
     log = logging.getLogger("medc.listen")

@@ -11,8 +11,11 @@ an orphan of a killed listener is finishing) and exits when the listener's end o
     incoming/SOP.dcm       received, not yet inferred          series/SERIES/SOP.dcm  MedGemma CT/MR: waiting for the
     done/SOP.dcm           inferred (kept for --keep-days)                            series to go quiet
     failed/SOP.dcm, .json  inference failed (the reason); `--retry-failed` moves them back to incoming/
-    results/SOP.json       UIDs, scores, text (never patient identifiers); results/SOP.sr.dcm the Structured Report
-    outbox/SOP.sr.dcm      SRs still to --forward (a hard link); forwarded/SOP once the PACS acknowledged it
+    results/SOP.json       UIDs, scores, text (never patient identifiers); results/SOP.sr.dcm the Structured Report;
+                           results/SOP.sc.dcm its rendering as a Secondary Capture (--secondary-capture)
+    results/series-SERIES  MedGemma: the volume prompt's result; MedSigLIP: the series aggregate (max/mean per label)
+    series-agg/SERIES/SOP  MedSigLIP: instances with a result whose series aggregate is not yet written
+    outbox/SOP.sr.dcm      SRs (and .sc.dcm) still to --forward (hard links); forwarded/SOP (SOP.sc) once acknowledged
     status.json            counters: received, inferred, failed, forwarded, queue depth (worker.json: the worker's)
 
 A result JSON is written last, after the SR, and marks an instance done: after a kill at any point a restart finds
@@ -46,7 +49,7 @@ log = logging.getLogger("medc.listen")
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 VOLUME_MODALITIES = {"CT", "MR"}
-DIRS = ("tmp", "incoming", "done", "failed", "results", "outbox", "forwarded", "series")
+DIRS = ("tmp", "incoming", "done", "failed", "results", "outbox", "forwarded", "series", "series-agg")
 
 # Image storage SOP classes the SCP accepts (PS3.4 B.5): single- and enhanced multi-frame.
 STORAGE_CLASSES = (
@@ -107,7 +110,8 @@ class ListenConfig:
     tls_key: Path | None = None
     tls_ca: Path | None = None  # given: clients must present a certificate it signed
     workers: int = 1
-    quiet_s: float = 10.0  # a CT/MR series is complete after this long without a new instance (MedGemma)
+    quiet_s: float = 10.0  # a series is complete after this long without a new instance
+    secondary_capture: bool = False  # also render each result as a Secondary Capture image (PACS without SR display)
     volume_slices: int = 4
     sr_class: str = "comprehensive3d"
     keep_days: float | None = None
@@ -470,6 +474,8 @@ class Listener:
                 log.info("instance %s waits for series %s to complete", uid_hash(sop), uid_hash(series))
                 return
             self._infer([ds], [src], key=sop)
+            if self.family == "siglip" and _UID.fullmatch(str(ds.get("SeriesInstanceUID", ""))):
+                self._note_for_series(str(ds.SeriesInstanceUID), sop, src.stat().st_mtime)
         except Exception as e:  # noqa: BLE001  (any failure is recorded with its reason, the instance kept)
             self._fail(sop, src, e)
             return
@@ -480,7 +486,7 @@ class Listener:
     def _infer(self, datasets: list, paths: list[Path], key: str, folder: Path | None = None) -> dict:
         from medc.runtime.dicom import read_dicom, read_volume
         from medc.runtime.gemma import max_slices
-        from medc.runtime.sr import AiResult, make_sr
+        from medc.runtime.sr import AiResult
 
         if folder is not None:  # a CT/MR series for MedGemma: K evenly spaced slices, as many as the context holds
             k = min(self.cfg.volume_slices,
@@ -502,19 +508,7 @@ class Listener:
             with self._model_lock:
                 result.text = self.pipeline.generate(self.cfg.prompt, images=pixels,
                                                      max_new_tokens=self.cfg.max_new_tokens)
-        sr = make_sr(datasets, result, self.cfg.sr_class)
-        from io import BytesIO
-
-        buf = BytesIO()
-        sr.save_as(buf, enforce_file_format=True)
-        tmp = self.root / "tmp"
-        write_atomic(self.path("results", f"{key}.sr.dcm"), buf.getvalue(), tmp)
-        if self.cfg.forward and not self.path("forwarded", key).exists():
-            try:
-                os.link(self.path("results", f"{key}.sr.dcm"), self.path("outbox", f"{key}.sr.dcm"))
-                fsync_dir(self.root / "outbox")
-            except FileExistsError:
-                pass
+        objects = self._write_objects(key, datasets, result)
         first = datasets[0]
         record = {
             "sop_instance_uid": key if len(datasets) == 1 else None,
@@ -525,12 +519,38 @@ class Listener:
             "clinical_use": result.trustworthy, "warning": result.warning(),
             "scores": result.scores or None, "finding": (result.finding or (None,))[0],
             "prompt": result.prompt, "text": result.text,
-            "sr": {"sop_instance_uid": str(sr.SOPInstanceUID), "series_instance_uid": str(sr.SeriesInstanceUID),
-                   "sop_class_uid": str(sr.SOPClassUID), "file": f"{key}.sr.dcm"},
+            **objects,
         }
-        write_atomic(self.path("results", f"{key}.json"), json.dumps(record, indent=1).encode(), tmp)
+        write_atomic(self.path("results", f"{key}.json"), json.dumps(record, indent=1).encode(), self.root / "tmp")
         self.counters.add("inferred")
         return record
+
+    def _write_objects(self, key: str, datasets: list, result) -> dict:
+        """Write the SR (and with --secondary-capture the SC) for `key` under results/, link them into outbox/ with
+        --forward; return what the result JSON says of them. Their UIDs are fixed by the sources: a redo rewrites the
+        same instances."""
+        from io import BytesIO
+
+        from medc.runtime.sr import make_sc, make_sr
+
+        made = {"sr": make_sr(datasets, result, self.cfg.sr_class)}
+        if self.cfg.secondary_capture:
+            made["sc"] = make_sc(datasets, result)
+        out = {}
+        for kind, ds in made.items():
+            buf = BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            name = f"{key}.{kind}.dcm"
+            write_atomic(self.path("results", name), buf.getvalue(), self.root / "tmp")
+            if self.cfg.forward and not self.path("forwarded", _forward_marker(name)).exists():
+                try:
+                    os.link(self.path("results", name), self.path("outbox", name))
+                    fsync_dir(self.root / "outbox")
+                except FileExistsError:
+                    pass
+            out[kind] = {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID),
+                         "sop_class_uid": str(ds.SOPClassUID), "file": name}
+        return out
 
     def _fail(self, sop: str, src: Path, e: Exception) -> None:
         reason = f"{type(e).__name__}: {e}"[:2000]
@@ -550,6 +570,8 @@ class Listener:
         while not self._stop.wait(0.5):
             try:
                 self._complete_series()
+                if self.family == "siglip":
+                    self._aggregate_series()
                 if self.cfg.keep_days is not None and time.time() - last_retention > 60:
                     self._retention()
                     last_retention = time.time()
@@ -586,6 +608,71 @@ class Listener:
                 move(f, self.path("done", f.name))
             d.rmdir()
 
+    def _note_for_series(self, series: str, sop: str, arrived: float) -> None:
+        """MedSigLIP: mark `sop` (its result written) as part of `series`' aggregate; the mark's mtime is its arrival."""
+        if self.path("results", f"series-{series}.json").exists():
+            return  # the aggregate is written once
+        d = self.root / "series-agg" / series
+        d.mkdir(exist_ok=True)
+        write_atomic(d / sop, b"", self.root / "tmp")
+        os.utime(d / sop, (arrived, arrived))
+
+    def _aggregate_series(self) -> None:
+        """MedSigLIP: once a series has had no new instance for --series-quiet seconds and every instance that arrived
+        within that window has its result, write its aggregate (per label: max, mean, argmax, count) and a series SR
+        over all its instances, once: a present results/series-SERIES.json is never redone."""
+        import pydicom
+        from medc.runtime.sr import AiResult
+
+        now = time.time()
+        queued = []
+        for p in (self.root / "incoming").glob("*.dcm"):
+            try:
+                queued.append(p.stat().st_mtime)
+            except FileNotFoundError:  # moved on meanwhile
+                pass
+        for d in sorted((self.root / "series-agg").iterdir()):
+            marks = list(d.iterdir())
+            key = f"series-{d.name}"
+            if marks and not self.path("results", f"{key}.json").exists():
+                last = max(m.stat().st_mtime for m in marks)
+                if now - last < self.cfg.quiet_s or any(t < last + self.cfg.quiet_s for t in queued):
+                    continue  # not quiet yet, or an instance that arrived in the window is still queued
+                try:
+                    sops = sorted(m.name for m in marks)
+                    records = {sop: json.loads(self.path("results", f"{sop}.json").read_text()) for sop in sops}
+                    labels = list(records[sops[0]]["scores"])
+                    agg = {}
+                    for label in labels:
+                        vals = {sop: float(r["scores"][label]) for sop, r in records.items()}
+                        top = max(vals, key=vals.get)
+                        mean = min(float(np.mean(list(vals.values()))), vals[top])  # rounding never above max
+                        agg[label] = {"max": vals[top], "mean": mean,
+                                      "max_sop_instance_uid": top, "count": len(vals)}
+                    datasets = [pydicom.dcmread(self.path("done", f"{sop}.dcm"), stop_before_pixels=True)
+                                for sop in sops]
+                    result = AiResult(model=self.manifest.model["name"], bundle_sha256=self.bundle_sha256,
+                                      precision=self.precision, clinical_use=self.clinical_use,
+                                      degraded=list(self.degraded), scores={k: v["max"] for k, v in agg.items()},
+                                      aggregate=f"series max over {len(sops)} instances")
+                    objects = self._write_objects(key, datasets, result)
+                    first = records[sops[0]]
+                    record = {"series_instance_uid": d.name, "study_instance_uid": first["study_instance_uid"],
+                              "sop_instance_uids": sops, "count": len(sops), "aggregate": agg,
+                              "scores": result.scores, "finding": result.finding[0], "model": result.model,
+                              "bundle_sha256": result.bundle_sha256, "precision": result.precision,
+                              "clinical_use": result.trustworthy, "warning": result.warning(), **objects}
+                    write_atomic(self.path("results", f"{key}.json"), json.dumps(record, indent=1).encode(),
+                                 self.root / "tmp")
+                    log.info("series %s aggregated over %d instances", uid_hash(d.name), len(sops))
+                except Exception as e:  # noqa: BLE001  (e.g. an instance deleted by retention: logged, retried)
+                    log.warning("series aggregate for %s failed (%s)", uid_hash(d.name), type(e).__name__)
+                    continue
+            for m in marks:
+                m.unlink(missing_ok=True)
+            d.rmdir()
+            fsync_dir(d.parent)
+
     def _retention(self) -> None:
         """Delete instances older than --keep-days, only once their result is written and, with --forward, its SR
         acknowledged."""
@@ -597,7 +684,8 @@ class Listener:
                 key = json.loads(self.path("results", f"{p.stem}.json").read_text()).get("result", p.stem)
             except (OSError, ValueError):
                 continue
-            if self.cfg.forward and not self.path("forwarded", key).exists():
+            if self.cfg.forward and not all(self.path("forwarded", m).exists() for m in
+                                            [key] + ([f"{key}.sc"] if self.cfg.secondary_capture else [])):
                 continue
             p.unlink(missing_ok=True)
 
@@ -622,12 +710,12 @@ class Listener:
     def _forwarder(self) -> None:
         backoff: dict[str, tuple[float, float]] = {}  # name -> (next try, delay)
         while not self._stop.wait(0.5):
-            for p in sorted((self.root / "outbox").glob("*.sr.dcm")):
+            for p in sorted((self.root / "outbox").glob("*.dcm")):
                 now = time.time()
                 due, delay = backoff.get(p.name, (0.0, 1.0))
                 if now < due:
                     continue
-                key = p.name[:-len(".sr.dcm")]
+                key, kind = _forward_marker(p.name), p.name.split(".")[-2].upper()
                 ok, why = self._send(p)
                 if ok:
                     write_atomic(self.path("forwarded", key), b"", self.root / "tmp")
@@ -635,10 +723,11 @@ class Listener:
                     fsync_dir(p.parent)
                     backoff.pop(p.name, None)
                     self.counters.add("forwarded")
-                    log.info("forwarded the SR for %s", uid_hash(key))
+                    log.info("forwarded the %s for %s", kind, uid_hash(key))
                 else:
                     backoff[p.name] = (now + delay, min(delay * 2, self.cfg.max_backoff_s))
-                    log.warning("forward of the SR for %s failed (%s); retrying in %.0f s", uid_hash(key), why, delay)
+                    log.warning("forward of the %s for %s failed (%s); retrying in %.0f s", kind, uid_hash(key), why,
+                                delay)
 
     def _send(self, path: Path) -> tuple[bool, str]:
         import pydicom
@@ -646,6 +735,7 @@ class Listener:
         from pynetdicom.sop_class import (
             Comprehensive3DSRStorage,
             ComprehensiveSRStorage,
+            SecondaryCaptureImageStorage,
         )
 
         host, port, aet = self.cfg.forward
@@ -654,6 +744,7 @@ class Listener:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(Comprehensive3DSRStorage)
         ae.add_requested_context(ComprehensiveSRStorage)
+        ae.add_requested_context(SecondaryCaptureImageStorage)
         assoc = ae.associate(host, port, ae_title=aet)
         if not assoc.is_established:
             return False, "no association"
@@ -663,6 +754,11 @@ class Listener:
             assoc.release()
         code = getattr(status, "Status", None)
         return (code == 0x0000, f"status 0x{code:04X}" if code is not None else "no response")
+
+
+def _forward_marker(name: str) -> str:
+    """forwarded/ marker of an outbox file: KEY for KEY.sr.dcm (as before SCs existed), KEY.sc for KEY.sc.dcm."""
+    return name[:-len(".sr.dcm")] if name.endswith(".sr.dcm") else name[:-len(".dcm")]
 
 
 def _slice_key(ds) -> tuple:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 from medc import __version__
 
 CODING_SCHEME = "99MEDC"  # medc's local coding scheme (DICOM PS3.16 8.2: private designators start with 99)
 NOTICE = "Not for diagnostic use. Produced automatically by medc; results are unverified and must be reviewed."
 SR_CLASSES = ("comprehensive3d", "comprehensive")
 
-__all__ = ["CODING_SCHEME", "NOTICE", "SR_CLASSES", "AiResult", "label_code", "make_sr", "sr_uids"]
+__all__ = ["CODING_SCHEME", "NOTICE", "SR_CLASSES", "AiResult", "label_code", "make_sc", "make_sr", "render_summary",
+           "sc_uids", "sr_uids"]
 
 
 @dataclass
@@ -39,6 +41,7 @@ class AiResult:
     prompt: str | None = None
     clinical_use: bool = True  # False: random weights
     degraded: list[str] = field(default_factory=list)  # components whose fidelity gate failed
+    aggregate: str | None = None  # e.g. "series max over 3 instances": a result over others' results (own UIDs)
 
     @property
     def trustworthy(self) -> bool:
@@ -75,7 +78,70 @@ def sr_uids(sources, result: AiResult) -> tuple[str, str]:
     first = sources[0]
     series = _uid("medc-sr-series", str(first.SeriesInstanceUID), result.bundle_sha256)
     keys = sorted(str(s.SOPInstanceUID) for s in sources)
-    return series, _uid("medc-sr", *keys, result.bundle_sha256, result.prompt or "", *sorted(result.scores))
+    extra = ("aggregate", result.aggregate) if result.aggregate else ()
+    return series, _uid("medc-sr", *keys, result.bundle_sha256, result.prompt or "", *sorted(result.scores), *extra)
+
+
+def sc_uids(sources, result: AiResult) -> tuple[str, str]:
+    """(series UID, SOP Instance UID) of the Secondary Capture rendering of the same result: as fixed as the SR's."""
+    series, sop = sr_uids(sources, result)
+    return _uid("medc-sc-series", series), _uid("medc-sc", sop)
+
+
+def render_summary(result: AiResult, size: tuple[int, int] = (768, 576)):
+    """The result as text on a black grayscale image (a uint8 array): for PACS viewers that display no SR."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.truetype("DejaVuSans.ttf", 18)
+    except OSError:
+        font = ImageFont.load_default()
+    lines = [f"medc {result.model} (medc {__version__}, {result.precision})"]
+    if result.aggregate:
+        lines.append(result.aggregate)
+    if result.finding is not None:
+        lines.append(f"Finding: {result.finding[0]} ({result.finding[1]:.3f})")
+        lines += [f"  {label}: {p:.3f}" for label, p in sorted(result.scores.items(), key=lambda kv: -kv[1])]
+    if result.prompt is not None:
+        lines.append(f"Q: {result.prompt}")
+    if result.text is not None:
+        lines.append("A: " + (result.text or "(empty)"))
+    warning = result.warning()
+    lines += ["", *(["*** " + warning.upper() + " ***"] if warning else []), NOTICE]
+    width = max(20, size[0] // 10)
+    wrapped = [w for line in lines for w in (textwrap.wrap(line, width) or [""])]
+    img = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(img)
+    y = 12
+    for line in wrapped:
+        if y > size[1] - 24:
+            draw.text((12, y), "...", fill=255, font=font)
+            break
+        draw.text((12, y), line, fill=255, font=font)
+        y += 24
+    return np.asarray(img, dtype=np.uint8)
+
+
+def make_sc(sources, result: AiResult):
+    """A Secondary Capture image (a highdicom dataset) rendering `result` as text, in the sources' study (its own
+    series), with UIDs derived like the SR's: writing it again gives the same instance."""
+    import highdicom as hd
+
+    sources = list(sources)
+    series_uid, sop_uid = sc_uids(sources, result)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        sources[0], render_summary(result), photometric_interpretation="MONOCHROME2", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=9902, sop_instance_uid=sop_uid,
+        instance_number=1, manufacturer="medc", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        patient_orientation=("L", "P"))  # highdicom wants one for PATIENT; a rendered page has none: emptied below
+    sc.PatientOrientation = None  # type 2: present, empty
+    warning = result.warning()
+    sc.SeriesDescription = ("medc AI summary" + (f" - {warning}" if warning else ""))[:64]
+    sc.ImageComments = (NOTICE if not warning else f"{warning.upper()}. {NOTICE}")[:10240]
+    sc.BurnedInAnnotation = "YES"
+    return sc
 
 
 def make_sr(sources, result: AiResult, sr_class: str = "comprehensive3d"):

@@ -497,8 +497,9 @@ def test_listen_forward_backs_off_until_the_pacs_is_up(bundle_fp32, tmp_path):
     """--forward to a PACS that is down: the SR waits in outbox/ with back-off; Orthanc started afterwards on that port
     receives it, exactly once."""
     port, pacs = _free_port(), _free_port()
+    # --series-quiet 600: no series aggregate SR joins the one forward this test counts
     node = Node(bundle_fp32, tmp_path / "out", "--forward", f"127.0.0.1:{pacs}:ORTHANC", "--forward-untrusted",
-                port=port).start()
+                "--series-quiet", "600", port=port).start()
     proc = None
     try:
         src = _series(tmp_path / "cr", 1)[0]
@@ -522,3 +523,35 @@ def test_listen_forward_backs_off_until_the_pacs_is_up(bundle_fp32, tmp_path):
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+
+
+def test_listen_secondary_capture_and_siglip_series_aggregate(bundle_fp32, tmp_path):
+    """--secondary-capture: each result also as a Secondary Capture image in the source's study; a MedSigLIP series
+    gets one aggregate (JSON and a series SR over its instances) once it has gone quiet."""
+    node = Node(bundle_fp32, tmp_path / "out", "--secondary-capture", "--series-quiet", "1")
+    node.start()
+    try:
+        ct = _series(tmp_path / "ct", 3)
+        assert _store(node.port, ct).returncode == 0
+        sops = [_sop(p) for p in ct]
+        series_uid = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+        node.wait_results([*sops, f"series-{series_uid}"], timeout=60)
+    finally:
+        node.stop()
+    src = pydicom.dcmread(ct[0])
+    sc = pydicom.dcmread(node.out / "results" / f"{sops[0]}.sc.dcm")
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sc.pixel_array.max() > 0 and sc.pixel_array.min() == 0  # text on a background
+    rec = json.loads((node.out / "results" / f"{sops[0]}.json").read_text())
+    assert rec["sc"]["sop_instance_uid"] == sc.SOPInstanceUID
+
+    agg = json.loads((node.out / "results" / f"series-{series_uid}.json").read_text())
+    assert agg["count"] == 3 and sorted(agg["sop_instance_uids"]) == sorted(sops)
+    for v in agg["aggregate"].values():
+        assert v["count"] == 3 and v["max"] >= v["mean"] and v["max_sop_instance_uid"] in sops
+    sr = hd.sr.srread(node.out / "results" / f"series-{series_uid}.sr.dcm")
+    ev = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert sorted(r.ReferencedSOPInstanceUID for r in ev.ReferencedSOPSequence) == sorted(sops)
+    assert sr.SOPInstanceUID == agg["sr"]["sop_instance_uid"] != rec["sr"]["sop_instance_uid"]
+    assert not list((node.out / "series-agg").iterdir())
