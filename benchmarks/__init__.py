@@ -1,1 +1,1 @@
-"""Benchmarks: the BenchResult record, the bench runner behind `medc bench`, and full-size benchmark scripts."""
+"""Benchmarks: the one result schema, `medc bench` sweeps and baselines, the roofline, reports and comparisons."""

@@ -21,7 +21,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-METRICS = ("decode_tok_s", "prefill_tok_s", "ttft_ms", "tpot_p50_ms")
+from medc.benchmarks.schema import Metric, Result, Row
+
+# name -> unit; tpot_p50_ms is the median inter-token latency of a run (the ratios are per round, not per token)
+METRICS = {"decode_tok_s": "tok/s", "prefill_tok_s": "tok/s", "ttft_ms": "ms", "tpot_p50_ms": "ms"}
+
+
+def _medians(doc) -> dict:
+    """Per metric, the median over `medc bench`'s runs: from a result-schema file (this medc) or the list of rows an
+    older medc wrote (side A is often an older version)."""
+    if isinstance(doc, dict) and doc.get("schema"):
+        rows = [r for r in doc["rows"] if r["kind"] == "generation" and not r["params"].get("past")]
+        got = {}
+        for m in METRICS:
+            name = "tpot_ms" if m == "tpot_p50_ms" else m
+            vals = [x["p50"] if x["p50"] is not None else x["avg"] for r in rows for x in r["metrics"]
+                    if x["name"] == name]
+            got[m] = statistics.median(vals)
+        return got
+    rows = [r for r in doc if r.get("kind", "run") == "run"]
+    return {m: statistics.median(r[m] for r in rows) for m in METRICS}
 
 
 def bench(site: str, bundle: Path, args, out: Path) -> dict:
@@ -30,11 +49,33 @@ def bench(site: str, bundle: Path, args, out: Path) -> dict:
            "--new-tokens", str(args.new_tokens), "--past", "", "--repeat", str(args.repeat), "--warmup", "1",
            "--threads", str(args.threads), "--json", str(out)]
     subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), check=True, capture_output=True, text=True)
-    rows = [r for r in json.loads(out.read_text()) if r.get("kind", "run") == "run"]
-    return {m: statistics.median(r[m] for r in rows) for m in METRICS}
+    return _medians(json.loads(out.read_text()))
+
+
+def result(rounds: list[dict], bundle: str, a: str, b: str, params: dict, run=None) -> Result:
+    """Rows: side A, side B (per-round medians as samples) and B / A (per-round ratios: their p50 is the headline)."""
+    from medc.benchmarks.host import run_info
+
+    rows = []
+    for side, site in (("A", a), ("B", b)):
+        rows.append(Row("ab", bundle, "onnxruntime", {"side": side, "site": site, **params},
+                        [Metric.of(m, unit, [x[f"{side.lower()}_{m}"] for x in rounds]) for m, unit in METRICS.items()]))
+    rows.append(Row("ab", bundle, "onnxruntime", {"side": "B/A", "site": f"{b} / {a}", **params},
+                    [Metric.of(f"ratio_{m}", "x", [x[f"ratio_{m}"] for x in rounds]) for m in METRICS]))
+    run = run or run_info(params.get("threads"), ["CPUExecutionProvider"])
+    order = ", ".join(f"round {x['round'] + 1}: {x['first'].upper()} first" for x in rounds)
+    run.notes = [(f"A: {a}; B: {b}. One `medc bench` per side per round, in fresh processes, alternating which goes "
+                  "first; ratios are B / A per round (tokens/s: above 1 is B faster; ms: below 1 is), the headline is "
+                  "their median (the p50 of the ratio_* metrics)"),
+                 f"order: {order}", *run.notes]
+    title = (f"A/B runtime: {bundle}, {params['prompt_tokens']}-token prompt + {params['new_tokens']} greedy tokens, "
+             f"{params['threads']} threads, {len(rounds)} interleaved rounds")
+    return Result(run, rows, title)
 
 
 def main() -> None:
+    from medc.benchmarks import schema
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--a", required=True, help="PYTHONPATH of version A (a regular install)")
@@ -55,24 +96,13 @@ def main() -> None:
                            **{f"ratio_{m}": got["b"][m] / got["a"][m] for m in METRICS}})
             print(f"round {r + 1}: decode B/A {rounds[-1]['ratio_decode_tok_s']:.3f}, "
                   f"prefill B/A {rounds[-1]['ratio_prefill_tok_s']:.3f}", flush=True)
-    summary = {m: statistics.median(x[f"ratio_{m}"] for x in rounds) for m in METRICS}
-    result = {"bundle": str(args.bundle), "a": args.a, "b": args.b, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "threads": args.threads, "repeat": args.repeat, "rounds": rounds,
-              "median_ratio_b_over_a": summary}
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"# A/B runtime: {args.bundle.name}, {args.prompt_tokens}-token prompt + {args.new_tokens} greedy tokens, "
-          f"{args.threads} threads, {args.rounds} interleaved rounds", "",
-          f"A: `{args.a}`; B: `{args.b}`. Ratios are B / A (tokens/s: above 1 is B faster; ms: below 1 is).", "",
-          "| round | first | decode tok/s A | decode tok/s B | B/A | prefill tok/s A | prefill tok/s B | B/A | "
-          "TPOT p50 ms A | B | B/A |", "|" + "---|" * 11]
-    for x in rounds:
-        md.append(f"| {x['round'] + 1} | {x['first'].upper()} | {x['a_decode_tok_s']:.1f} | {x['b_decode_tok_s']:.1f} | "
-                  f"{x['ratio_decode_tok_s']:.3f} | {x['a_prefill_tok_s']:.1f} | {x['b_prefill_tok_s']:.1f} | "
-                  f"{x['ratio_prefill_tok_s']:.3f} | {x['a_tpot_p50_ms']:.2f} | {x['b_tpot_p50_ms']:.2f} | "
-                  f"{x['ratio_tpot_p50_ms']:.3f} |")
-    md += ["", "Median of per-round ratios: " + ", ".join(f"{m} {v:.3f}" for m, v in summary.items())]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    params = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
+              "repeat": args.repeat}
+    res = result(rounds, args.bundle.name, args.a, args.b, params)
+    res.run.command = " ".join(["python benchmarks/ab_runtime.py", *sys.argv[1:]])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    schema.save(res, args.out)
+    print(schema.to_markdown(res))
 
 
 if __name__ == "__main__":

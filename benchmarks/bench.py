@@ -1,84 +1,37 @@
-"""`medc bench`: latency/throughput of a bundle's components, optionally against HF PyTorch eager fp32.
+"""`medc bench BUNDLE…`: a sweep over bundles and baselines, interleaved, into one `Result` (benchmarks/schema.py).
 
-One `BenchResult` row per (component, backend, batch); its fields are the columns of the Markdown table and the JSON.
-The baseline runs interleaved with the bundle (one ORT run, one torch run, ...) so this machine's speed drift hits
-both equally and the speed-up ratio stays meaningful.
+    bench(bundles, sweep, baselines) ─┬─ runners: one per bundle and thread count (EncoderRunner / GenerationRunner)
+                                      │           + the baselines asked for (benchmarks/baselines.py)
+                                      ├─ sweep.run(): rounds, interleaved, host probe between rounds
+                                      └─ roofline.attach(): each medc row's floor on this machine, achieved fraction
+
+Embedding bundles (MedSigLIP) are timed per component on the bundle's own golden inputs tiled to the batch size;
+generative bundles (MedGemma, Gemma 3) on a fixed prompt of exactly N tokens, greedy, M new tokens (generation.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shlex
+import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from medc.benchmarks import baselines, roofline
+from medc.benchmarks import sweep as sweeps
+from medc.benchmarks.generation import fixed_prompt, golden_image, medc_generate_timed, timed_samples, vision_ms
+from medc.benchmarks.host import Probe, bundle_info, gpu_memory_used_mib, run_info
+from medc.benchmarks.schema import Result
 from medc.errors import MedcError
-from medc.system import cpu_info, git_commit, peak_rss_mib
 
 
-@dataclass
-class BenchResult:
-    model: str
-    component: str
-    backend: str  # "onnxruntime" | "torch-eager"
-    precision: str
-    method: str
-    batch: int
-    repeat: int
-    mean_ms: float
-    std_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    items_per_s: float
-    peak_rss_mib: float
-    speedup: float | None  # baseline mean / this mean, for the bundle's rows when a baseline ran
-    threads: int
-    providers: str
-    ort_version: str
-    cpu: str
-    commit: str | None
-    samples_ms: list[float] = field(default_factory=list, repr=False)
+def rss_mib() -> float:
+    import psutil
 
-    @classmethod
-    def from_samples(cls, samples_s: list[float], batch: int, **kw) -> "BenchResult":
-        ms = np.asarray(samples_s) * 1e3
-        return cls(batch=batch, repeat=len(ms), mean_ms=float(ms.mean()), std_ms=float(ms.std()),
-                   p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
-                   p99_ms=float(np.percentile(ms, 99)), items_per_s=float(batch * 1e3 / ms.mean()),
-                   peak_rss_mib=peak_rss_mib(), speedup=None, samples_ms=[round(float(v), 3) for v in ms], **kw)
-
-
-_COLUMNS = ("component", "backend", "precision", "method", "batch", "mean_ms", "std_ms", "p50_ms", "p90_ms",
-            "p99_ms", "items_per_s", "speedup", "peak_rss_mib", "threads")
-
-
-def to_markdown(results: list[BenchResult]) -> str:
-    if not results:
-        return "(no results)"
-    head = results[0]
-    lines = [f"model {head.model} | cpu {head.cpu} | onnxruntime {head.ort_version} | providers {head.providers} "
-             f"| commit {head.commit or '-'}", "",
-             "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    for r in results:
-        cells = []
-        for c in _COLUMNS:
-            v = getattr(r, c)
-            cells.append("-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def to_json(results: list[BenchResult]) -> str:
-    return json.dumps([asdict(r) for r in results], indent=2)
-
-
-def from_json(text: str) -> list[BenchResult]:
-    names = {f.name for f in fields(BenchResult)}
-    return [BenchResult(**{k: v for k, v in row.items() if k in names}) for row in json.loads(text)]
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def _feeds_for_batch(cases: dict, batch: int) -> dict[str, np.ndarray]:
@@ -87,96 +40,176 @@ def _feeds_for_batch(cases: dict, batch: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.resize(v, (batch,) + v.shape[1:])) for k, v in first.items()}
 
 
-def torch_baseline(manifest):
-    """The HF PyTorch eager fp32 model the bundle was built from (needs medc[build])."""
+class EncoderRunner:
+    """One embedding bundle (MedSigLIP) at one thread count: an ONNX Runtime session per component."""
+
+    kind = "encoder"
+    backend = "onnxruntime"
+
+    def __init__(self, bundle_dir: Path, threads: int | None, components: tuple[str, ...] = ()):
+        from medc.runtime.bundle import open_bundle
+        from medc.runtime.session import OrtSession
+        from medc.runtime.verify import golden_cases
+
+        rss, t = rss_mib(), time.perf_counter()
+        self.b = open_bundle(bundle_dir)
+        m = self.b.manifest
+        unknown = [n for n in components if n not in m.components]
+        if unknown:
+            raise MedcError(f"unknown component(s) {', '.join(unknown)}; {bundle_dir} has {', '.join(m.components)}.")
+        self.names = list(components) or list(m.components)
+        self.sessions = {n: OrtSession(self.b.file(m.components[n].file), self.b.providers, threads)
+                         for n in self.names}
+        self.load_s, self.load_rss_mib = time.perf_counter() - t, rss_mib() - rss
+        with np.load(self.b.path / m.golden) as g:
+            golden = {k: g[k] for k in g.files}
+        self.golden = {n: golden_cases(golden, n) for n in self.names}
+        self.bundle, self.threads, self.notes = self.b.path.name, threads or os.cpu_count() or 1, []
+        self._feeds: dict[tuple, dict] = {}
+        self.providers = sorted({p for s in self.sessions.values() for p in s.active_providers})
+
+    def cases(self, sweep: sweeps.Sweep) -> list[dict]:
+        return sweep.encoder_cases(self.names)
+
+    def run(self, case: dict) -> dict[str, list[float]]:
+        key = (case["component"], case["batch"])
+        if key not in self._feeds:
+            self._feeds[key] = _feeds_for_batch(self.golden[key[0]], key[1])
+        sess, feeds = self.sessions[key[0]], self._feeds[key]
+        t = time.perf_counter()
+        sess.run(feeds)
+        ms = (time.perf_counter() - t) * 1e3
+        return {"latency_ms": [ms], "items_per_s": [key[1] * 1e3 / ms]}
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+
+
+class GenerationRunner:
+    """One generative bundle (MedGemma / Gemma 3) at one thread count, through the runtime's own pipeline."""
+
+    kind = "generation"
+    backend = "onnxruntime"
+
+    def __init__(self, bundle_dir: Path, threads: int | None):
+        import medc.runtime
+
+        rss, t = rss_mib(), time.perf_counter()
+        self.pipe = medc.runtime.load(bundle_dir, threads=threads)
+        self.assets = self.pipe.assets
+        self.load_s, self.load_rss_mib = time.perf_counter() - t, rss_mib() - rss
+        self.bundle, self.threads, self.notes = self.pipe.bundle.path.name, threads or os.cpu_count() or 1, []
+        self.pixels = golden_image(self.pipe)
+        self.image = _test_image(self.pipe) if self.pixels is not None else None
+        self._prompts: dict[int, str] = {}
+        self.providers = sorted(set(self.pipe.active_providers("decoder")))
+
+    def cases(self, sweep: sweeps.Sweep) -> list[dict]:
+        """The sweep's cases that fit this build's context; a main-run prompt too long for it is shortened to fit
+        (and said so), a --past depth that does not fit is skipped."""
+        limit, out = self.assets.max_positions, []
+        for case in sweep.generation_cases():
+            image_tokens = self.assets.mm_tokens_per_image if case["images"] else 0
+            room = limit - image_tokens - case["new_tokens"]
+            if case["images"] and self.image is None:
+                self.notes.append(f"{self.bundle}: images=1 skipped: a text-only model")
+                continue
+            if case["prompt_tokens"] > room:
+                if case["past"] or room < 1:
+                    self.notes.append(f"{self.bundle}: prompt {case['prompt_tokens']} + {case['new_tokens']} new "
+                                      f"tokens skipped: this build's context is {limit} tokens")
+                    continue
+                self.notes.append(f"{self.bundle}: prompt shortened from {case['prompt_tokens']} to {room} tokens: "
+                                  f"this build's context is {limit} tokens")
+                case = dict(case, prompt_tokens=room)
+            if case not in out:
+                out.append(case)
+        return out
+
+    def prompt(self, n: int) -> str:
+        if n not in self._prompts:
+            self._prompts[n] = fixed_prompt(self.assets, n)
+        return self._prompts[n]
+
+    def run(self, case: dict) -> dict[str, list[float]]:
+        images = [self.image] if case["images"] else None
+        timed = medc_generate_timed(self.pipe, self.prompt(case["prompt_tokens"]), case["new_tokens"],
+                                    case["batch"], images)
+        out = timed_samples(timed, case["batch"], case["prompt_tokens"]) | {"tokens": timed[2]}
+        if case["images"]:
+            out["vision_ms"] = [vision_ms(self.pipe, self.pixels)]
+        return out
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def _test_image(pipe):
+    """A fixed greyscale radiograph-like image (a smooth gradient with structure) at the encoder's input size."""
+    from PIL import Image
+
+    size = int(pipe.bundle.manifest.preprocessing["image"]["height"])
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = (127 + 100 * np.sin(6 * x) * np.cos(4 * y)).astype(np.uint8)
+    return Image.fromarray(img, "L").convert("RGB")
+
+
+def _runner_for(bundle_dir: Path, threads: int | None, sweep: sweeps.Sweep):
+    from medc.manifest import Manifest
+
+    if Manifest.read(bundle_dir).model.get("family") == "gemma3":
+        if sweep.components:
+            raise MedcError("--component is for embedding bundles; a generative bundle is timed whole.")
+        return GenerationRunner(bundle_dir, threads)
+    return EncoderRunner(bundle_dir, threads, sweep.components)
+
+
+def bench(bundles: list[Path], sweep: sweeps.Sweep, baseline_names: tuple[str, ...] = (), source: Path | None = None,
+          probe: bool = True, log: Callable[[str], None] = lambda m: None, title: str | None = None) -> Result:
+    """Run the sweep over `bundles` (and each baseline asked for) and return the Result, floors attached."""
+    if not bundles:
+        raise MedcError("name at least one bundle to benchmark.")
+    names = [Path(b).name for b in bundles]
+    if len(set(names)) < len(names):
+        raise MedcError(f"two bundles share a folder name ({', '.join(names)}); rows are named by folder, so rename one.")
+    runners, notes = [], []
+    infos = {i.name: i for i in (bundle_info(Path(b)) for b in bundles)}  # before the sweep: fail early
     try:
-        from medc.compile import loader
-        from medc.compile.registry import MODELS
-    except ImportError as e:
-        raise MedcError(f"--baseline torch needs the build extra (pip install 'medc[build]'): {e}") from None
-    src = manifest.model["source"]
-    if src["kind"] == "checkpoint":  # a checkpoint folder or a GGUF file
-        return loader.load(str(loader.locate_source(src)))
-    name = manifest.model["name"]
-    if name not in MODELS:
-        raise MedcError(f"cannot rebuild the reference for {name}: not in this medc's registry.")
-    return loader.load(name, random_weights=src["kind"] == "random")
-
-
-def bench_bundle(bundle_dir: Path, batches: list[int], repeat: int = 10, warmup: int = 2, threads: int | None = None,
-                 components: list[str] | None = None, baseline: str | None = None) -> list[BenchResult]:
-    import onnxruntime as ort
-
-    from medc.runtime.bundle import open_bundle
-    from medc.runtime.session import OrtSession
-    from medc.runtime.verify import golden_cases
-
-    bundle = open_bundle(bundle_dir)
-    m = bundle.manifest
-    golden = dict(np.load(bundle.path / m.golden))
-    names = components or list(m.components)
-    unknown = [n for n in names if n not in m.components]
-    if unknown:
-        raise MedcError(f"unknown component(s) {', '.join(unknown)}; the bundle has {', '.join(m.components)}.")
-    ref = torch_baseline(m) if baseline == "torch" else None
-    if ref is not None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-    common = dict(model=m.model["name"], ort_version=ort.__version__, cpu=cpu_info(),
-                  commit=git_commit())
-    results: list[BenchResult] = []
-    for name in names:
-        comp = m.components[name]
-        cases = golden_cases(golden, name)
-        module = None
-        if ref is not None:
-            spec = {c.name: c for c in ref.family.components(ref.hf_model.config)}[name]
-            module = spec.extract(ref.hf_model)
-        with OrtSession(bundle.file(comp.file), bundle.providers, threads) as sess:
-            used_threads = threads or os.cpu_count() or 1
-            for b in batches:
-                feeds = _feeds_for_batch(cases, b)
-                ort_t, torch_t = [], []
-                run_torch = _torch_runner(module, comp, feeds) if module is not None else None
-                for _ in range(warmup):
-                    sess.run(feeds)
-                    if run_torch:
-                        run_torch()
-                for _ in range(repeat):  # interleaved: drift hits both sides alike
-                    t = time.perf_counter()
-                    sess.run(feeds)
-                    ort_t.append(time.perf_counter() - t)
-                    if run_torch:
-                        t = time.perf_counter()
-                        run_torch()
-                        torch_t.append(time.perf_counter() - t)
-                row = BenchResult.from_samples(ort_t, b, component=name, backend="onnxruntime",
-                                               precision=comp.precision,
-                                               method=comp.quantization.get("method", "none"), threads=used_threads,
-                                               providers=",".join(sess.active_providers), **common)
-                results.append(row)
-                if run_torch:
-                    import torch
-
-                    base = BenchResult.from_samples(torch_t, b, component=name, backend="torch-eager",
-                                                    precision="fp32", method="none", threads=torch.get_num_threads(),
-                                                    providers="torch-cpu", **common)
-                    row.speedup = base.mean_ms / row.mean_ms
-                    results.append(base)
-    return results
-
-
-def _torch_runner(module, comp, feeds):
-    import torch
-
-    from medc.compile.export import module_args
-
-    args = module_args(module, comp, feeds)
-
-    def run():
-        with torch.inference_mode():
-            module(*args)
-
-    return run
+        for threads in sweep.threads:
+            for b in bundles:
+                log(f"loading {b} ({threads or 'default'} threads)")
+                runners.append(_runner_for(Path(b), threads, sweep))
+        medc_runners = list(runners)
+        for name in baseline_names:
+            made, why = baselines.make(name, medc_runners, sweep, source, log)
+            runners += made
+            notes += why
+        kinds = {r.kind for r in runners}
+        if len(kinds) > 1:
+            raise MedcError("embedding and generative bundles cannot share a sweep (their parameters differ); run "
+                            "them in two `medc bench` calls.")
+        probe_ = Probe(sweep.threads[0]) if probe else None
+        rows = sweeps.run(runners, sweep, probe_, log, gpu_memory_used_mib)
+        notes += list(dict.fromkeys(n for r in runners for n in r.notes))
+        providers = sorted({p for r in runners for p in getattr(r, "providers", [])})
+    finally:
+        for r in runners:
+            r.close()
+    infos |= {r.info.name: r.info for r in runners if getattr(r, "info", None)}
+    info = run_info(",".join(str(t or os.cpu_count()) for t in sweep.threads), providers,
+                    list(infos.values()),
+                    "medc bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+                    else None, probe_.metrics() if probe_ else [])
+    info.notes += notes
+    result = Result(info, rows, title)
+    if probe_ is not None:
+        workloads = {}
+        for b in bundles:
+            try:
+                workloads[Path(b).name] = roofline.Workload.of_bundle(Path(b), source)
+            except (MedcError, ImportError) as e:
+                info.notes.append(f"{Path(b).name}: no roofline floor ({e})")
+        on_gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers)
+        info.notes += roofline.attach(rows, workloads, roofline.Peaks.from_probe(info.probe), on_gpu)
+    return result

@@ -9,7 +9,9 @@ nodes per provider, and the op types left on the CPU), for MedGemma the greedy t
 generate (fp32 reference on the CPU: the text, image and left-padded batch prompts of tests/test_gemma.py), and the
 median time of a component call or a 32-token generation on CPU and CUDA. Tiny models time launch overheads, not the
 GPU: those numbers say what a call costs, not what MedGemma 4B will do. Each case is caught on its own, so one failure
-still leaves the others' results. Writes cuda-check.json and cuda-check.md to --out; exits 1 if anything failed.
+still leaves the others' results. Writes a benchmark result (benchmarks/schema.py) to --out: OUT.json and OUT.md, rows
+of kind "check" (one per case: build, greedy agreement, generation, passed) and "check_component" (one per case and
+component: verify, placement, call times); exits 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from medc.benchmarks.schema import Metric, Result, Row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.test_gemma: the same HF reference as the tests
@@ -58,19 +61,21 @@ def placement(path: Path, feeds: dict) -> dict:
     return {"providers": dict(by), "cpu_ops": dict(on_cpu), "active": sess.get_providers()}
 
 
-def median_ms(fn, repeat: int = 20) -> float:
+def times_ms(fn, repeat: int = 20) -> list[float]:
+    """Every call's time after one warm-up call (the rows keep the samples; tables show their median)."""
     fn()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+        times.append(1e3 * (time.perf_counter() - t))
+    return times
 
 
 def greedy_vs_hf(bundle: Path, gemma) -> dict:
     import medc.runtime
     from medc.compile.models.siglip import builtin_images
+
     from tests.test_gemma import _hf_generate
 
     out = {}
@@ -84,11 +89,11 @@ def greedy_vs_hf(bundle: Path, gemma) -> dict:
     return out
 
 
-def generation_ms(bundle: Path, providers: list[str]) -> float:
+def generation_ms(bundle: Path, providers: list[str]) -> list[float]:
     import medc.runtime
 
     with medc.runtime.load(bundle, providers=providers) as m:
-        return median_ms(lambda: m.generate_ids(PROMPTS[:1], max_new_tokens=32, ignore_eos=True), repeat=5)
+        return times_ms(lambda: m.generate_ids(PROMPTS[:1], max_new_tokens=32, ignore_eos=True), repeat=5)
 
 
 def check(model: str, target: str, precision: str, root: Path, gemma) -> dict:
@@ -115,7 +120,7 @@ def check(model: str, target: str, precision: str, root: Path, gemma) -> dict:
             from medc.runtime.session import OrtSession
 
             with OrtSession(out / comp.file, CPU) as a, OrtSession(out / comp.file, CUDA) as b:
-                row["ms"][name] = {"cpu": median_ms(lambda: a.run(feeds)), "cuda": median_ms(lambda: b.run(feeds))}
+                row["ms"][name] = {"cpu": times_ms(lambda: a.run(feeds)), "cuda": times_ms(lambda: b.run(feeds))}
     if model == "medgemma-tiny":
         row["greedy_vs_hf"] = greedy_vs_hf(out, gemma)
         row["ms"]["generate_32"] = {"cpu": generation_ms(out, CPU), "cuda": generation_ms(out, CUDA)}
@@ -125,9 +130,8 @@ def check(model: str, target: str, precision: str, root: Path, gemma) -> dict:
 
 
 def environment() -> dict:
-    import onnxruntime as ort
-
     import medc
+    import onnxruntime as ort
 
     env = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "medc": medc.__version__}
     try:
@@ -139,34 +143,74 @@ def environment() -> dict:
     return env
 
 
-def markdown(env: dict, rows: list[dict]) -> str:
-    lines = [f"# ONNX Runtime CUDA check on {env.get('gpu')}", "",
-             f"onnxruntime {env['onnxruntime']}, torch {env.get('torch')}, medc {env['medc']}. Tiny random models: "
-             "the times are call overheads, not model speed.", "",
-             "| model | target | precision | attention | verify on CUDA (min cosine) | nodes CUDA / CPU | ops on CPU | "
-             "greedy = HF (text, image, batch) | ms CPU | ms CUDA |", "|---" * 10 + "|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | FAILED: {r['error'][:160]} |||||||")
-            continue
-        cos = min((v["cosine"] for v in r["verify"].values() if v["cosine"] is not None), default=float("nan"))
-        ok = "PASS" if all(v["passed"] for v in r["verify"].values()) else "FAIL"
-        nodes = [sum(p["providers"].get(k, 0) for p in r["placement"].values())
-                 for k in ("CUDAExecutionProvider", "CPUExecutionProvider")]
-        ops = Counter()
-        for p in r["placement"].values():
-            ops.update(p["cpu_ops"])
-        greedy = ", ".join(f"{g['tokens_agreeing']}/{g['tokens']}" for g in r.get("greedy_vs_hf", {}).values()) or "-"
-        ms = r["ms"].get("generate_32") or next(iter(r["ms"].values()), {"cpu": float("nan"), "cuda": float("nan")})
-        lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {r.get('attention') or '-'} | {ok} "
-                     f"({cos:.6f}) | {nodes[0]} / {nodes[1]} | {', '.join(f'{k}×{v}' for k, v in ops.most_common(6))} "
-                     f"| {greedy} | {ms['cpu']:.2f} | {ms['cuda']:.2f} |")
-    return "\n".join(lines) + "\n"
+def _ms(name: str, v) -> Metric:
+    """A time: samples (this script) or one median (results of the older script, which kept no samples)."""
+    return Metric.of(name, "ms", v) if isinstance(v, list) else Metric.summary(name, "ms", p50=v)
+
+
+def rows_of(case: dict) -> list[Row]:
+    """The schema rows of one case (a `check` result, or a failed case's error): one row of kind "check" for the case
+    (build time, greedy agreement with HF, 32-token generation on CPU and CUDA, passed), then one "check_component"
+    per component (verify on CUDA, node placement, call times)."""
+    bundle = f"{case['model']}-{case['target']}-{case['precision']}"
+    params = {"model": case["model"], "target": case["target"], "precision": case["precision"],
+              "attention": case.get("attention")}
+    head = Row("check", bundle, "onnxruntime", dict(params))
+    for k in ("build_s", "seconds"):
+        if case.get(k) is not None:
+            head.metrics.append(Metric.of(k, "s", [case[k]]))
+    for g, r in (case.get("greedy_vs_hf") or {}).items():
+        head.metrics += [Metric.of(f"greedy_{g}_tokens_agreeing", "tokens", [r["tokens_agreeing"]]),
+                         Metric.of(f"greedy_{g}_tokens", "tokens", [r["tokens"]])]
+    gen = (case.get("ms") or {}).get("generate_32")
+    if gen:
+        head.metrics += [_ms("generate_32_cpu_ms", gen["cpu"]), _ms("generate_32_cuda_ms", gen["cuda"])]
+    head.metrics.append(Metric.of("passed", "bool", [float(bool(case.get("passed")))]))
+    if "error" in case:
+        head.notes.append(f"{bundle} FAILED: {case['error']}")
+    rows = [head]
+    for name, v in (case.get("verify") or {}).items():
+        row = Row("check_component", bundle, "onnxruntime", {**params, "component": name})
+        if v.get("cosine") is not None:
+            row.metrics.append(Metric.of("verify_cosine", "cosine", [v["cosine"]]))
+        if v.get("max_abs") is not None:
+            row.metrics.append(Metric.of("verify_max_abs", "abs", [v["max_abs"]]))
+        row.metrics.append(Metric.of("verify_passed", "bool", [float(bool(v["passed"]))]))
+        place = (case.get("placement") or {}).get(name) or {}
+        for prov, short in (("CUDAExecutionProvider", "cuda"), ("CPUExecutionProvider", "cpu")):
+            row.metrics.append(Metric.of(f"nodes_{short}", "nodes", [place.get("providers", {}).get(prov, 0)]))
+        ms = (case.get("ms") or {}).get(name)
+        if ms:
+            row.metrics += [_ms("cpu_ms", ms["cpu"]), _ms("cuda_ms", ms["cuda"])]
+        if place.get("cpu_ops"):
+            ops = sorted(place["cpu_ops"].items(), key=lambda kv: -kv[1])
+            row.notes.append(f"{bundle} {name}: ops on the CPU " + ", ".join(f"{k}×{n}" for k, n in ops))
+        gated = (case.get("gated_on") or {}).get(name)
+        if gated:
+            row.notes.append(f"{bundle} {name}: fp16 gate ran on {gated}")
+        rows.append(row)
+    return rows
+
+
+NOTES = ["Tiny random models: the times are call overheads, not model speed",
+         ("verify_*: `medc verify` on the CUDA provider (worst case); nodes_*: where ONNX Runtime placed the "
+          "component's nodes in one run (its profiler); greedy_*: greedy tokens on the GPU against Hugging Face "
+          "generate (fp32 on the CPU) for the text, image and left-padded batch prompts of tests/test_gemma.py")]
+
+
+def result(env: dict, cases: list[dict], run=None, command: str | None = None) -> Result:
+    from medc.benchmarks.host import run_info
+
+    run = run or run_info(None, env.get("providers"), command=command)
+    run.notes = [*NOTES, *run.notes]
+    return Result(run, [r for c in cases for r in rows_of(c)], f"ONNX Runtime CUDA check on {env.get('gpu')}")
 
 
 def main() -> int:
+    from medc.benchmarks import schema
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="results path without suffix (.json and .md written)")
     ap.add_argument("--only", default="", help="comma-separated model-target-precision keys, e.g. medgemma-tiny-cuda-fp16")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run the whole check on the CPU provider (no GPU)")
     args = ap.parse_args()
@@ -185,7 +229,8 @@ def main() -> int:
 
     gemma = loader.load("medgemma-tiny")
     rows = []
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/cuda_check.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:
         for model, target, precision in CASES:
             if args.only and f"{model}-{target}-{precision}" not in args.only.split(","):
@@ -196,14 +241,12 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - one case's failure must not hide the others' results
                 row = {"model": model, "target": target, "precision": precision, "passed": False,
                        "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+                print(row["traceback"], file=sys.stderr)
             row["seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print(json.dumps(row, default=str)[:1500], flush=True)
-            (args.out / "cuda-check.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1,
-                                                                  default=str))
-    md = markdown(env, rows)
-    (args.out / "cuda-check.md").write_text(md)
-    print(md)
+            schema.save(result(env, rows, command=command), args.out)  # after each case: a crash keeps the rest
+    print(schema.to_markdown(result(env, rows, command=command)))
     return 0 if all(r["passed"] for r in rows) else 1
 
 

@@ -1,4 +1,4 @@
-"""Load through `medc listen`: C-STORE acknowledgement latency and instances/s, written as JSON + Markdown.
+"""Load through `medc listen`: C-STORE acknowledgement latency and instances/s, written as a benchmark result.
 
     python benchmarks/listen_load.py bundles/medsiglip-tiny /tmp/medsiglip-448-int8:20:1.0 --out benchmarks/results/listen-load
 
@@ -9,6 +9,10 @@ pooled, so a drift of the machine's speed over minutes hits both. Each run sends
 CT_small.dcm (new UIDs each, built in memory before the clock starts) back to back over one association from a
 pynetdicom client in this process (TCP_NODELAY set, see run_once); the ack latency is the client's time around each send_c_store (encode, send,
 fsync'd store, response). Instances/s is N over the time from the first send to the last result JSON on disk.
+
+The result (benchmarks/schema.py, JSON + Markdown) has one row of kind "listen" per bundle and arm, the rounds pooled:
+params {arm, instances, interval_s, rounds}; metrics latency_ms (every C-STORE's ack latency, all rounds),
+instances_per_s, send_s, total_s and stored_ok (one sample per round, in round order).
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from medc.benchmarks import schema
+from medc.benchmarks.schema import Metric, Row
 
 
 @dataclass
@@ -43,6 +50,7 @@ class RunResult:
     send_s: float  # first send to last ack
     total_s: float  # first send to last result
     instances_per_s: float
+    acks_ms: list[float] = field(default_factory=list, repr=False)  # every C-STORE's ack latency
 
 
 def _free_port() -> int:
@@ -120,39 +128,24 @@ def run_once(bundle: Path, arm: str, n: int, rnd: int, threads: int | None, time
     return RunResult(bundle=bundle.name, arm=arm, round=rnd, instances=n, stored_ok=ok,
                      ack_p50_ms=round(float(np.percentile(a, 50)), 2), ack_p99_ms=round(float(np.percentile(a, 99)), 2),
                      ack_max_ms=round(float(a.max()), 2), interval_s=interval, send_s=round(t_sent - t0, 3), total_s=round(total, 3),
-                     instances_per_s=round(n / total, 2))
+                     instances_per_s=round(n / total, 2), acks_ms=acks)
 
 
-def pooled(runs: list[RunResult]) -> dict:
-    """Per bundle and arm: medians over rounds of p50, p99 and instances/s."""
-    out = {}
-    for key in sorted({(r.bundle, r.arm) for r in runs}):
-        rs = [r for r in runs if (r.bundle, r.arm) == key]
-        out[f"{key[0]}/{key[1]}"] = {
-            "rounds": len(rs), "instances": rs[0].instances, "interval_s": rs[0].interval_s,
-            "ack_p50_ms": round(float(np.median([r.ack_p50_ms for r in rs])), 2),
-            "ack_p99_ms": round(float(np.median([r.ack_p99_ms for r in rs])), 2),
-            "instances_per_s": round(float(np.median([r.instances_per_s for r in rs])), 2)}
+def rows(runs: list[RunResult]) -> list[Row]:
+    """One "listen" row per bundle and arm: every ack of every round, and the per-round figures in round order."""
+    out = []
+    for bundle, arm in dict.fromkeys((r.bundle, r.arm) for r in runs):
+        rs = sorted((r for r in runs if (r.bundle, r.arm) == (bundle, arm)), key=lambda r: r.round)
+        per_round = [Metric.of(name, unit, [getattr(r, name) for r in rs]) for name, unit in
+                     (("instances_per_s", "instances/s"), ("send_s", "s"), ("total_s", "s"), ("stored_ok", "count"))]
+        out.append(Row("listen", bundle, "server",
+                       {"arm": arm, "instances": rs[0].instances, "interval_s": rs[0].interval_s, "rounds": len(rs)},
+                       [Metric.of("latency_ms", "ms", [a for r in rs for a in r.acks_ms]), *per_round]))
     return out
 
 
-def markdown(meta: dict, runs: list[RunResult]) -> str:
-    lines = ["# medc listen: C-STORE ack latency and instances/s", "",
-             (f"{meta['cpu']} ({meta['cpu_count']} cores), commit {meta['commit']}; client (pynetdicom, one "
-              f"association, TCP_NODELAY) on the same machine; `process` = inference in the worker process, `inline` = "
-              f"in threads of the SCP process (before); arms alternate for {meta['rounds']} rounds; ONNX Runtime "
-              f"threads: {meta['threads'] or 'default'}."), "", "## Pooled (median over rounds)", "",
-             "| bundle / arm | instances | ack p50 ms | ack p99 ms | instances/s |", "|---|---|---|---|---|"]
-    for k, v in meta["pooled"].items():
-        lines.append(f"| {k} | {v['instances']} | {v['ack_p50_ms']} | {v['ack_p99_ms']} | {v['instances_per_s']} |")
-    lines += ["", "## Runs", "", "| " + " | ".join(RunResult.__dataclass_fields__) + " |",
-              "|" + "---|" * len(RunResult.__dataclass_fields__)]
-    lines += ["| " + " | ".join(str(v) for v in asdict(r).values()) + " |" for r in runs]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> None:
-    from medc.system import cpu_info, git_commit
+    from medc.benchmarks.host import bundle_info, run_info
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundles", nargs="+", help="BUNDLE or BUNDLE:N (instances for that bundle)")
@@ -164,23 +157,31 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
     runs: list[RunResult] = []
+    paths = []
     for spec in args.bundles:
         path, n, interval = ([*spec.split(":"), "", ""] if not os.path.isdir(spec) else [spec, "", ""])[:3]
+        paths.append(Path(path))
         for rnd in range(args.rounds):
             arms = args.arms.split(",")
             for arm in arms if rnd % 2 == 0 else arms[::-1]:
                 r = run_once(Path(path), arm, int(n or args.instances), rnd, args.threads, args.timeout,
                              float(interval or 0))
-                print(json.dumps(asdict(r)), flush=True)
+                print(json.dumps({k: v for k, v in asdict(r).items() if k != "acks_ms"}), flush=True)
                 runs.append(r)
-    meta = {"cpu": cpu_info(), "cpu_count": os.cpu_count(), "commit": git_commit(), "rounds": args.rounds,
-            "threads": args.threads, "loadavg_after": list(os.getloadavg()), "pooled": pooled(runs)}
-    print(json.dumps(meta["pooled"], indent=1))
+    argv = sys.argv[1:] if argv is None else argv
+    run = run_info(args.threads, bundles=[bundle_info(p) for p in paths],
+                   command=shlex.join(["python", "benchmarks/listen_load.py", *argv]))
+    run.notes = [("client (pynetdicom, one association, TCP_NODELAY) on the same machine; `process` = inference in the "
+                  "worker process, `inline` = in threads of the SCP process (before the worker process existed); arms "
+                  f"alternate for {args.rounds} rounds"),
+                 "1-minute load average after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())]
+    result = schema.Result(run, rows(runs), "medc listen: C-STORE ack latency and instances/s")
+    for r in result.rows:
+        print(f"{r.bundle}/{r.params['arm']}: ack p50 {r.metric('latency_ms').p50} ms, p99 "
+              f"{r.metric('latency_ms').p99} ms, {r.metric('instances_per_s').p50} instances/s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({**meta, "runs": [asdict(r) for r in runs]}, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(meta, runs))
-
+        schema.save(result, args.out)
 
 if __name__ == "__main__":
     main()

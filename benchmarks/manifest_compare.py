@@ -6,7 +6,7 @@ in the export), and compare.
 
     python benchmarks/manifest_compare.py build OUT_A            # with the code on PYTHONPATH (or installed)
     python benchmarks/manifest_compare.py build OUT_B
-    python benchmarks/manifest_compare.py compare OUT_A OUT_B --md report.md
+    python benchmarks/manifest_compare.py compare OUT_A OUT_B --out benchmarks/results/manifest-compare-NAME
 
 `build` runs `medc build` in a subprocess per bundle, with HOME set to OUT/home (an empty cache) unless --home is
 given; the real-weights bundles need the Gemma 3 270M GGUF package (the test extra). `compare` reads each
@@ -14,7 +14,9 @@ bundle's manifest and graphs and lists, per bundle: the fidelity gate of every c
 max abs error, the worst, pass/fail, every measured candidate), the whole-model gate (greedy agreement, perplexity,
 KL, top-1), per graph the node counts (before and after optimisation, by op type, and of the file itself) and a
 digest of its weights, and the manifest's memory plan, KV layout and TensorRT profiles. The graphs' bytes are not
-compared: the exporter records source file paths in node metadata. Exit status 1 when anything differs.
+compared: the exporter records source file paths in node metadata. Exit status 1 when anything differs. `compare`
+writes a benchmark result (benchmarks/schema.py): one row of kind "check" per bundle (figures compared, equal, set
+aside as timing, different), the differences as notes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from medc.benchmarks.schema import Metric, Result, Row
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 GGUF = "gemma3-270m.gguf"  # assembled into OUT by `build`
@@ -143,12 +147,13 @@ def _why_chosen(bundle: Path) -> dict:
             if c["quantization"].get("selected_by")}
 
 
-def compare(a: Path, b: Path) -> tuple[list[str], bool]:
-    lines = ["| bundle | compared | equal | differences |", "|---|---|---|---|"]
-    same_all = True
+def compare(a: Path, b: Path) -> tuple[list[Row], bool]:
+    rows, same_all = [], True
     for name in BUNDLES:
+        params = {"build": " ".join(BUNDLES[name]).replace(f"{RECIPES.parent.parent}/", "")}
         if not (a / name / "manifest.json").is_file() or not (b / name / "manifest.json").is_file():
-            lines.append(f"| {name} | - | - | missing in {'A' if not (a / name).is_dir() else 'B'} |")
+            rows.append(Row("check", name, "medc build", params,
+                            notes=[f"{name}: missing in {'A' if not (a / name).is_dir() else 'B'}"]))
             same_all = False
             continue
         fa, fb = figures(a / name), figures(b / name)
@@ -158,12 +163,32 @@ def compare(a: Path, b: Path) -> tuple[list[str], bool]:
         timing = [k for k in diffs if k.split("/")[0] in chosen and "/candidate/" not in k]
         real = [k for k in diffs if k not in timing]
         same_all &= not real
-        note = "; ".join(f"{k}: {_short(fa.get(k))} -> {_short(fb.get(k))}" for k in real[:6])
+        row = Row("check", name, "medc build", params, rows_figures(len(fa), len(real), len(timing)))
+        if real:
+            row.notes.append(f"{name}: " + "; ".join(f"{k}: {_short(fa.get(k))} -> {_short(fb.get(k))}"
+                                                     for k in real[:6]))
         if timing:
-            note += (" " if note else "") + (f"(fastest-passing int8 method chosen differently by timing: "
-                                             f"{', '.join(sorted(chosen))}; candidates' gates compared)")
-        lines.append(f"| {name} | {len(fa)} | {len(fa) - len(real) - len(timing)} | {note or 'none'} |")
-    return lines, same_all
+            row.notes.append(f"{name}: fastest-passing int8 method chosen differently by timing: "
+                             f"{', '.join(sorted(chosen))}; candidates' gates compared")
+        rows.append(row)
+    return rows, same_all
+
+
+def rows_figures(compared: int, different: int, timing: int) -> list[Metric]:
+    return [Metric.of("figures_compared", "count", [compared]),
+            Metric.of("figures_equal", "count", [compared - different - timing]),
+            Metric.of("figures_timing", "count", [timing]),
+            Metric.of("figures_different", "count_errors", [different])]
+
+
+def result(rows: list[Row], a: Path, b: Path, command: str | None = None) -> Result:
+    from medc.benchmarks.host import run_info
+
+    run = run_info(None, command=command)
+    run.notes = [(f"A: {a}; B: {b}. Per bundle: every component's fidelity gate, the whole-model gate, node counts, "
+                  "a digest of each graph's weights, the memory plan, KV layout and TensorRT profiles; figures_timing: "
+                  "figures of a component whose fastest-passing int8 method was chosen differently by timing")]
+    return Result(run, rows, "Bundles built by two versions of medc: what differs")
 
 
 def _short(v) -> str:
@@ -181,14 +206,21 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
-    c.add_argument("--md", type=Path, default=None, help="also write the table as Markdown")
+    c.add_argument("--md", type=Path, default=None, help="also write the result as Markdown")
+    c.add_argument("--out", type=Path, default=None, help="results path without suffix (.json and .md written)")
     args = ap.parse_args()
     if args.cmd == "build":
         build_all(args.out, args.home, args.only)
         return
-    lines, same = compare(args.a, args.b)
-    text = "\n".join(lines) + "\n"
+    from medc.benchmarks import schema
+
+    rows, same = compare(args.a, args.b)
+    res = result(rows, args.a, args.b, " ".join(["python benchmarks/manifest_compare.py", *sys.argv[1:]]))
+    text = schema.to_markdown(res)
     print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        schema.save(res, args.out)
     if args.md:
         args.md.write_text(text)
     sys.exit(0 if same else 1)

@@ -4,7 +4,9 @@ Each bundle runs in a fresh process (so the peak is its own): generative bundles
 (with one image when the bundle has a vision encoder) and decode `new` tokens; encoder bundles embed `batch` images and
 texts. The plan is made for the bundle's own recipe, target `cpu`, the same context and batch.
 
-    python -m medc.benchmarks.plan_check bundles/gemma3-270m-int8 bundles/medsiglip-tiny --json plan-check.json
+    python -m medc.benchmarks.plan_check bundles/gemma3-270m-int8 bundles/medsiglip-tiny --out results/plan-check
+
+Writes a benchmark result (benchmarks/schema.py): one row of kind "plan" per bundle, planned against measured MiB.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import sys
 from pathlib import Path
 
 import click
+from medc.benchmarks.schema import Metric, Result, Row
+
+MIB = 2**20
 
 _CHILD = r"""
 import json, sys
@@ -47,7 +52,7 @@ print(json.dumps({"peak_rss_bytes": hwm * 1024}))
 """
 
 
-def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
+def measure(bundle: Path, context: int, new: int, batch: int, given: Path | None = None) -> dict:
     from medc.compile import planner
     from medc.compile.plan import resolve
     from medc.manifest import Manifest
@@ -59,7 +64,7 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
     if source.get("kind") == "checkpoint":
         from medc.compile.loader import locate_source
 
-        model = str(locate_source(source))
+        model = str(locate_source(source, given))
     else:
         model = m.model["name"]
     config = resolve(model).spec.config
@@ -77,24 +82,50 @@ def measure(bundle: Path, context: int, new: int, batch: int) -> dict:
             "ratio": peak / plan.total_bytes}
 
 
+def row(r: dict) -> Row:
+    """The schema row of one `measure` result (its byte counts in MiB; `ratio` is measured / planned)."""
+    recipe = ",".join(f"{k}={v}" for k, v in r["recipe"].items())
+    params = {"model": r["model"], "target": r.get("target", "cpu"), "recipe": recipe, "context": r["context"], "batch": r["batch"]}
+    mib = [("planned_mib", "planned_bytes"), ("measured_mib", "peak_rss_bytes"), ("weight_mib", "weight_bytes"),
+           ("kv_mib", "kv_bytes"), ("activation_mib", "activation_bytes")]
+    metrics = [Metric.of(name, "MiB", [r[key] / MIB]) for name, key in mib]
+    metrics.append(Metric.of("ratio", "x", [r["ratio"]]))
+    return Row("plan", Path(r["bundle"]).name, "onnxruntime", params, metrics,
+               notes=["measured_mib: the run's peak RSS (VmHWM), in a fresh process"])
+
+
+def result(rows: list[dict], bundles: list[Path], command: str | None = None) -> Result:
+    from medc.benchmarks.host import bundle_info, run_info
+
+    run = run_info(None, ["CPUExecutionProvider"], [bundle_info(b) for b in bundles], command)
+    return Result(run, [row(r) for r in rows], "medc plan vs measured peak RSS (CPU)")
+
+
 @click.command()
 @click.argument("bundles", nargs=-1, type=click.Path(exists=True, path_type=Path), required=True)
 @click.option("--context", type=int, default=None, help="Tokens (default: 512 for generative bundles).")
 @click.option("--new-tokens", type=int, default=16)
 @click.option("--batch", type=int, default=1)
-@click.option("--json", "json_out", type=click.Path(path_type=Path))
-@click.option("--markdown", "md_out", type=click.Path(path_type=Path))
-def main(bundles, context, new_tokens, batch, json_out, md_out):
-    rows = [measure(b, context or 512, new_tokens, batch) for b in bundles]
-    lines = ["| bundle | context | planned | peak RSS | peak / planned |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {Path(r['bundle']).name} ({r['model']}) | {r['context']} | "
-                     f"{r['planned_bytes'] / 2**20:.0f} MiB | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['ratio']:.2f} |")
-    click.echo("\n".join(lines))
+@click.option("--source", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The checkpoint or GGUF the bundles were built from, where medc cannot find it.")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="Write OUT.json and OUT.md (the result schema).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the result's JSON here.")
+@click.option("--markdown", "md_out", type=click.Path(path_type=Path), help="Write the result's Markdown here.")
+def main(bundles, context, new_tokens, batch, source, out, json_out, md_out):
+    import sys
+
+    from medc.benchmarks import schema
+
+    res = result([measure(b, context or 512, new_tokens, batch, source) for b in bundles], list(bundles),
+                 " ".join(["python -m medc.benchmarks.plan_check", *sys.argv[1:]]))
+    click.echo("\n".join(schema.table(res.rows)))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        schema.save(res, out)
     if json_out:
-        json_out.write_text(json.dumps(rows, indent=2) + "\n")
+        json_out.write_text(schema.to_json(res) + "\n")
     if md_out:
-        md_out.write_text("# medc plan vs measured peak RSS (CPU)\n\n" + "\n".join(lines) + "\n")
+        md_out.write_text(schema.to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What `medc serve`'s hostile-input limits cost and guarantee: one run, written as JSON + Markdown.
+"""What `medc serve`'s hostile-input limits cost and guarantee: one run, written as a benchmark result.
 
     python -m medc.benchmarks.serve_hostile                  # builds the tiny bundles in a temporary folder
     python -m medc.benchmarks.serve_hostile --siglip B1 --gemma B2 --out benchmarks/results/serve-hostile-input
@@ -23,6 +23,11 @@ About two and a half minutes on 2 cores (the tiny builds included), in three par
    checks) and signed with trust configured (+ the Ed25519 signature), interleaved; and
    `medc.runtime.onnxrefs.external_locations` on a synthetic ~500 MB ONNX model with embedded weights and on the
    same model with external data, against sha256 of the same file (the check every bundle open does anyway).
+
+The measurements are gathered in one dict (`res`, the form of the JSON this script wrote before the shared result
+schema) and `to_result` turns it into a benchmarks/schema.py Result: rows of kind "textstream" (one per answer length
+and stops), "hostile" (one per attack: latency_ms of its requests, health_ms of the /health probes during it, the
+answers' status counts, RSS), "bundle-open" and "onnx-refs"; what each part measured is in the run's notes.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ import http.client
 import io
 import json
 import os
-import platform
 import random
+import re
 import resource
 import secrets
+import shlex
 import shutil
 import socket
 import statistics
@@ -50,7 +56,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-
+from medc.benchmarks import schema
+from medc.benchmarks.schema import Metric, Row
 from medc.benchmarks.serve_load import ServerProcess
 
 OUT = Path("benchmarks/results/serve-hostile-input")
@@ -161,7 +168,8 @@ def text_stream(tokenizer, lengths: list[int], rounds: int, log=print) -> list[d
              "stops": c, "new_us_per_token": us(v["new"]), "new_last64_us_per_token": us(v["new_tail"]),
              "old_us_per_token": us(v["old"]), "old_last64_us_per_token": us(v["old_tail"]),
              "old_over_new": round(statistics.median(v["ratio"]), 2),
-             "old_over_new_per_round": [round(x, 2) for x in v["ratio"]], "same_text": same[(n, c)]}
+             "old_over_new_per_round": [round(x, 2) for x in v["ratio"]], "same_text": same[(n, c)],
+             **{f"{k}_us_per_round": [x * 1e6 for x in v[k]] for k in ("new", "new_tail", "old", "old_tail")}}
             for (n, c), v in raw.items()]
 
 
@@ -257,7 +265,7 @@ def _health(values: list) -> dict:
     ok = [v for v in values if v is not None]
     return {"health_worst_ms": round(max(ok) * 1e3, 1) if ok else None,
             "health_p50_ms": round(statistics.median(ok) * 1e3, 2) if ok else None,
-            "health_probes": len(values), "health_failed": len(values) - len(ok)}
+            "health_probes": len(values), "health_failed": len(values) - len(ok), "health_ms": [x * 1e3 for x in ok]}
 
 
 def _ms(xs: list[float]) -> dict:
@@ -408,6 +416,8 @@ def idle_sockets(server: Server, n: int, nofile: dict, log=print) -> dict:
            "first_models_ms": round(first[2] * 1e3, 2), "first_embedding_ms": round(first_embed[2] * 1e3, 2),
            "models_ms_without_idle_sockets": round(statistics.median(before) * 1e3, 2),
            "embedding_ms_without_idle_sockets": round(statistics.median(before_embed) * 1e3, 2),
+           "models_runs_ms_without_idle_sockets": [x * 1e3 for x in before],
+           "embedding_runs_ms_without_idle_sockets": [x * 1e3 for x in before_embed],
            "idle_sockets_left_open_by_server": still_open, "max_connections": 256, "nofile": nofile,
            **_ms([first[2], *after])}
     log(f"idle sockets: {row}")
@@ -453,17 +463,19 @@ def bundle_open(bundles: dict[str, Path], tmp: Path, rounds: int, log=print) -> 
                      "rounds": rounds, **{f"{a}_ms": round(v, 2) for a, v in med.items()},
                      "signed_over_unsigned": round(statistics.median(
                          s / u for s, u in zip(times["signed_trusted"], times["unsigned"])), 3),
-                     "signature_check_ms": round(med["signed_trusted"] - med["unsigned"], 2)})
+                     "signature_check_ms": round(med["signed_trusted"] - med["unsigned"], 2),
+                     **{f"{a}_runs_ms": [x * 1e3 for x in v] for a, v in times.items()},
+                     "signed_over_unsigned_per_round": [s / u for s, u in zip(times["signed_trusted"],
+                                                                               times["unsigned"])]})
         log(f"open_bundle {name}: {rows[-1]}")
     return rows
 
 
 def onnx_refs(tmp: Path, mb: int, repeats: int, log=print) -> list[dict]:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from medc.manifest import sha256_file
     from medc.runtime.onnxrefs import external_locations
+    from onnx import TensorProto, helper, numpy_helper
 
     n_tensors = 250
     each = mb * 10**6 // n_tensors // 4
@@ -502,29 +514,182 @@ def onnx_refs(tmp: Path, mb: int, repeats: int, log=print) -> list[dict]:
                      "sha256_ms": round(statistics.median(sha) * 1e3, 3),
                      "walk_over_sha256": round(statistics.median(w / s for w, s in zip(walk, sha)), 4) if walk else None,
                      "walk_over_sha256_with_data": round(statistics.median(w / s for w, s in zip(walk, every)), 4)
-                     if walk else None, "repeats": repeats})
+                     if walk else None, "repeats": repeats,
+                     "external_locations_runs_ms": [x * 1e3 for x in walk] if walk else None,
+                     "sha256_runs_ms": [x * 1e3 for x in sha]})
         log(f"onnx refs {f}: {rows[-1]}")
     return rows
 
 
-# -- the run ----------------------------------------------------------------------------------------------------------
-def environment() -> dict:
+# -- the result --------------------------------------------------------------------------------------------------------
+def _metric(name: str, unit: str, raw, count: int, **stats) -> Metric:
+    """From the raw values where the run kept them, else from the statistics it kept (older files)."""
+    return Metric.of(name, unit, raw) if raw else Metric.summary(name, unit, count, **stats)
+
+
+def _statuses(answers: str) -> list[Metric]:
+    """"3x 400 too_many_json_values; ..." -> status_400 = 3 (counts of one status summed over the parts)."""
+    counts: dict[str, int] = {}
+    for n, status in re.findall(r"(\d+)x (\S+)", answers or ""):
+        counts[status] = counts.get(status, 0) + int(n)
+    return [Metric.of(f"status_{k}", "count", [v]) for k, v in counts.items()]
+
+
+def stream_rows(ts: dict) -> list[Row]:
+    rows = []
+    for r in ts["rows"]:
+        m = [_metric(f"{k}_us_per_token", "us", r.get(f"{raw}_us_per_round"), ts["rounds"], p50=r[f"{k}_us_per_token"])
+             for k, raw in (("new", "new"), ("new_last64", "new_tail"), ("old", "old"), ("old_last64", "old_tail"))]
+        m += [Metric.of("old_over_new", "x", r["old_over_new_per_round"]),
+              Metric.of("same_text", "bool", [1.0 if r["same_text"] else 0.0])]
+        rows.append(Row("textstream", "gemma3-tokenizer", "tokenizers",
+                        {"answer_ids": r["answer_ids"], "answer_chars": r["answer_chars"], "stops": r["stops"]}, m))
+    return rows
+
+
+def attack_row(r: dict, bundle: str) -> Row:
+    """One attack on a live server: its requests' latency, /health during it, the answers, and what it cost."""
+    params: dict = {"attack": r["attack"]}
+    for k in ("body_mib", "requests", "max_connections"):
+        if k in r:
+            params[k] = r[k]
+    storms = r.get("storms") or []
+    m = []
+    if r.get("runs_ms"):
+        m.append(Metric.of("latency_ms", "ms", r["runs_ms"]))  # an image storm's: each storm's whole time
+    health_raw = [x for s in storms for x in s.get("health_ms", [])] if storms else r.get("health_ms")
+    probes = sum(s["health_probes"] for s in storms) if storms else r.get("health_probes", 0)
+    if r.get("health_worst_ms") is not None:
+        m.append(_metric("health_ms", "ms", health_raw, probes, max=r["health_worst_ms"], p50=r.get("health_p50_ms")))
+    if storms or "health_failed" in r:
+        m.append(Metric.of("health_failed", "count",
+                           [sum(s["health_failed"] for s in storms) if storms else r["health_failed"]]))
+    m += _statuses(r.get("answers", ""))
+    notes = [f"{r['attack']}: answers {r['answers']}"] if r.get("answers") else []
+    if "first_models_ms" in r:  # the idle sockets
+        m += [Metric.of("first_models_ms", "ms", [r["first_models_ms"]]),
+              Metric.of("first_embedding_ms", "ms", [r["first_embedding_ms"]]),
+              _metric("models_ms_without_idle_sockets", "ms", r.get("models_runs_ms_without_idle_sockets"), 5,
+                      p50=r["models_ms_without_idle_sockets"]),
+              _metric("embedding_ms_without_idle_sockets", "ms", r.get("embedding_runs_ms_without_idle_sockets"), 5,
+                      p50=r["embedding_ms_without_idle_sockets"]),
+              Metric.of("sockets_open_s", "s", [r["sockets_open_s"]]),
+              Metric.of("idle_sockets_left_open_by_server", "count", [r["idle_sockets_left_open_by_server"]])]
+    if storms:  # per-storm figures, in storm order
+        params |= {"storms": len(storms), **{f"png_{k}_kib": v for k, v in r["png_kib"].items()}}
+        for key, unit in (("rss_base_mib", "MiB"), ("rss_peak_growth_mib", "MiB"), ("rss_after_1s_mib", "MiB"),
+                          ("rss_samples", "count"), ("health_probes", "count")):
+            m.append(Metric.of(key, unit, [s[key] for s in storms]))
+        m += [Metric.of("rss_peak_over_first_base_mib", "MiB", [r["rss_peak_over_first_base_mib"]]),
+              Metric.of("storm_health_worst_ms", "ms", [s["health_worst_ms"] for s in storms]),
+              Metric.of("storm_health_p50_ms", "ms", [s["health_p50_ms"] for s in storms])]
+        each = {s["answers"] for s in storms}
+        notes.append(f"{r['attack']}: each storm answered " + (each.pop() if len(each) == 1 else
+                     "; ".join(f"storm {s['storm']}: {s['answers']}" for s in storms)))
+        notes.append(f"{r['attack']}: a small image after the storms: {r['small_image_after']}")
+    if "embedding_after" in r:
+        notes.append(f"{r['attack']}: an embedding after: {r['embedding_after']}")
+    return Row("hostile", bundle, "server", params, m, notes=notes)
+
+
+def open_rows(res: dict) -> list[Row]:
+    rows = []
+    for r in res.get("bundle_open") or []:
+        m = [_metric(f"{a}_ms", "ms", r.get(f"{a}_runs_ms"), r["rounds"], p50=r[f"{a}_ms"])
+             for a in ("unverified", "unsigned", "signed_trusted")]
+        m += [_metric("signed_over_unsigned", "x", r.get("signed_over_unsigned_per_round"), r["rounds"],
+                      p50=r["signed_over_unsigned"]),
+              Metric.of("signature_check_ms", "ms", [r["signature_check_ms"]])]  # signed p50 - unsigned p50
+        rows.append(Row("bundle-open", r["bundle"], "medc", {"files": r["files"], "mib": r["mib"],
+                                                              "rounds": r["rounds"]}, m))
+    for r in res.get("onnx_refs") or []:
+        m = []
+        if r["external_locations_ms"] is not None:
+            m.append(_metric("external_locations_ms", "ms", r.get("external_locations_runs_ms"), r["repeats"],
+                             p50=r["external_locations_ms"]))
+        m.append(_metric("sha256_ms", "ms", r.get("sha256_runs_ms"), r["repeats"], p50=r["sha256_ms"]))
+        for k in ("walk_over_sha256", "walk_over_sha256_with_data"):
+            if r[k] is not None:
+                m.append(Metric.summary(k, "x", r["repeats"], p50=r[k]))
+        rows.append(Row("onnx-refs", r["file"], "medc", {"file": r["file"], "mb": r["mb"], "tensors": r["tensors"],
+                                                         "repeats": r["repeats"]}, m))
+    return rows
+
+
+def method_notes(res: dict) -> list[str]:
+    """What each part measured and how (the prose of the old Markdown, kept with the numbers)."""
+    notes = [f"1-minute load average before / after: {res['loadavg_before_after']}; {res['seconds']} s in all"]
+    if res.get("text_stream"):
+        ts = res["text_stream"]
+        notes.append(
+            f"1. Text stream (textstream rows): per-token cost of detokenisation + stop matching. Real Gemma 3 "
+            f"tokenizer ({ts['tokenizer_vocab']:,} ids, {ts['tokenizer']}); a deterministic radiology answer "
+            "(markdown, numbers, non-ASCII). new = runtime/textstream.py (DecodeStream + KMP StopMatcher); old = the "
+            "server's TextStream at 61b4c10 (whole answer re-decoded every token, whole text searched for each stop, "
+            f"held tail by `endswith`). {ts['rounds']} rounds, new and old back to back in alternating order, each run "
+            "max(1, 8192 / ids) times a round; medians. us per token: mean over the answer, and over its last 64 ids "
+            "(the cost of a token at that length). old / new: median of per-round ratios of the means (samples: the "
+            "rounds). same_text 1: both gave the same text.")
+    if res.get("server"):
+        sv = res["server"]
+        notes += [
+            ("2. A live `medc serve` under attack (hostile rows): a `medc serve` subprocess with an API key and the "
+            "default limits (--max-connections 256, --max-body-mb 32, 4 stop strings of 256 characters, 100,000 JSON "
+            "objects and arrays, 8192 px a side, 50 MP), on loopback; the client in this process, one fresh "
+            "connection per request. /health is probed on a fresh connection every 5 ms while an attack runs "
+            "(health_ms; idle server: 50 probes back to back). The image storm goes to a second server on a "
+            "pad_to_square copy of the tiny MedSigLIP bundle; its RSS is sampled every 5 ms with psutil (growth over "
+            f"the RSS before the storm). RLIMIT_NOFILE: {sv['nofile']}; {sv['idle_sockets']} idle sockets."),
+            ("latency_ms samples: every request of the attack in order (the first is the first request); for the image "
+            "storm, each storm's whole time; per-storm figures (rss_*, storm_health_*) are samples in storm order; "
+            "status_<code>: how many answers had that status (the error codes are in the row's notes).")]
+    if res.get("bundle_open"):
+        notes.append(
+            "3. Bundle opening (bundle-open rows): `medc.runtime.bundle.open_bundle` on copies of the tiny bundles: "
+            "unverified (verify=False), unsigned (every file's sha256 + external-data locations), signed and opened "
+            "with trust configured (+ the Ed25519 signature over the canonical manifest; `medc.signing.generate`, "
+            "`sign_bundle`, `Trust.load`). The three arms interleaved, order alternating by round; medians; signed / "
+            "unsigned is the median of per-round ratios; signature_check_ms = signed p50 - unsigned p50.")
+    if res.get("onnx_refs"):
+        notes.append(
+            "onnx-refs rows: `medc.runtime.onnxrefs.external_locations` (a walk of the protobuf wire format over an "
+            "mmap) on a synthetic ONNX model of 250 float32 initializers, weights embedded and as external data, "
+            "against `medc.manifest.sha256_file` of the same file (which every verified open does anyway). Page cache "
+            "warm (one pass dropped), interleaved, medians; walk_over_sha256_with_data: over the sha256 of the file "
+            "and its data.")
+    return notes
+
+
+def to_result(res: dict, run: schema.RunInfo) -> schema.Result:
+    """The run's measurements (`res`) as a schema Result; `run.notes` gets what each part measured."""
+    rows = stream_rows(res["text_stream"]) if res.get("text_stream") else []
+    for r in (res.get("server") or {}).get("attacks", []):
+        storm = "storms" in r
+        rows.append(attack_row(r, "medsiglip-tiny-pad-to-square" if storm else "medsiglip-tiny+medgemma-tiny"))
+    rows += open_rows(res)
+    run.notes = [*run.notes, *method_notes(res)]
+    return schema.Result(run, rows, "medc serve: what the hostile-input limits cost and guarantee")
+
+
+def run_header(bundles: list[Path], argv: list[str]) -> schema.RunInfo:
     from importlib import metadata
 
-    from medc.system import cpu_info, git_commit, toolchain_versions
+    from medc.benchmarks.host import bundle_info, run_info
 
-    versions = toolchain_versions()
+    run = run_info(None, bundles=[bundle_info(b) for b in bundles],
+                   command=shlex.join(["python", "-m", "medc.benchmarks.serve_hostile", *argv]))
     for pkg in ("tokenizers", "uvicorn", "starlette", "httptools", "uvloop", "orjson", "pillow", "cryptography",
                 "psutil"):
         try:
-            versions[pkg] = metadata.version(pkg)
+            run.toolchain[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
     here = Path(__file__).resolve().parent
     dirty = subprocess.run(["git", "-C", str(here), "diff", "--quiet", "HEAD", "--"], check=False,
                            capture_output=True).returncode
-    return {"cpu": cpu_info(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "commit": git_commit(),
-            "working_tree_dirty": dirty == 1, "versions": versions}
+    if dirty == 1:
+        run.notes.append("working tree with uncommitted changes")
+    return run
 
 
 def build_bundles(tmp: Path, log=print) -> dict[str, Path]:
@@ -535,109 +700,6 @@ def build_bundles(tmp: Path, log=print) -> dict[str, Path]:
         subprocess.run([sys.executable, "-m", "medc.cli", "-q", "build", model, "-o", str(out[model])], check=True,
                        stdout=subprocess.DEVNULL)
     return out
-
-
-def _cell(v) -> str:
-    return "" if v is None else str(v)
-
-
-def to_markdown(res: dict) -> str:
-    env = res["environment"]
-    v = env["versions"]
-    lines = [
-        "# medc serve: what the hostile-input limits cost and guarantee", "",
-        f"{env['cpu']}, {env['platform']}; Python {v.get('python')}, tokenizers {v.get('tokenizers')}, uvicorn "
-        f"{v.get('uvicorn')}, httptools {v.get('httptools')}, uvloop {v.get('uvloop')}, onnx {v.get('onnx')}, "
-        f"onnxruntime {v.get('onnxruntime')}; commit {env['commit']}"
-        f"{' (working tree with uncommitted changes)' if env['working_tree_dirty'] else ''}; 1-minute load average "
-        f"before / after: {res['loadavg_before_after']}; {res['seconds']} s in all. "
-        "`python -m medc.benchmarks.serve_hostile`; raw numbers in the JSON file beside this one.", ""]
-    if res.get("text_stream"):
-        ts = res["text_stream"]
-        lines += [
-            "## 1. Text stream: per-token cost of detokenisation + stop matching", "",
-            f"Real Gemma 3 tokenizer ({ts['tokenizer_vocab']:,} ids); a deterministic radiology answer (markdown, "
-            "numbers, non-ASCII). new = runtime/textstream.py (DecodeStream + KMP StopMatcher); old = the server's "
-            "TextStream at 61b4c10 (whole answer re-decoded every token, whole text searched for each stop, held "
-            f"tail by `endswith`). {ts['rounds']} rounds, new and old back to back in alternating order, each run "
-            "max(1, 8192 / ids) times a round; medians. µs per token: mean over the answer, and over its last 64 ids "
-            "(the cost of a token at that length). old / new: median of per-round ratios of the means.", "",
-            "| answer ids | chars | stops | new µs/token | new, last 64 | old µs/token | old, last 64 | old / new | "
-            "same text |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in ts["rows"]:
-            lines.append(f"| {r['answer_ids']} | {r['answer_chars']} | {r['stops']} | {r['new_us_per_token']} | "
-                         f"{r['new_last64_us_per_token']} | {r['old_us_per_token']} | {r['old_last64_us_per_token']} | "
-                         f"{r['old_over_new']}x | {'yes' if r['same_text'] else 'NO'} |")
-        lines.append("")
-    if res.get("server"):
-        sv = res["server"]
-        lines += [
-            "## 2. A live `medc serve` under attack", "",
-            "A `medc serve` subprocess with an API key and the default limits (--max-connections 256, "
-            "--max-body-mb 32, 4 stop strings of 256 characters, 100,000 JSON objects and arrays, 8192 px a side, "
-            "50 MP), on loopback; the client in this process, one fresh connection per request. /health is probed "
-            "on a fresh connection every 5 ms while an attack runs. The image storm goes to a second server on a "
-            "pad_to_square copy of the tiny MedSigLIP bundle; its RSS is sampled every 5 ms with psutil "
-            f"(growth over the RSS before the storm). RLIMIT_NOFILE: {sv['nofile']}.", "",
-            "first ms: the first request (the image storm: the whole storm, first of them); best and median over all "
-            "of them.", "",
-            "| attack | answers | first ms | best ms | median ms | worst /health ms (probes) | other |",
-            "|---|---|---|---|---|---|---|"]
-        for r in sv["attacks"]:
-            other = []
-            if "body_mib" in r:
-                other.append(f"body {r['body_mib']} MiB")
-            if "rss_peak_growth_mib" in r:
-                other.append(f"RSS before {r['storms'][0]['rss_base_mib']} MiB; peak growth in one storm (over the "
-                             f"RSS before it) at most +{r['rss_peak_growth_mib']} MiB; peak over the first base "
-                             f"+{r['rss_peak_over_first_base_mib']} MiB; RSS 1 s after each storm: "
-                             + ", ".join(str(x["rss_after_1s_mib"]) for x in r["storms"])
-                             + f" MiB; PNGs {r['png_kib']} KiB; "
-                             f"{len(r['storms'])} storms; a small image after: {r['small_image_after']}")
-                r = {**r, "health_probes": sum(s["health_probes"] for s in r["storms"])}
-            if "first_models_ms" in r:
-                other.append(f"first /v1/models {r['first_models_ms']} ms, first embedding {r['first_embedding_ms']} "
-                             f"ms (without idle sockets: {r['models_ms_without_idle_sockets']} / "
-                             f"{r['embedding_ms_without_idle_sockets']} ms); {r['sockets_open_s']} s to open the "
-                             f"sockets; {r['idle_sockets_left_open_by_server']} left open by the server")
-            if "embedding_after" in r:
-                other.append(f"an embedding after: {r['embedding_after']}")
-            if r.get("health_p50_ms") is not None:
-                other.append(f"/health p50 {r['health_p50_ms']} ms")
-            health = (f"{r['health_worst_ms']} ({r['health_probes']})" if r.get("health_worst_ms") is not None
-                      else "")
-            first = r["runs_ms"][0] if r.get("runs_ms") else None
-            lines.append(f"| {r['attack']} | {_cell(r.get('answers'))} | {_cell(first)} | {_cell(r.get('best_ms'))} | "
-                         f"{_cell(r.get('median_ms'))} | {health} | {'; '.join(other)} |")
-        lines.append("")
-    if res.get("bundle_open"):
-        lines += [
-            "## 3. Bundle opening: the integrity checks", "",
-            "`medc.runtime.bundle.open_bundle` on copies of the tiny bundles: unverified (verify=False), unsigned "
-            "(every file's sha256 + external-data locations), signed and opened with trust configured (+ the "
-            "Ed25519 signature over the canonical manifest; `medc.signing.generate`, `sign_bundle`, `Trust.load`). "
-            "The three arms interleaved, order alternating by round; medians; signed / unsigned is the median of "
-            "per-round ratios.", "",
-            "| bundle | files | MiB | unverified ms | unsigned ms | signed + trust ms | signed / unsigned | rounds |",
-            "|---|---|---|---|---|---|---|---|"]
-        for r in res["bundle_open"]:
-            lines.append(f"| {r['bundle']} | {r['files']} | {r['mib']} | {r['unverified_ms']} | {r['unsigned_ms']} | "
-                         f"{r['signed_trusted_ms']} | {r['signed_over_unsigned']} | {r['rounds']} |")
-        lines.append("")
-    if res.get("onnx_refs"):
-        lines += [
-            "`medc.runtime.onnxrefs.external_locations` (a walk of the protobuf wire format over an mmap) on a "
-            "synthetic ONNX model of 250 float32 initializers, weights embedded and as external data, against "
-            "`medc.manifest.sha256_file` of the same file (which every verified open does anyway). Page cache warm "
-            "(one pass dropped), interleaved, medians.", "",
-            "| file | MB | tensors | external_locations ms | sha256 ms | walk / sha256 | walk / sha256 of the file and "
-            "its data |", "|---|---|---|---|---|---|---|"]
-        for r in res["onnx_refs"]:
-            lines.append(f"| {r['file']} | {r['mb']} | {r['tensors']} | {_cell(r['external_locations_ms'])} | "
-                         f"{r['sha256_ms']} | {_cell(r['walk_over_sha256'])} | "
-                         f"{_cell(r['walk_over_sha256_with_data'])} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -659,13 +721,15 @@ def main(argv=None) -> None:
     os.environ.pop("MEDC_TRUSTED_KEYS", None)  # trust is configured explicitly below; the servers serve unsigned
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start, load_before = time.perf_counter(), os.getloadavg()
-    res = {"environment": environment()}
+    res: dict = {}
+    used: list[Path] = []
     with tempfile.TemporaryDirectory(prefix="medc-hostile-") as tmp_name:
         tmp = Path(tmp_name)
         if parts & {"server", "bundle"}:
             built = build_bundles(tmp / "built") if not (args.siglip and args.gemma) else {}
             siglip = args.siglip or built["medsiglip-tiny"]
             gemma = args.gemma or built["medgemma-tiny"]
+            used = [siglip, gemma]
         if "stream" in parts:
             from tokenizers import Tokenizer
 
@@ -699,14 +763,15 @@ def main(argv=None) -> None:
             res["bundle_open"] = bundle_open({"medsiglip-tiny": siglip, "medgemma-tiny": gemma}, tmp / "open",
                                              args.open_rounds)
             res["onnx_refs"] = onnx_refs(tmp, args.onnx_mb, args.onnx_repeats)
+        run = run_header(used, sys.argv[1:] if argv is None else argv)  # while the built bundles still exist
     res["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     res["seconds"] = round(time.perf_counter() - t_start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = to_markdown(res)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    result = to_result(res, run)
+    stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    j, md = schema.save(result, stem)
+    print(md.read_text())
+    print(f"wrote {j} and {md}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Load generator for `medc serve`: a concurrency sweep on loopback, written as JSON + Markdown.
+"""Load generator for `medc serve`: a concurrency sweep on loopback, written as a benchmark result (JSON + Markdown).
 
     python benchmarks/serve_load.py bundles/medsiglip-tiny bundles/medgemma-tiny --out benchmarks/results/serve-tiny
     python benchmarks/serve_load.py --server http://127.0.0.1:8000 --concurrency 1,4,16,64   # a running server
@@ -16,7 +16,12 @@ streamed with `ignore_eos`, so every request decodes exactly --max-tokens tokens
 content chunk, ITL the gaps between content chunks. The client is a minimal asyncio HTTP/1.1 client (Content-Length
 and chunked responses, nothing more): on a 2-core machine a full client library would take as much CPU as the server
 it measures. The HTTP overhead is the text-embedding p50 at concurrency 1 minus the same embedding's p50 through
-medc.runtime in this process (no HTTP).
+medc.runtime in this process (no HTTP), which is a row of its own (server "in-process").
+
+The result (benchmarks/schema.py) has one row of kind "load" per point: params {workload, server, concurrency} (plus
+max_tokens for chat); metrics latency_ms (every successful request), ttft_ms and itl_ms (chat: every request's TTFT,
+every inter-token gap), throughput_rps and output_tok_s (one sample per round), ok / rejected / errors (counts; what
+the errors were is in the row's notes) and server_rss_mib. The headline ratios are notes of the run.
 """
 
 from __future__ import annotations
@@ -28,43 +33,22 @@ import collections
 import io
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+from medc.benchmarks import schema
+from medc.benchmarks.schema import Metric, Row
 
 TEXT = "pleural effusion in the left lower lobe"
 QUESTION = "Describe the findings in this chest x-ray."
-
-
-@dataclass
-class LoadResult:
-    workload: str  # embed-text | embed-image | chat-stream
-    server: str  # batched | unbatched | overload | external
-    concurrency: int
-    requests: int
-    ok: int
-    rejected: int  # 429 / 503 with Retry-After: back-pressure, as intended
-    errors: int  # anything else: 5xx, other 4xx, broken connections
-    error_kinds: str  # e.g. "500:2,ConnectionResetError:1"
-    seconds: float
-    throughput_rps: float
-    p50_ms: float | None
-    p90_ms: float | None
-    p99_ms: float | None
-    ttft_p50_ms: float | None = None
-    ttft_p90_ms: float | None = None
-    itl_p50_ms: float | None = None
-    itl_p90_ms: float | None = None
-    output_tokens_per_s: float | None = None
-    server_rss_mib: float | None = None
 
 
 # -- a minimal HTTP/1.1 client ---------------------------------------------------------------------------------------
@@ -163,21 +147,40 @@ async def _run(url: str, path: str, kind: str, body: dict, concurrency: int, dur
     return records, time.perf_counter() - start - warmup
 
 
-def _summarise(records, seconds, workload, server, concurrency, rss) -> LoadResult:
+def _summarise(records, rounds, workload, server, concurrency, rss, bundle, max_tokens) -> Row:
+    """One "load" row from the pooled records of all rounds; `rounds` is [(ok, tokens, seconds)] per round."""
     ok = [r for r in records if r[0] == 200]
     bad = collections.Counter(str(r[0]) for r in records if r[0] not in (200, 429, 503))
-    lat = np.array([r[1] for r in ok]) * 1e3
-    ttft = np.array([r[2] for r in ok if r[2] is not None]) * 1e3
-    itl = np.array([g for r in ok for g in r[3]]) * 1e3
-    pct = lambda a, q: round(float(np.percentile(a, q)), 3) if len(a) else None  # noqa: E731
-    tokens = sum(r[4] for r in ok)
-    return LoadResult(
-        workload=workload, server=server, concurrency=concurrency, requests=len(records), ok=len(ok),
-        rejected=sum(r[0] in (429, 503) for r in records), errors=sum(bad.values()),
-        error_kinds=",".join(f"{k}:{n}" for k, n in sorted(bad.items())), seconds=round(seconds, 2),
-        throughput_rps=round(len(ok) / seconds, 2), p50_ms=pct(lat, 50), p90_ms=pct(lat, 90), p99_ms=pct(lat, 99),
-        ttft_p50_ms=pct(ttft, 50), ttft_p90_ms=pct(ttft, 90), itl_p50_ms=pct(itl, 50), itl_p90_ms=pct(itl, 90),
-        output_tokens_per_s=round(tokens / seconds, 1) if workload == "chat-stream" else None, server_rss_mib=rss)
+    seconds = sum(sec for *_, sec in rounds)
+    params = {"workload": workload, "server": server, "concurrency": concurrency}
+    if workload == "chat-stream":
+        params["max_tokens"] = max_tokens
+    metrics = []
+    if ok:
+        metrics.append(Metric.of("latency_ms", "ms", [r[1] * 1e3 for r in ok]))
+    # Throughput per round, so a comparison sees how much it moved between the interleaved rounds.
+    metrics.append(Metric.of("throughput_rps", "req/s", [n / sec for n, _, sec in rounds if sec > 0]))
+    if ttft := [r[2] * 1e3 for r in ok if r[2] is not None]:
+        metrics.append(Metric.of("ttft_ms", "ms", ttft))
+    if itl := [g * 1e3 for r in ok for g in r[3]]:
+        metrics.append(Metric.of("itl_ms", "ms", itl))
+    if workload == "chat-stream":
+        metrics.append(Metric.of("output_tok_s", "tok/s", [t / sec for _, t, sec in rounds if sec > 0]))
+    metrics += [Metric.of("ok", "count", [len(ok)]),
+                Metric.of("rejected", "count", [sum(r[0] in (429, 503) for r in records)]),
+                Metric.of("errors", "count", [sum(bad.values())])]
+    if rss is not None:
+        metrics.append(Metric.of("server_rss_mib", "MiB", [rss]))
+    label = f"{workload} {server} c={concurrency}"
+    notes = [f"{label}: {len(records)} requests in {seconds:.2f} s"]
+    if bad:
+        notes.append(f"{label}: errors " + ",".join(f"{k}:{n}" for k, n in sorted(bad.items())))
+    return Row("load", bundle, "server", params, metrics, notes=notes)
+
+
+def _value(row: Row, name: str) -> float | None:
+    m = row.metric(name)
+    return m.value if m else None
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
@@ -185,6 +188,7 @@ class ServerProcess:
     """`medc serve` in a child process on a free loopback port; SIGTERM (graceful) on exit."""
 
     def __init__(self, name: str, bundles: list[str], extra: list[str]):
+        self.bundles = [Path(b).name for b in bundles]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -254,32 +258,46 @@ def _bodies(url: str, max_tokens: int) -> dict[str, tuple[str, dict]]:
 
 
 def point(servers: list[ServerProcess], workload: str, body: tuple[str, dict], concurrency: int, duration: float,
-          rounds: int, log=print) -> list[LoadResult]:
+          rounds: int, log=print) -> list[Row]:
     """`rounds` runs per server, alternating servers, pooled per server."""
     return arms([(s, concurrency) for s in servers], workload, body, duration, rounds, log)
 
 
 def arms(pairs: list[tuple[ServerProcess, int]], workload: str, body: tuple[str, dict], duration: float, rounds: int,
-         log=print) -> list[LoadResult]:
+         log=print) -> list[Row]:
     """`rounds` runs of each (server, concurrency) pair, alternating pairs, pooled per pair: two servers at one
     concurrency (batched vs unbatched), or one server at several (chat's c4 / c1), so a load change on a shared
     machine hits every arm of a ratio alike."""
-    pooled = {i: ([], 0.0) for i in range(len(pairs))}
+    records = {i: [] for i in range(len(pairs))}
+    per_round = {i: [] for i in range(len(pairs))}  # (ok, output tokens, seconds) of each round
     for _ in range(rounds):
         for i, (s, c) in enumerate(pairs):
-            records, seconds = asyncio.run(_run(s.url, body[0], workload, body[1], c, duration / rounds, warmup=0.5))
-            pooled[i] = (pooled[i][0] + records, pooled[i][1] + seconds)
-    results = [_summarise(*pooled[i], workload, s.name, c, s.rss_mib()) for i, (s, c) in enumerate(pairs)]
+            recs, seconds = asyncio.run(_run(s.url, body[0], workload, body[1], c, duration / rounds, warmup=0.5))
+            records[i] += recs
+            ok = [r for r in recs if r[0] == 200]
+            per_round[i].append((len(ok), sum(r[4] for r in ok), seconds))
+    results = [_summarise(records[i], per_round[i], workload, s.name, c, s.rss_mib(), _bundle(s, workload, body),
+                          body[1].get("max_tokens")) for i, (s, c) in enumerate(pairs)]
     for r in results:
-        log(f"{r.server:<9} {workload:<11} c={r.concurrency:<3} {r.throughput_rps:8.1f} req/s  p50 {r.p50_ms} ms  "
-            f"ok {r.ok} rejected {r.rejected} errors {r.errors}"
-            + (f"  {r.output_tokens_per_s} tok/s" if r.output_tokens_per_s else ""))
+        tok = _value(r, "output_tok_s")
+        log(f"{r.params['server']:<9} {workload:<11} c={r.params['concurrency']:<3} "
+            f"{_value(r, 'throughput_rps'):8.1f} req/s  p50 {_value(r, 'latency_ms')} ms  ok {_value(r, 'ok'):.0f} "
+            f"rejected {_value(r, 'rejected'):.0f} errors {_value(r, 'errors'):.0f}" + (f"  {tok} tok/s" if tok else ""))
     return results
 
 
+def _bundle(server, workload: str, body: tuple[str, dict]) -> str:
+    """The bundle a row measured: of a started server, the one serving the workload; else the model id."""
+    names = getattr(server, "bundles", None)
+    if not names:
+        return body[1]["model"]
+    return names[0] if len(names) == 1 or workload.startswith("embed") else names[-1]
+
+
 def soak(server: ServerProcess, bodies: dict, workloads: list[str], seconds: float, concurrency: int,
-         log=print) -> dict:
-    """All `workloads` together for `seconds`; the server's RSS every 5 s. -> counts and the RSS series."""
+         log=print) -> Row:
+    """All `workloads` together for `seconds`; the server's RSS every 5 s. -> one "load" row (workload "soak"): the
+    counts, and the RSS series as the samples of server_rss_mib (in time order: 0, 5, 10, ... s)."""
     samples = [(0.0, server.rss_mib())]
 
     async def sample():
@@ -297,19 +315,26 @@ def soak(server: ServerProcess, bodies: dict, workloads: list[str], seconds: flo
     runs = asyncio.run(run_all())
     records = [r for recs, _ in runs for r in recs]
     rss = [m for _, m in samples if m is not None]
-    out = {"seconds": seconds, "workloads": [w for w in workloads if w in bodies], "requests": len(records),
-           "ok": sum(r[0] == 200 for r in records), "errors": sum(r[0] not in (200, 429, 503) for r in records),
-           "rejected": sum(r[0] in (429, 503) for r in records),
-           "rss_mib": {"start": rss[0], "max": max(rss), "end": rss[-1],
-                       "after_first_minute_max": max((m for t, m in samples if t >= 60 and m is not None),
-                                                     default=None)},
-           "rss_series": samples}
-    log(f"soak {seconds:.0f} s: {out['ok']} ok, {out['errors']} errors, RSS MiB {out['rss_mib']}")
-    return out
+    late = max((m for t, m in samples if t >= 60 and m is not None), default=None)
+    counts = {"ok": sum(r[0] == 200 for r in records), "rejected": sum(r[0] in (429, 503) for r in records),
+              "errors": sum(r[0] not in (200, 429, 503) for r in records)}
+    used = [w for w in workloads if w in bodies]
+    metrics = [Metric.of(k, "count", [v]) for k, v in counts.items()]
+    if rss:
+        metrics.append(Metric.of("server_rss_mib", "MiB", rss))
+    notes = [(f"soak: {len(records)} requests in {seconds:.0f} s, {', '.join(used)} at once"
+              f"{' (chat at concurrency 4)' if 'chat-stream' in used else ''}; "
+              f"RSS MiB start {rss[0] if rss else None}, max {max(rss, default=None)}, end {rss[-1] if rss else None}, "
+              f"max after the first minute {late}")]
+    row = Row("load", "+".join(getattr(server, "bundles", []) or ["external"]), "server",
+              {"workload": "soak", "server": server.name, "concurrency": concurrency, "seconds": seconds,
+               "workloads": ",".join(used)}, metrics, notes=notes)
+    log(notes[0])
+    return row
 
 
-def in_process_ms(bundle: str, threads: int | None = None, repeat: int = 300) -> float:
-    """p50 of the same one-text embedding through medc.runtime, without HTTP."""
+def in_process(bundle: str, threads: int | None = None, repeat: int = 300) -> Row:
+    """The same one-text embedding through medc.runtime, without HTTP: a row of server "in-process"."""
     import medc.runtime
 
     with medc.runtime.load(bundle, threads=threads) as m:
@@ -320,50 +345,41 @@ def in_process_ms(bundle: str, threads: int | None = None, repeat: int = 300) ->
             t0 = time.perf_counter()
             m.embed_texts([TEXT])
             times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1e3, 3)
+    return Row("load", Path(bundle).name, "onnxruntime", {"workload": "embed-text", "server": "in-process",
+                                                          "concurrency": 1},
+               [Metric.of("latency_ms", "ms", [t * 1e3 for t in times])])
 
 
 # -- output ---------------------------------------------------------------------------------------------------------
-def headline(results: list[LoadResult], in_process: float | None) -> dict:
+def headline(rows: list[Row]) -> list[str]:
+    """The figures the sweep is for, as notes of the run: HTTP overhead, batched / unbatched, chat c4 / c1, overload."""
     def get(workload, server, c):
-        return next((r for r in results if (r.workload, r.server, r.concurrency) == (workload, server, c)), None)
+        return next((r for r in rows if (r.params["workload"], r.params["server"], r.params["concurrency"])
+                     == (workload, server, c)), None)
 
-    h = {}
-    one = get("embed-text", "batched", 1)
-    if one and in_process is not None:
-        h["http_overhead_p50_ms"] = round(one.p50_ms - in_process, 3)
-    top = max((r.concurrency for r in results if r.server == "unbatched"), default=None)
+    h = []
+    one, local = get("embed-text", "batched", 1), get("embed-text", "in-process", 1)
+    if one and local and one.metric("latency_ms"):
+        h.append(f"HTTP overhead: text-embedding p50 at concurrency 1 minus in-process p50 = "
+                 f"{_value(one, 'latency_ms') - _value(local, 'latency_ms'):.3f} ms")
+    top = max((r.params["concurrency"] for r in rows if r.params["server"] == "unbatched"), default=None)
     for w in ("embed-text", "embed-image"):
         for c in sorted({16, top} - {None}):  # the issue's target is at 16
             b, u = get(w, "batched", c), get(w, "unbatched", c)
-            if b and u and u.throughput_rps:
-                h[f"{w}_batched_over_unbatched_c{c}"] = round(b.throughput_rps / u.throughput_rps, 2)
+            if b and u and _value(u, "throughput_rps"):
+                h.append(f"{w} throughput batched / unbatched at c{c}: "
+                         f"{_value(b, 'throughput_rps') / _value(u, 'throughput_rps'):.2f}")
     c1, c4 = get("chat-stream", "batched", 1), get("chat-stream", "batched", 4)
-    if c1 and c4 and c1.output_tokens_per_s:
-        h["chat_tokens_per_s_c4_over_c1"] = round(c4.output_tokens_per_s / c1.output_tokens_per_s, 2)
-    h["errors_and_rejections_below_queue_limit"] = sum(r.errors + r.rejected for r in results
-                                                       if r.server != "overload")
-    over = [r for r in results if r.server == "overload"]
+    if c1 and c4 and _value(c1, "output_tok_s"):
+        h.append(f"chat output tokens/s c4 / c1: {_value(c4, 'output_tok_s') / _value(c1, 'output_tok_s'):.2f}")
+    sweep = [r for r in rows if r.params["server"] in ("batched", "unbatched", "external")]
+    h.append("errors and rejections below the queue limit: "
+             f"{sum(_value(r, 'errors') + _value(r, 'rejected') for r in sweep if r.metric('errors')):.0f}")
+    over = [r for r in rows if r.params["server"] == "overload"]
     if over:
-        h["overload"] = {"ok": sum(r.ok for r in over), "rejected_429_503": sum(r.rejected for r in over),
-                         "errors": sum(r.errors for r in over)}
+        h.append("overload (--max-queue 4 --max-concurrency 2, chat at c64): " + ", ".join(
+            f"{k} {sum(_value(r, k) for r in over):.0f}" for k in ("ok", "rejected", "errors")))
     return h
-
-
-def to_markdown(results: list[LoadResult], meta: dict) -> str:
-    cols = [f.name for f in fields(LoadResult)]
-    lines = [f"# medc serve under load: {', '.join(meta['bundles']) or meta.get('server_url')}", "",
-             f"{meta['cpu']}; {meta['duration_s']} s per point and server ({meta['rounds']} alternating rounds, "
-             f"each after 0.5 s warm-up); load generator on the same machine; ONNX Runtime threads per session: "
-             f"{meta['threads'] or 'default'}; 1-minute load average before / after: {meta['loadavg_before_after']}; "
-             f"commit {meta['commit']}.", "", "## Headline", ""]
-    lines += [f"- {k}: {v}" for k, v in meta["headline"].items()]
-    if meta.get("in_process_p50_ms") is not None:
-        lines.append(f"- one-text embedding p50 in-process (no HTTP): {meta['in_process_p50_ms']} ms")
-    lines += ["", "## All points", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if getattr(r, c) in (None, "") else str(getattr(r, c)) for c in cols) + " |"
-              for r in results]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -381,11 +397,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if bool(args.bundles) == bool(args.server):
         ap.error("give bundles (the script starts medc serve) or --server URL, not both")
-    from medc.system import cpu_info, git_commit
+    from medc.benchmarks.host import bundle_info, run_info
 
     conc = [int(c) for c in args.concurrency.split(",")]
     workloads = args.workloads.split(",")
-    results, in_process, soaked = [], None, None
+    results: list[Row] = []
     load_before = os.getloadavg()
     common = ["--threads", str(args.threads)] if args.threads else []
     if args.server:
@@ -395,10 +411,10 @@ def main(argv=None) -> None:
             for c in conc:
                 results += point([external], w, bodies[w], c, args.duration, args.rounds)
     else:
-        family = lambda b: json.loads((Path(b) / "manifest.json").read_text())["model"]["family"]  # noqa: E731
+        family = lambda b: json.loads((Path(b) / "manifest.json").read_text())["model"]["family"]
         siglip = next((b for b in args.bundles if family(b) == "siglip"), None)
         if siglip:
-            in_process = in_process_ms(siglip, args.threads)
+            results.append(in_process(siglip, args.threads))
         with ServerProcess("batched", args.bundles, common) as main_server:
             bodies = _bodies(main_server.url, args.max_tokens)
             unbatched = ServerProcess("unbatched", [siglip], ["--max-batch", "1", *common]) if siglip else None
@@ -413,27 +429,27 @@ def main(argv=None) -> None:
                 results += arms([(main_server, c) for c in conc], "chat-stream", bodies["chat-stream"],
                                 args.duration, args.rounds)
             if args.soak:
-                soaked = soak(main_server, bodies, workloads, args.soak, max(conc))
+                results.append(soak(main_server, bodies, workloads, args.soak, max(conc)))
         if "chat-stream" in bodies and "chat-stream" in workloads:
             chat = [b for b in args.bundles if b != siglip]
             with ServerProcess("overload", chat, ["--max-queue", "4", "--max-concurrency", "2", *common]) as s:
                 results += point([s], "chat-stream", bodies["chat-stream"], 64, min(args.duration, 5.0), 1)
-    meta = {"bundles": [Path(b).name for b in args.bundles], "server_url": args.server, "cpu": cpu_info(),
-            "cpu_count": os.cpu_count(), "commit": git_commit(), "duration_s": args.duration, "rounds": args.rounds,
-            "max_tokens": args.max_tokens, "threads": args.threads, "in_process_p50_ms": in_process,
-            "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
-    meta["headline"] = headline(results, in_process)
-    if soaked:
-        meta["soak"] = soaked
-        meta["headline"]["soak"] = {k: soaked[k] for k in ("seconds", "ok", "errors", "rss_mib")}
-    print(json.dumps(meta["headline"], indent=2))
+    argv = sys.argv[1:] if argv is None else argv
+    run = run_info(args.threads, bundles=[bundle_info(Path(b)) for b in args.bundles],
+                   command=shlex.join(["python", "benchmarks/serve_load.py", *argv]))
+    run.notes = [f"{args.duration} s per point and server ({args.rounds} alternating rounds, each after 0.5 s "
+                 f"warm-up); chat decodes {args.max_tokens} tokens per request; load generator on the same machine"
+                 + (f"; server {args.server}" if args.server else ""),
+                 f"1-minute load average before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}",
+                 *headline(results)]
+    result = schema.Result(run, results, f"medc serve under load: "
+                                         f"{', '.join(Path(b).name for b in args.bundles) or args.server}")
+    print("\n".join(run.notes[2:]))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({**meta, "results": [asdict(r) for r in results]},
-                                                            indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(to_markdown(results, meta))
-        print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
-
+        stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        j, m = schema.save(result, stem)
+        print(f"wrote {j} and {m}")
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from medc.benchmarks.schema import Metric, Result, Row
 
 # (what runs at this shape, [batch, tokens, hidden])
 SHAPES = [
@@ -75,12 +75,19 @@ def _ab(sessions: dict, feeds: dict, rounds: int, min_s: float = 0.2) -> dict:
                 s.run(None, feeds)
             times[k].append((time.perf_counter() - t0) / n * 1e3)
     ratios = [f / s for f, s in zip(times["fused"], times["split"])]
-    return {"fused_ms": round(statistics.median(times["fused"]), 4), "split_ms": round(statistics.median(times["split"]), 4),
-            "fused_over_split": round(statistics.median(ratios), 3), "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+    return {"fused_ms": times["fused"], "split_ms": times["split"], "fused_over_split": ratios,
             "max_abs_diff": float(np.abs(outs["split"] - ref).max())}
 
 
-def ops(rounds: int, threads_list: list[int]) -> list[dict]:
+def _metrics(r: dict, extra: tuple[str, ...] = ()) -> list[Metric]:
+    """Per-round samples of both forms and of their ratio (its median is the headline), then single figures."""
+    out = [Metric.of("fused_ms", "ms", r["fused_ms"]), Metric.of("split_ms", "ms", r["split_ms"]),
+           Metric.of("fused_over_split", "x", r["fused_over_split"])]
+    out += [Metric.of(k, "ms", [r[k]]) for k in extra]
+    return out + [Metric.of("max_abs_diff", "abs", [r["max_abs_diff"]])]
+
+
+def ops(rounds: int, threads_list: list[int]) -> list[Row]:
     rows = []
     rng = np.random.default_rng(0)
     for what, shape in SHAPES:
@@ -89,19 +96,24 @@ def ops(rounds: int, threads_list: list[int]) -> list[dict]:
             for threads in threads_list:
                 sessions = {"fused": _session(_graph(True, simplified, shape[-1]), threads),
                             "split": _session(_graph(False, simplified, shape[-1]), threads)}
-                r = {"shape": list(shape), "runs_at": what, "norm": "RMS (simplified)" if simplified else "LayerNorm",
-                     "threads": threads, **_ab(sessions, feeds, rounds)}
-                print(f"{what:32s} {r['norm']:16s} t{threads}: fused {r['fused_ms']:.3f} ms, split {r['split_ms']:.3f} ms"
-                      f" -> {r['fused_over_split']:.2f}x", flush=True)
-                rows.append(r)
+                norm = "RMS (simplified)" if simplified else "LayerNorm"
+                row = Row("skip_norm_op", what, "onnxruntime", {"shape": str(list(shape)), "norm": norm,
+                                                                "threads": threads},
+                          _metrics(_ab(sessions, feeds, rounds)))
+                print(f"{what:32s} {norm:16s} t{threads}: fused {row.metric('fused_ms').p50:.3f} ms, split "
+                      f"{row.metric('split_ms').p50:.3f} ms -> {row.metric('fused_over_split').p50:.2f}x", flush=True)
+                rows.append(row)
     return rows
 
 
-def bundle_graphs(bundle: Path, rounds: int, threads: int) -> list[dict]:
+def bundle_graphs(bundle: Path, rounds: int, threads: int) -> list[Row]:
     """Each encoder of a CPU bundle (split norms) against the same graph re-fused with onnxscript's fusions, on
     random inputs of the graph's fixed shapes at batch 1 (token ids below 200: valid for any vocabulary here)."""
     import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions._core import fuse_skip_layer_normalization, fuse_skip_rms_normalization
+    from onnxscript.rewriter.ort_fusions._core import (
+        fuse_skip_layer_normalization,
+        fuse_skip_rms_normalization,
+    )
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     rows, rng = [], np.random.default_rng(1)
@@ -125,18 +137,21 @@ def bundle_graphs(bundle: Path, rounds: int, threads: int) -> list[dict]:
                 feeds[i["name"]] = (rng.integers(0, 200, shape).astype(np.int64) if "int" in i["dtype"]
                                     else rng.standard_normal(shape).astype(np.float32))
             sessions = {"fused": _session(str(fused), threads), "split": _session(str(bundle / comp["file"]), threads)}
-            r = {"bundle": bundle.name, "component": name, "precision": comp["precision"], "norms": refused, "threads": threads,
-                 **_ab(sessions, feeds, rounds, min_s=1.0)}
+            r = _ab(sessions, feeds, rounds, min_s=1.0)
             del sessions
             for form, path in (("fused", str(fused)), ("split", str(bundle / comp["file"]))):
                 k = _kernel_ms(path, feeds, threads)
                 r[f"{form}_norm_kernels_ms"] = round(sum(v for op, v in k.items() if op in _NORM_KERNELS), 2)
                 r[f"{form}_all_kernels_ms"] = round(sum(k.values()), 1)
-            print(f"{name} ({comp['precision']}, {refused} norms) t{threads}: fused {r['fused_ms']:.1f} ms, split "
-                  f"{r['split_ms']:.1f} ms -> {r['fused_over_split']:.3f}x; norm + Add kernels {r['fused_norm_kernels_ms']}"
-                  f" -> {r['split_norm_kernels_ms']} ms of {r['fused_all_kernels_ms']} / {r['split_all_kernels_ms']}",
-                  flush=True)
-            rows.append(r)
+            row = Row("skip_norm_graph", bundle.name, "onnxruntime",
+                      {"component": name, "precision": comp["precision"], "norms": refused, "threads": threads},
+                      _metrics(r, ("fused_norm_kernels_ms", "split_norm_kernels_ms", "fused_all_kernels_ms",
+                                   "split_all_kernels_ms")))
+            print(f"{name} ({comp['precision']}, {refused} norms) t{threads}: fused {row.metric('fused_ms').p50:.1f} "
+                  f"ms, split {row.metric('split_ms').p50:.1f} ms -> {row.metric('fused_over_split').p50:.3f}x; norm + "
+                  f"Add kernels {r['fused_norm_kernels_ms']} -> {r['split_norm_kernels_ms']} ms of "
+                  f"{r['fused_all_kernels_ms']} / {r['split_all_kernels_ms']}", flush=True)
+            rows.append(row)
         finally:
             fused.unlink(missing_ok=True)
             Path(str(fused) + ".data").unlink(missing_ok=True)
@@ -173,40 +188,28 @@ def _kernel_ms(path: str, feeds: dict, threads: int, runs: int = 3) -> dict:
     return {op: round(us / (runs + 1) / 1e3, 2) for op, us in total.items()}
 
 
-def write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    m = result["meta"]
-    lines = [f"# ONNX Runtime CPU: fused skip norms vs Add + norm ({m['cpu']}, onnxruntime {m['onnxruntime']})", "",
-             f"{m['rounds']} interleaved rounds per point; ratio = median of per-round fused/split times (> 1: the "
-             "unfused form is faster). Outputs agree to the max abs difference shown.", "",
-             "## Single ops", "",
-             "| runs at | shape | norm | threads | fused ms | Add + norm ms | fused / split | range | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["ops"]:
-        lines.append(f"| {r['runs_at']} | {r['shape']} | {r['norm']} | {r['threads']} | {r['fused_ms']:.3f} | "
-                     f"{r['split_ms']:.3f} | {r['fused_over_split']:.2f}x | {r['ratio_range'][0]:.2f}-"
-                     f"{r['ratio_range'][1]:.2f} | {r['max_abs_diff']:.1e} |")
-    if result.get("graphs"):
-        lines += ["", "## Whole encoder graphs, batch 1: as built for the CPU target vs re-fused", "",
-                  "Wall clock (interleaved), and ONNX Runtime's profiler: the kernel time of the norms and Adds, and of "
-                  "all kernels, per run.", "",
-                  "| bundle | component | precision | norms | threads | re-fused ms | as built (split) ms | fused / split | range "
-                  "| norm + Add kernels ms, fused -> split | all kernels ms, fused -> split | max abs diff |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["graphs"]:
-            lines.append(f"| {r['bundle']} | {r['component']} | {r['precision']} | {r['norms']} | {r['threads']} | "
-                         f"{r['fused_ms']:.4g} | "
-                         f"{r['split_ms']:.4g} | {r['fused_over_split']:.3f}x | {r['ratio_range'][0]:.3f}-"
-                         f"{r['ratio_range'][1]:.3f} | {r['fused_norm_kernels_ms']} -> {r['split_norm_kernels_ms']} | "
-                         f"{r['fused_all_kernels_ms']} -> {r['split_all_kernels_ms']} | {r['max_abs_diff']:.1e} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+NOTES = [
+    ("fused_over_split: the median of per-round fused/split times (> 1: the unfused Add + norm is faster); the forms "
+     "are interleaved round by round, alternating which goes first"),
+    ("skip_norm_graph rows: an encoder as built for the CPU target (norms split) against the same graph re-fused with "
+     "onnxscript's skip-norm fusions, batch 1; *_kernels_ms are ONNX Runtime's profiler kernel times per run (the "
+     "norms and Adds, and all kernels)"),
+    "max_abs_diff: the largest difference between the two forms' outputs",
+]
+
+
+def result(rows: list[Row], rounds: int, bundles: list[Path], command: str | None) -> Result:
+    from medc.benchmarks.host import bundle_info, run_info
+
+    run = run_info("see rows", ["CPUExecutionProvider"], [bundle_info(b) for b in bundles], command)
+    run.notes = [f"{rounds} interleaved rounds per point", *NOTES]
+    return Result(run, rows, "ONNX Runtime CPU: fused skip norms vs Add + norm")
 
 
 def main() -> None:
-    import onnxruntime
+    import sys
 
-    from medc.system import cpu_info
+    from medc.benchmarks import schema
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -214,16 +217,14 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, action="append", default=[],
                     help="Also time this CPU bundle's encoders, as built vs re-fused (repeatable).")
     ap.add_argument("--graph-threads", default="1,2", help="Intra-op threads to run the whole graphs with.")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="results path without suffix (.json and .md written)")
     args = ap.parse_args()
-    result = {"meta": {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__,
-                       "rounds": args.rounds, "bundles": [str(b) for b in args.bundle]},
-              "ops": ops(args.rounds, [int(t) for t in args.threads.split(",")])}
-    if args.bundle:
-        result["graphs"] = [r for b in args.bundle for t in args.graph_threads.split(",")
-                            for r in bundle_graphs(b, args.rounds, int(t))]
+    rows = ops(args.rounds, [int(t) for t in args.threads.split(",")])
+    rows += [r for b in args.bundle for t in args.graph_threads.split(",") for r in bundle_graphs(b, args.rounds, int(t))]
     if args.out:
-        write(args.out, result)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        schema.save(result(rows, args.rounds, args.bundle, " ".join(["python benchmarks/skip_norms.py", *sys.argv[1:]])),
+                    args.out)
 
 
 if __name__ == "__main__":

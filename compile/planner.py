@@ -148,6 +148,40 @@ def _vision_flops(cfg: dict, family: str) -> float | None:
     return float(flops)
 
 
+def _tower_flops(c: dict, tokens: int) -> float:
+    """One transformer encoder stack over `tokens` positions: projections + MLP, QK^T and PV (x2: FLOPs)."""
+    h, f = c["hidden_size"], c["intermediate_size"]
+    return float(c["num_hidden_layers"] * (2 * tokens * (4 * h * h + 2 * h * f) + 2 * 2 * tokens * tokens * h))
+
+
+def encoder_flops(cfg: dict, family: str, component: str) -> float:
+    """FLOPs of one item through an embedding component: an image (SigLIP vision tower, or Gemma 3's tower +
+    projector) or a text (SigLIP text tower at its fixed length); the numerator of the encoder's compute floor."""
+    if component in ("image_encoder", "vision_encoder"):
+        flops = _vision_flops(cfg, family)
+        if flops is None:
+            raise KeyError(f"{component}: no vision_config in the model config")
+        return flops
+    if component == "text_encoder":
+        t = cfg["text_config"]
+        return _tower_flops(t, int(t.get("max_position_embeddings", 64)))
+    raise KeyError(f"no FLOP count for component {component!r}")
+
+
+def prefill_flops(cfg: dict, tokens: int) -> float:
+    """FLOPs of a Gemma 3 prefill of `tokens` positions: every decoder projection per token, attention over the
+    window each layer sees (sliding layers cap it), and the vocabulary projection for the last position only."""
+    t = cfg.get("text_config", cfg)
+    h, f, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    hd = t.get("head_dim", h // t["num_attention_heads"])
+    q, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
+    proj = 2 * tokens * layers * (h * q + 2 * h * kv + q * h + 3 * h * f)
+    window = int(t.get("sliding_window") or tokens)
+    types = t.get("layer_types") or ["full_attention"] * layers
+    attn = sum(2 * 2 * tokens * min(tokens, tokens if kind == "full_attention" else window) * q for kind in types)
+    return float(proj + attn + 2 * h * t["vocab_size"])
+
+
 @dataclass
 class ComponentBytes:
     name: str

@@ -426,65 +426,125 @@ def _siglip_run(model, images, labels, texts, as_json, records=None):
             click.echo(f"{r.get('image', r.get('text'))}: {key[:-1]} shape {r['shape']} norm {r['norm']:.6f}")
 
 
+def _ints(option: str, text: str, allow_zero: bool = False) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MedcError(f"{option} takes comma-separated integers, e.g. {option} 1,4 (got {text!r}).") from None
+    if any(v < (0 if allow_zero else 1) for v in values):
+        raise MedcError(f"{option} takes {'non-negative' if allow_zero else 'positive'} integers (got {text!r}).")
+    return values
+
+
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", default="", help="Comma-separated intra-op thread counts (default: the runtime's).")
 @click.option("--repeat", default=None, type=int,
-              help="Timed runs per component and batch size  [default: 10; generative bundles: 3].")
-@click.option("--warmup", default=None, type=int, help="Untimed runs first  [default: 2; generative bundles: 1].")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime / torch intra-op threads.")
-@click.option("--component", "components", multiple=True, help="Only these components.")
-@click.option("--baseline", type=click.Choice(["torch"]), default=None,
-              help="Also time the HF PyTorch eager fp32 model (needs medc[build]).")
-@click.option("--prompt-tokens", default=512, show_default=True,
-              help="Generative bundles: prompt length in tokens (template included).")
-@click.option("--new-tokens", default=128, show_default=True, help="Generative bundles: greedy tokens per run.")
-@click.option("--past", default="128,2048", show_default=True,
-              help="Generative bundles: also time decode with this many tokens in the KV cache ('' = skip).")
+              help="Timed rounds  [default: 10; generative bundles: 3].")
+@click.option("--warmup", default=None, type=int, help="Untimed rounds first  [default: 2; generative bundles: 1].")
+@click.option("--component", "components", multiple=True, help="Embedding bundles: only these components.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "llama.cpp", "ort-genai"]),
+              help="Also time this baseline in the same rounds (repeatable): HF PyTorch eager fp32 (medc[build]), "
+                   "llama.cpp on the GGUF source, ONNX Runtime GenAI (medc[baselines]).")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The checkpoint or GGUF the bundles were built from (baselines, roofline), where medc cannot "
+                   "find it.")
+@click.option("--prompt-tokens", default="512", show_default=True,
+              help="Generative bundles: comma-separated prompt lengths in tokens (template included).")
+@click.option("--new-tokens", default="128", show_default=True,
+              help="Generative bundles: comma-separated greedy tokens per run.")
+@click.option("--images", default="0", show_default=True,
+              help="Generative bundles: 0 (text prompt) and/or 1 (one image), comma-separated.")
+@click.option("--past", default="", help="Generative bundles: also time decode with this many tokens in the KV "
+                                          "cache, comma-separated (0 = the main run only).")
 @click.option("--past-new-tokens", default=32, show_default=True,
               help="Generative bundles: tokens decoded per --past measurement.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write results as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["md", "json", "jsonl", "csv"]), default="md", show_default=True,
+              help="What stdout gets (progress goes to stderr).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the result as JSON to PATH.")
+@click.option("--title", default=None, help="A title for the result (reports show it).")
+@click.option("--no-probe", is_flag=True, help="Skip the host probe (then rows carry no roofline floor).")
 @_friendly
-def bench(bundle, batch, repeat, warmup, threads, components, baseline, prompt_tokens, new_tokens, past,
-          past_new_tokens, json_out):
-    """Latency and throughput of a bundle's components (Markdown on stdout, JSON with --json).
+def bench(bundles, batch, threads, repeat, warmup, components, baselines, source, prompt_tokens, new_tokens, images,
+          past, past_new_tokens, fmt, json_out, title, no_probe):
+    """Latency, throughput and memory of bundles, swept over parameters and interleaved round by round.
 
-    For a generative (MedGemma / Gemma 3) bundle: TTFT, prefill and decode tokens/s, time per output token, vision
-    encoder latency and decode speed at each --past length, on a fixed prompt of --prompt-tokens tokens."""
+    Every combination of --batch, --threads, --prompt-tokens, --new-tokens, --images and --past; every bundle and
+    baseline runs each case once per round, so this machine's drift hits them alike. Embedding bundles: latency and
+    items/s per component. Generative bundles: TTFT, TPOT, prefill and decode tok/s, end-to-end latency, vision
+    encoder ms. All: cold-start load time, memory, and the roofline floor on this machine (a short probe of its
+    GEMM and memory peaks runs between rounds)."""
+    from medc.benchmarks import schema
+    from medc.benchmarks.bench import bench as run_bench
+    from medc.benchmarks.sweep import Sweep
     from medc.manifest import Manifest
 
-    sizes = [int(b) for b in batch.split(",") if b.strip()]
-    if not sizes or min(sizes) < 1:
-        raise MedcError("--batch takes positive integers, e.g. --batch 1,4.")
-    if Manifest.read(bundle).model.get("family") == "gemma3":
-        from medc.benchmarks import generation
-
-        if components:
-            raise MedcError("--component is for embedding bundles; a generative bundle is timed whole.")
-        try:
-            pasts = tuple(int(p) for p in past.split(",") if p.strip())
-        except ValueError:
-            raise MedcError(f"--past takes token counts, e.g. --past 128,2048 (got {past!r}).") from None
-        results, notes = [], []
-        for b in sizes:
-            rows, notes = generation.bench_generation(
-                bundle, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeat=3 if repeat is None else repeat,
-                warmup=1 if warmup is None else warmup, threads=threads, batch=b, past=pasts,
-                past_new_tokens=past_new_tokens, baseline=baseline,
-                log=lambda msg: logging.getLogger("medc.bench").info(msg))
-            results += rows
-        click.echo(generation.to_markdown(results, notes))
-        to_json = generation.to_json
-    else:
-        from medc.benchmarks.bench import bench_bundle, to_json, to_markdown
-
-        results = bench_bundle(bundle, batches=sizes, repeat=10 if repeat is None else repeat,
-                               warmup=2 if warmup is None else warmup, threads=threads,
-                               components=list(components) or None, baseline=baseline)
-        click.echo(to_markdown(results))
+    generative = Manifest.read(bundles[0]).model.get("family") == "gemma3"
+    sweep = Sweep(batch=_ints("--batch", batch), threads=_ints("--threads", threads) or (None,),
+                  components=tuple(components), prompt_tokens=_ints("--prompt-tokens", prompt_tokens),
+                  new_tokens=_ints("--new-tokens", new_tokens), images=_ints("--images", images, allow_zero=True),
+                  past=tuple(p for p in _ints("--past", past, allow_zero=True) if p), past_new_tokens=past_new_tokens,
+                  repeat=repeat if repeat is not None else (3 if generative else 10),
+                  warmup=warmup if warmup is not None else (1 if generative else 2))
+    result = run_bench(list(bundles), sweep, tuple(dict.fromkeys(baselines)), source, probe=not no_probe,
+                       log=lambda msg: click.echo(msg, err=True), title=title)
+    click.echo(schema.write(result, fmt), nl=fmt == "md")
     if json_out:
-        Path(json_out).write_text(to_json(results))
-        click.echo(f"wrote {json_out}")
+        Path(json_out).write_text(schema.to_json(result) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--metric", "metrics", multiple=True, help="Compare only this metric (repeatable), e.g. latency_ms.")
+@click.option("--format", "fmt", type=click.Choice(["md", "json"]), default="md", show_default=True)
+@_friendly
+def compare(a, b, metrics, fmt):
+    """Compare benchmark result B against A: flags metrics that moved beyond the runs' own spread.
+
+    Exit code 1 when any metric regressed, 0 otherwise (2: a file could not be read or compared)."""
+    from medc.benchmarks import schema
+    from medc.benchmarks.compare import compare as run_compare
+
+    cmp = run_compare(schema.load(a), schema.load(b), metrics=list(metrics) or None, labels=(str(a), str(b)))
+    if fmt == "json":
+        click.echo(json.dumps(cmp.to_dict(), indent=1))
+        click.echo(cmp.summary(), err=True)  # stdout stays one JSON document
+    else:
+        click.echo(cmp.to_markdown(), nl=False)
+    if cmp.regressed:  # 1, not MedcError's 2: "it got slower" is a finding, not bad input
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The HTML file to write.")
+@click.option("--title", default=None, help="Page title  [default: the first result's title].")
+@_friendly
+def report(results, out, title):
+    """One self-contained HTML report (tables and plots) from `medc bench` result files (JSON)."""
+    import os
+    import tempfile
+
+    from medc.benchmarks import report as html_report
+    from medc.benchmarks.schema import load
+
+    page = html_report.render([load(p) for p in results], title=title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: a reader (a browser reloading, a CI upload) never sees half a page
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for sharing
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    click.echo(f"wrote {out} ({page.count(html_report.FIGURE_TAG)} figures)")
 
 
 @main.command(name="eval")

@@ -165,10 +165,12 @@ class Batch:
 
     def _carried(self, prompts: list[Sequence]) -> list[tuple[Sequence, int]]:
         """Which prompts' next chunks ride in this step, and how many tokens each: up to the decoder's prefill
-        chunk in all, first come first served."""
+        chunk in all, first come first served, none wider than the decoder's `carry_width` (with every slot near
+        the end of its context a prompt waits a step: the decoding sequences end before they reach it)."""
         budget, out = self.decoder.prefill_chunk, []
+        width = self.decoder.carry_width()
         for seq in prompts:
-            n = min(len(seq.ids) - seq.prompted, budget)
+            n = min(len(seq.ids) - seq.prompted, budget, budget if width is None else width)
             if n <= 0:
                 break
             out.append((seq, n))

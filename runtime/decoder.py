@@ -84,6 +84,10 @@ class Decoder(ABC):
         """The slot holds nothing: its next chunk starts a new sequence."""
         self.lengths[slot] = 0
 
+    def carry_width(self) -> int | None:
+        """The most prompt tokens one chunk may carry in a joint step (None: no limit beyond `prefill_chunk`)."""
+        return None
+
     def check_room(self, slot: int, new_tokens: int) -> None:
         if self.lengths[slot] + new_tokens > self.context:
             raise MedcError(f"{int(self.lengths[slot]) + new_tokens} tokens exceed this build's context of "
@@ -121,6 +125,11 @@ class SlotDecoder(Decoder):
     @classmethod
     def check(cls) -> None:
         require_onnxruntime(GQA_ONNXRUNTIME, "its decoder's GroupQueryAttention reads query_seqlens")
+
+    def carry_width(self) -> int:
+        """A joint step pads every row to its widest chunk, and GroupQueryAttention requires each row's cached
+        tokens plus that padded width to fit the cache: a slot deep in its context narrows what a prompt may carry."""
+        return max(0, self.context - int(self.lengths.max()))
 
     def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
         lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1

@@ -9,7 +9,6 @@ import sys
 
 from click.testing import CliRunner
 
-from medc.benchmarks.bench import from_json
 from medc.cli import main
 
 
@@ -61,16 +60,9 @@ def test_inspect_run_verify_bench(bundle_int8, real_images, tmp_path):
     assert data["shape"] == [64] and abs(data["norm"] - 1) < 1e-3 and len(data["vector"]) == 64
     res = r.invoke(main, ["verify", str(bundle_int8)])
     assert res.exit_code == 0 and "verified" in res.output
-    out = tmp_path / "bench.json"
-    res = r.invoke(main, ["bench", str(bundle_int8), "--batch", "1,2", "--repeat", "3", "--baseline", "torch",
-                          "--json", str(out)])
+    res = r.invoke(main, ["bench", str(bundle_int8), "--repeat", "2", "--warmup", "0", "--no-probe"])
     assert res.exit_code == 0, res.output
-    assert "| image_encoder | onnxruntime | int8 |" in res.output
-    rows = from_json(out.read_text())
-    assert len(rows) == 8  # 2 components x 2 batches x (bundle + torch)
-    ours = [x for x in rows if x.backend == "onnxruntime"]
-    assert all(x.speedup and x.speedup > 0 and x.repeat == 3 and len(x.samples_ms) == 3 for x in ours)
-    assert all(x.p50_ms <= x.p99_ms and x.items_per_s > 0 and x.cpu and x.ort_version for x in rows)
+    assert "| onnxruntime | image_encoder | 1 |" in res.output and "## encoder" in res.output
 
 
 def test_subprocess_build_and_run(tmp_path, real_images):

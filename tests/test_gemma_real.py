@@ -199,3 +199,29 @@ def test_planner_weights_match_the_real_bundles(gguf_file, real_fp32, real_int8,
     for bundle in (real_fp32, real_int8, real_int4):
         sizes = check_plan_against_bundle(bundle, str(gguf_file))
         assert sizes["decoder"][1] > 100e6  # the real thing: the 262k x 640 lm_head alone is 168M parameters
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("llama_cpp"),
+                    reason="llama-cpp-python is not installed (pip install 'medc[baselines]'; it compiles from source)")
+def test_bench_llama_cpp_baseline(real_int8, gguf_file):
+    """`medc bench --baseline llama.cpp` on the GGUF the bundle was built from: timed in the same rounds, greedy."""
+    import json
+
+    from click.testing import CliRunner
+
+    from medc.benchmarks import schema
+    from medc.cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(real_int8), "--prompt-tokens", "32", "--new-tokens", "8", "--repeat",
+                                    "1", "--warmup", "0", "--threads", "2", "--baseline", "llama.cpp", "--source",
+                                    str(gguf_file), "--no-probe", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    result = schema.Result.from_dict(json.loads(res.stdout))
+    (lc,) = [r for r in result.rows if r.backend == "llama.cpp"]
+    assert lc.bundle == f"{gguf_file.name} (llama.cpp)" and lc.metric("tpot_ms").count == 7
+    # Q4_K_M as llama.cpp stores it vs medc's int8 of the dequantised weights: greedy tokens mostly agree
+    assert lc.metric("greedy_agreement").value >= 0.25
+    assert any(b.precision.startswith("gguf") and b.weights == "real" for b in result.run.bundles)
+    ours = result.bundle(real_int8.name)  # the manifest's fidelity record, as reports plot it against speed
+    assert ours.weights == "real" and 0 < ours.fidelity["greedy_agreement"] <= 1 and ours.fidelity["passed"]
+    assert 0.9 < ours.fidelity["top1_agreement"] <= 1 and abs(ours.fidelity["perplexity_increase"]) < 0.005

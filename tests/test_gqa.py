@@ -120,6 +120,19 @@ def test_a_prompt_rides_in_a_decode_step(gemma_fp32):
         assert max(np.abs(after["packed"][s] - after["apart"][s]).max() for s in range(3)) < 1e-4  # are the same
 
 
+def test_long_prompts_together_fit_the_padded_step(gemma_fp32):
+    """Four 448-token prompts in a 512-token build: once the first decodes from 448 cached tokens, a joint step's
+    padded width must leave its row room in the cache (GroupQueryAttention checks cached + padded width per row), so
+    the others carry narrower chunks; every prompt still decodes the tokens it decodes alone."""
+    from medc.benchmarks.generation import fixed_prompt
+
+    with medc.runtime.load(gemma_fp32) as m:
+        text = fixed_prompt(m.assets, 448)
+        alone = m.generate_ids([text], max_new_tokens=32, ignore_eos=True)[0]
+        together = m.generate_ids([text] * 4, max_new_tokens=32, ignore_eos=True)
+        assert together == [alone] * 4 and len(alone) == 32
+
+
 def test_image_prompt_rows_attend_both_ways(gemma_fp32, gemma_tiny):
     """Prefill with an image == HF's logits; without the image rows' correction (treated as text) they differ."""
     with medc.runtime.load(gemma_fp32) as m:
