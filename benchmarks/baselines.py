@@ -5,6 +5,8 @@
 - llama.cpp: llama-cpp-python on the GGUF a Gemma 3 bundle was built from, greedy, prompt then one token at a time
              as llama-bench counts pp and tg (medc[baselines]; it compiles from source, so it is never in CI's path).
 - ort-genai: ONNX Runtime GenAI on a model its own builder makes from the same source (benchmarks/ortgenai.py).
+- openvino-genai: OpenVINO GenAI's LLMPipeline on a stateful IR optimum-intel exports from the same source, NNCF
+             int4 / int8 weights beside int4 / int8 bundles, fp32 beside fp32 (benchmarks/ovgenai.py).
 
 A baseline that cannot run here is a note in the result, never a failure of the other rows.
 """
@@ -23,7 +25,7 @@ from medc.benchmarks.schema import BundleInfo
 from medc.benchmarks.sweep import Sweep
 from medc.errors import MedcError
 
-NAMES = ("torch", "llama.cpp", "ort-genai")
+NAMES = ("torch", "llama.cpp", "ort-genai", "openvino-genai")
 
 
 def _rss_mib() -> float:
@@ -196,34 +198,86 @@ class LlamaCppRunner(_TextGeneration):
         self.llm.close()
 
 
-class OrtGenaiRunner(_TextGeneration):
-    backend = "ort-genai"
+class _EngineBaseline(_TextGeneration):
+    """A generation engine whose own tool builds its model from the bundle's real checkpoint (cached), timed with
+    the same token ids: ONNX Runtime GenAI, OpenVINO GenAI. `engine()` is its module (build_model, load,
+    generate_timed, require)."""
+
+    @staticmethod
+    def engine():
+        raise NotImplementedError
+
+    @staticmethod
+    def weights(manifest) -> str:
+        raise NotImplementedError
 
     def __init__(self, medc_runner, source: Path | None, threads: int | None, log):
         super().__init__(medc_runner, threads)
-        from medc.benchmarks import ortgenai
         from medc.compile.loader import locate_source
 
+        engine = self.engine()
+        engine.require()  # a missing package: the install hint before any export
         m = medc_runner.pipe.bundle.manifest
         src = m.model["source"]
         if src.get("kind") != "checkpoint":
-            raise MedcError(f"{medc_runner.bundle} was built from {src.get('kind')} weights; the ort-genai baseline "
-                            "builds from the real checkpoint.")
-        precision = _genai_precision(m)
-        model_dir = ortgenai.build_model(locate_source(src, source), precision, log=log)
+            raise MedcError(f"{medc_runner.bundle} was built from {src.get('kind')} weights; the {self.backend} "
+                            "baseline builds from the real checkpoint.")
+        weights = self.weights(m)
+        model_dir = engine.build_model(locate_source(src, source), weights, log=log)
         rss, t = _rss_mib(), time.perf_counter()
-        self.handle = ortgenai.load(model_dir, self.threads)
+        self.handle = engine.load(model_dir, self.threads)
         self.load_s, self.load_rss_mib = time.perf_counter() - t, _rss_mib() - rss
-        self._generate = ortgenai.generate_timed
-        self.bundle = f"{source_label(m)} (ort-genai {precision})"
-        self.info = BundleInfo(self.bundle, m.model["name"], precision, "real", None, None, {})
+        self._generate = engine.generate_timed
+        self.bundle = f"{source_label(m)} ({self.backend} {weights})"
+        self.info = BundleInfo(self.bundle, m.model["name"], weights, "real", None, None, {})
 
     def generate(self, ids, n):
         return self._generate(self.handle, ids, n)
 
 
+class OrtGenaiRunner(_EngineBaseline):
+    backend = "ort-genai"
+
+    @staticmethod
+    def engine():
+        from medc.benchmarks import ortgenai
+
+        return ortgenai
+
+    @staticmethod
+    def weights(manifest) -> str:
+        return _genai_precision(manifest)
+
+
+class OvGenaiRunner(_EngineBaseline):
+    backend = "openvino-genai"
+
+    @staticmethod
+    def engine():
+        from medc.benchmarks import ovgenai
+
+        return ovgenai
+
+    @staticmethod
+    def weights(manifest) -> str:
+        return _ov_weights(manifest)
+
+
 def _genai_precision(manifest) -> str:
     return "int4" if manifest.components["decoder"].precision in ("int4", "int8") else "fp32"
+
+
+def _ov_weights(manifest) -> str:
+    """optimum-intel's --weight-format nearest the bundle: int4 if any of its recipe's precisions is int4 (e.g. the
+    270M int4 recipe: int8 decoder, int4 lm_head), else int8 if any is int8, else fp32. NNCF has int8 where ORT GenAI's
+    builder has only int4, so an int8 bundle is set beside int8 weights."""
+    recipe = (manifest.build.get("recipe") or {}).get("precisions") or {}
+    found = set(recipe.values()) | {c.precision for c in manifest.components.values()}
+    return next((w for w in ("int4", "int8") if w in found), "fp32")
+
+
+def _baseline_weights(name: str, manifest) -> str:
+    return _ov_weights(manifest) if name == "openvino-genai" else _genai_precision(manifest)
 
 
 def make(name: str, medc_runners: list, sweep: Sweep, source: Path | None,
@@ -236,8 +290,8 @@ def make(name: str, medc_runners: list, sweep: Sweep, source: Path | None,
     for r in medc_runners:
         m = r.b.manifest if r.kind == "encoder" else r.pipe.bundle.manifest
         key = (m.model["name"], m.model["source"].get("sha256"), r.threads)
-        if name == "ort-genai" and r.kind == "generation":  # its builder's int4 beside quantised bundles, fp32 beside fp32
-            key += (_genai_precision(m),)
+        if name in ("ort-genai", "openvino-genai") and r.kind == "generation":  # int4 beside quantised bundles, fp32 beside fp32
+            key += (_baseline_weights(name, m),)
         if key in seen:
             continue
         seen.add(key)
@@ -249,6 +303,8 @@ def make(name: str, medc_runners: list, sweep: Sweep, source: Path | None,
                 raise MedcError(f"{r.bundle} is an embedding model; the {name} baseline is for generation.")
             elif name == "llama.cpp":
                 made = LlamaCppRunner(r, source, r.threads)
+            elif name == "openvino-genai":
+                made = OvGenaiRunner(r, source, r.threads, log)
             else:
                 made = OrtGenaiRunner(r, source, r.threads, log)
         except (MedcError, ImportError) as e:

@@ -48,7 +48,7 @@ class EncoderRunner:
 
     def __init__(self, bundle_dir: Path, threads: int | None, components: tuple[str, ...] = ()):
         from medc.runtime.bundle import open_bundle
-        from medc.runtime.session import OrtSession
+        from medc.runtime.session import open_component
         from medc.runtime.verify import golden_cases
 
         rss, t = rss_mib(), time.perf_counter()
@@ -58,13 +58,13 @@ class EncoderRunner:
         if unknown:
             raise MedcError(f"unknown component(s) {', '.join(unknown)}; {bundle_dir} has {', '.join(m.components)}.")
         self.names = list(components) or list(m.components)
-        self.sessions = {n: OrtSession(self.b.file(m.components[n].file), self.b.providers, threads)
-                         for n in self.names}
+        self.sessions = {n: open_component(self.b, n, threads).open() for n in self.names}
         self.load_s, self.load_rss_mib = time.perf_counter() - t, rss_mib() - rss
         with np.load(self.b.path / m.golden) as g:
             golden = {k: g[k] for k in g.files}
         self.golden = {n: golden_cases(golden, n) for n in self.names}
         self.bundle, self.threads, self.notes = self.b.path.name, threads or os.cpu_count() or 1, []
+        self.backend = "+".join(sorted({m.components[n].backend for n in self.names}))  # "onnxruntime", "openvino"
         self._feeds: dict[tuple, dict] = {}
         self.providers = sorted({p for s in self.sessions.values() for p in s.active_providers})
 

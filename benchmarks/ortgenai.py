@@ -44,6 +44,9 @@ def _og():
     return og
 
 
+require = _og  # the install hint, before any build
+
+
 def builder_version() -> str:
     return _og().__version__
 

@@ -160,7 +160,7 @@ def attach(rows: list[Row], workloads: dict[str, Workload | None], host: Peaks |
     notes = []
     for row in rows:
         work = workloads.get(row.bundle)
-        if work is None or row.backend != "onnxruntime":
+        if work is None or row.backend not in ("onnxruntime", "openvino"):
             continue
         peaks = Peaks.from_target(get_target(work.target)) if work.gpu and on_gpu else host
         if peaks is None:

@@ -28,6 +28,9 @@ build medgemma-tiny-fp32 medgemma-tiny --precision fp32
 build medgemma-tiny-int8 medgemma-tiny --precision int8
 build ms448-fp32 medsiglip-448 --random-weights --precision fp32
 build ms448-int8 medsiglip-448 --random-weights --precision int8
+if python -c "import openvino, nncf" 2>/dev/null; then  # medc[openvino]: the OpenVINO int8 form, gated and timed
+    build ms448-ov medsiglip-448 --random-weights --precision int8 --backend openvino
+fi
 build g270m-fp32 "$GGUF" --precision fp32
 build g270m-int8 "$GGUF" --precision int8
 build g270m-int4 "$GGUF" --recipe benchmarks/recipes/gemma3-270m-int4.toml
@@ -43,6 +46,11 @@ bench reference-tiny-generation "Tiny MedGemma (random weights): fp32 vs int8 vs
     --images 0,1 --past 448 --repeat 5 --baseline torch
 bench reference-medsiglip-448 "MedSigLIP-448 full size (random weights): fp32 vs int8 vs PyTorch eager" \
     "$B/ms448-fp32" "$B/ms448-int8" --batch 1,2 --repeat 4 --warmup 1 --baseline torch
+if [ -d "$B/ms448-ov" ]; then
+    bench reference-medsiglip-448-openvino "MedSigLIP-448 full size (random weights): OpenVINO int8 vs ONNX Runtime int8 vs PyTorch eager" \
+        "$B/ms448-ov" "$B/ms448-int8" --component image_encoder --component text_encoder --batch 1 --repeat 5 \
+        --warmup 1 --baseline torch
+fi
 bench reference-gemma3-270m "Gemma 3 270M (real weights): medc fp32/int8/int4 vs PyTorch eager vs llama.cpp vs ORT GenAI" \
     "$B/g270m-fp32" "$B/g270m-int8" "$B/g270m-int4" --prompt-tokens 128,512 --new-tokens 64 --past 2048 \
     --repeat 3 --warmup 1 --baseline torch --baseline llama.cpp --baseline ort-genai --source "$GGUF"

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt
+from medc.compile import openvino as ov_forms
 from medc.compile.loader import load, source_record
 from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve
 from medc.compile.quantize import ConvertOptions
@@ -29,6 +30,7 @@ from medc.manifest import MANIFEST_NAME, SIGNATURE_NAME, ComponentEntry, Manifes
 from medc.runtime import PIPELINES
 from medc.runtime.bundle import open_bundle
 from medc.runtime.preprocess import image_files, load_image
+from medc.runtime.ov_session import OvSession
 from medc.runtime.session import OrtSession, stand_in_config
 from medc.runtime.verify import evaluate
 from medc.signing import Signature, canonical, load_private
@@ -176,6 +178,11 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
         if prep.produce is not None:
             step(f"{cp.name}: {method}, weights streamed")
             path, info, optimizations = prep.produce(method, work)
+        elif method in ov_forms.METHODS:
+            src, optimizations = optimised(ov_forms.SOURCE_OPTIMIZER)
+            path = work / f"{cp.name}.{method}.xml"
+            step(f"{cp.name}: {method}")
+            info = ov_forms.convert(method, src, path, prep.calibration, prep.calibration_ood)
         else:
             src, optimizations = optimised(quantize.source_optimizer(method, target, cp.optimizer or opts.optimizer))
             path = src if method == "fp32" else work / f"{cp.name}.{method}.onnx"
@@ -191,8 +198,10 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
         if method == "int8-static-qdq" and stand_in_config(target.engine, target.available_providers()):
             info = {**info, "gated_on": "ONNX Runtime CPU with Q/DQ left unfused: the engine's exact int8 arithmetic "
                                         "(runtime/session.py stand_in_config)"}
+        session = (OvSession(gated, inference_precision=info["inference_precision"]) if method in ov_forms.METHODS
+                   else None)
         evaluation, seconds = _gate_and_time(gated, target, prep.ref_cases, tol, prep.example,
-                                             opts.timing_runs if len(cp.methods) > 1 else 0)
+                                             opts.timing_runs if len(cp.methods) > 1 else 0, session)
         evaluation["method"] = method
         candidates.append(_Candidate(method, path, info, evaluation, seconds, optimizations))
         log.info("%s %s: worst cosine %.6f, max abs %.3g, %s", cp.name, method, evaluation["worst"]["cosine"],
@@ -221,15 +230,20 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
                 "candidates": {c.method: {"passed": c.evaluation["passed"],
                                           "worst_cosine": c.evaluation["worst"]["cosine"], "seconds_batch2": c.seconds}
                                for c in candidates}}
-    if prep.produce is not None:
+    backend, file = "onnxruntime", cp.file
+    if chosen.method in ov_forms.METHODS:  # OpenVINO IR: the .xml and its .bin, under the component's name
+        backend, file = "openvino", f"{cp.name}.xml"
+        shutil.copyfile(chosen.path, stage / file)
+        shutil.copyfile(chosen.path.with_suffix(".bin"), stage / f"{cp.name}.bin")
+    elif prep.produce is not None:
         stream.install(chosen.path, stage / cp.file)  # written under its bundle name, its weights already external
     else:
         import onnx
 
         export.save_onnx(onnx.load(str(chosen.path)), stage / cp.file)
     evaluation["degraded"] = not evaluation["passed"]
-    return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
-                          quantization=info, optimizations=chosen.optimizations, fidelity=evaluation)
+    return ComponentEntry(file=file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
+                          quantization=info, optimizations=chosen.optimizations, fidelity=evaluation, backend=backend)
 
 
 def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
@@ -243,9 +257,12 @@ def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
     return out
 
 
-def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int):
+def _gate_and_time(path: Path, target, ref_cases, tol, example, runs: int, session=None):
+    """The gate's evaluation of a candidate and, with `runs`, its median time on `example`: through `session` (an
+    OpenVINO candidate's), else ONNX Runtime on the target's providers."""
     providers = target.available_providers()
-    with OrtSession(path, providers, config=stand_in_config(target.engine, providers)) as sess:
+    session = session or OrtSession(path, providers, config=stand_in_config(target.engine, providers))
+    with session as sess:
         evaluation = evaluate(sess.run, ref_cases, tol)
         if not runs:
             return evaluation, None

@@ -200,6 +200,7 @@ class Prepared:
     # optimised and converted while the weights are read; None: optimise + convert the raw export.
     produce: Callable | None = None
     export_key: str | None = None  # the raw export's cache key: its optimised forms are cached under it too
+    calibration_ood: list | None = None  # OpenVINO int8: random inputs added to the calibration (compile/openvino.py)
 
 
 def add_golden(golden: dict, component: str, ref_cases: dict) -> None:
@@ -229,7 +230,13 @@ def prepare(cp, comp: ComponentSpec, loaded, calibration_dir: Path | None, work:
             ref_cases[case] = {"in": feeds, "ref": comp.reference(ref_module(*module_args(ref_module, comp, feeds)))}
     add_golden(golden, cp.name, ref_cases)
     calibration = None
-    if "int8-static-qdq" in cp.methods:
+    if {"int8-static-qdq", "ov-int8", "ov-int8-sq"} & set(cp.methods):  # the methods that calibrate ranges
         step(f"{cp.name}: calibration data")
         calibration = comp.calibration(loaded, calibration_dir)
-    return Prepared(raw, example, ref_cases, calibration, export_key=key)
+    ood = None
+    if {"ov-int8", "ov-int8-sq"} & set(cp.methods):
+        # Two random inputs (noise images, random token ids) beside the real ones: NNCF's static activation ranges
+        # then also cover inputs unlike the calibration set, which the gate checks (its random case)
+        rng = np.random.default_rng(20261206)
+        ood = [comp.dummy_inputs(loaded, 1, rng) for _ in range(2)]
+    return Prepared(raw, example, ref_cases, calibration, export_key=key, calibration_ood=ood)

@@ -48,6 +48,9 @@ class BuildOptions:
     context: int | None = None
     max_batch: int = 1
     sign_key: Path | None = None  # private key (medc keygen) that signs the manifest
+    # CPU targets: which runtime's forms are built candidates: "ort" (ONNX Runtime), "openvino" (OpenVINO IR), or
+    # "auto" (both, gated and timed; the fastest that passes is kept). Encoder components only, for now.
+    backend: str = "ort"
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
@@ -207,7 +210,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def _methods(precision: str, target: Target, comp) -> list[str]:
+BACKENDS = ("ort", "openvino", "auto")
+
+
+def _methods(precision: str, target: Target, comp, backend: str = "ort") -> list[str]:
+    if backend != "ort" and target.kind == "cpu" and comp.static_int8 and precision in ("fp32", "int8"):
+        ov = ["ov-fp32"] if precision == "fp32" else ["ov-int8", "ov-int8-sq"]
+        return ov if backend == "openvino" else (_methods(precision, target, comp) or ["fp32"]) + ov
     if precision in ("fp32", "bf16", "fp8"):  # bf16/fp8: planned only (recipes.PLAN_ONLY), refused by build()
         return []
     if precision == "fp16":
@@ -242,6 +251,10 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
     flavour = opts.flavour or target.graph_flavour
     if flavour not in FLAVOURS:
         raise MedcError(f"unknown graph flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}.")
+    if opts.backend not in BACKENDS:
+        raise MedcError(f"unknown backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if opts.backend != "ort" and target.kind != "cpu":
+        raise MedcError(f"--backend {opts.backend} is for CPU targets; {target.name} runs ONNX Runtime / TensorRT.")
     family, config = model.family, model.hf_config
     comps = family.components(config)
     recipe = recipes.resolve(opts.precision, opts.recipe, comps, target)
@@ -255,7 +268,7 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
     plans, notes = [], list(recipe.notes)
     for c in comps:
         p = recipe.precisions[c.name]
-        methods = _methods(p, target, c)
+        methods = _methods(p, target, c, opts.backend)
         if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
             methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
         # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the

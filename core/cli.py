@@ -84,6 +84,9 @@ def _trust(paths):
 @click.option("--flavour", type=click.Choice(["ort", "portable"]), default=None,
               help="Decoder graph: ONNX Runtime fused ops, or standard ops for TensorRT (default: the target's).")
 @click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
+@click.option("--backend", type=click.Choice(["ort", "openvino", "auto"]), default="ort", show_default=True,
+              help="CPU targets, encoders: ONNX Runtime forms, OpenVINO IR forms (medc[openvino]), or both, gated "
+                   "and timed, keeping the fastest that passes.")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Folder of PNG, JPEG or DICOM images for int8 calibration.")
 @click.option("--random-weights", is_flag=True, help="Real architecture, random weights (latency work; not clinical).")
@@ -101,7 +104,7 @@ def _trust(paths):
 @click.option("--stream", is_flag=True, hidden=True,
               help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
-def build(model, out, precision, recipe, flavour, target, calibration, random_weights, allow_degraded, force,
+def build(model, out, precision, recipe, flavour, target, backend, calibration, random_weights, allow_degraded, force,
           pad_to_square, optimizer, context, max_batch, sign_key, dry_run, stream):
     """Build a bundle from MODEL: a registry name (see `medc models`), a local Hugging Face checkpoint directory, or a
     Gemma 3 GGUF file."""
@@ -118,7 +121,11 @@ def build(model, out, precision, recipe, flavour, target, calibration, random_we
                         calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
                         pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
-                        max_batch=max_batch, sign_key=sign_key)
+                        max_batch=max_batch, sign_key=sign_key, backend=backend)
+    if backend != "ort":
+        from medc.compile import openvino
+
+        openvino.require()
     if dry_run:
         from medc.compile import planner
         from medc.compile.plan import make_plan, resolve
@@ -444,9 +451,9 @@ def _ints(option: str, text: str, allow_zero: bool = False) -> tuple[int, ...]:
               help="Timed rounds  [default: 10; generative bundles: 3].")
 @click.option("--warmup", default=None, type=int, help="Untimed rounds first  [default: 2; generative bundles: 1].")
 @click.option("--component", "components", multiple=True, help="Embedding bundles: only these components.")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "llama.cpp", "ort-genai"]),
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["torch", "llama.cpp", "ort-genai", "openvino-genai"]),
               help="Also time this baseline in the same rounds (repeatable): HF PyTorch eager fp32 (medc[build]), "
-                   "llama.cpp on the GGUF source, ONNX Runtime GenAI (medc[baselines]).")
+                   "llama.cpp on the GGUF source, ONNX Runtime GenAI, OpenVINO GenAI (medc[baselines]).")
 @click.option("--source", type=click.Path(path_type=Path), default=None,
               help="The checkpoint or GGUF the bundles were built from (baselines, roofline), where medc cannot "
                    "find it.")

@@ -38,9 +38,12 @@ class ComponentEntry:
     quantization: dict = field(default_factory=dict)  # method, calibration digest, alternatives measured
     optimizations: dict = field(default_factory=dict)  # optimiser used and fused node counts
     fidelity: dict = field(default_factory=dict)  # tolerance, per-input results, worst case, passed
+    backend: str = "onnxruntime"  # what runs `file`: "onnxruntime" (ONNX) | "openvino" (OpenVINO IR .xml + .bin)
 
     def to_json(self) -> dict:
         d = asdict(self)
+        if d["backend"] == "onnxruntime":  # the default: manifests written before the field stay byte-identical
+            del d["backend"]
         d["inputs"] = [t.to_json() for t in self.inputs]
         d["outputs"] = [t.to_json() for t in self.outputs]
         return d

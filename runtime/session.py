@@ -1,5 +1,6 @@
-"""Sessions: one small interface (`Session`) for running a bundle component, over ONNX Runtime (`OrtSession`) or a
-TensorRT engine (medc.runtime.trt_session.TrtSession); `SESSIONS` and `session_kind` choose one per component. A
+"""Sessions: one small interface (`Session`) for running a bundle component, over ONNX Runtime (`OrtSession`), a
+TensorRT engine (medc.runtime.trt_session.TrtSession) or OpenVINO IR (medc.runtime.ov_session.OvSession);
+`SESSIONS` and `session_kind` choose one per component. A
 session is a context manager, and its backend is imported only when it opens.
 
 On GPU providers, ONNX Runtime's CUDA and TensorRT execution providers get their options from `provider_options`
@@ -19,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from medc.errors import MedcError
+from medc.runtime.ov_session import OvSession
 from medc.runtime.trt_session import TrtSession
 
 log = logging.getLogger(__name__)
@@ -200,13 +202,20 @@ def _tensorrt(bundle, name: str, comp, threads):
                       manifest=bundle.manifest, component=name)
 
 
+def _openvino(bundle, name: str, comp, threads):
+    return OvSession(bundle.file(comp.file), threads, comp.quantization.get("inference_precision", "f32"))
+
+
 # Session kind -> factory(bundle, component name, ComponentEntry, threads).
-SESSIONS = {"onnxruntime": _ort, "tensorrt": _tensorrt}
+SESSIONS = {"onnxruntime": _ort, "tensorrt": _tensorrt, "openvino": _openvino}
 
 
 def session_kind(bundle, name: str) -> str:
-    """"tensorrt" for a component with a built engine when TensorRT and cuda-python are installed, else
-    "onnxruntime"."""
+    """"openvino" for a component stored as OpenVINO IR; "tensorrt" for a component with a built engine when
+    TensorRT and cuda-python are installed; else "onnxruntime"."""
+    comp = bundle.manifest.components.get(name)
+    if comp is not None and comp.backend == "openvino":
+        return "openvino"
     engines = (bundle.manifest.tensorrt or {}).get("engines") or {}
     if name not in engines:
         return "onnxruntime"
@@ -238,3 +247,12 @@ class Pipeline:
     def active_providers(self, component: str) -> list[str]:
         """What runs `component` (opens its session)."""
         return self._sessions[component].active_providers
+
+
+def open_component(bundle, name: str, threads: int | None = None, providers: list[str] | None = None,
+                   config: dict[str, str] | None = None):
+    """A session for one component of `bundle`, of the kind it was built for (verify, bench)."""
+    comp = bundle.manifest.components[name]
+    if comp.backend == "openvino":
+        return _openvino(bundle, name, comp, threads)
+    return OrtSession(bundle.file(comp.file), providers or bundle.providers, threads, config=config)

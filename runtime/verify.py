@@ -17,7 +17,7 @@ import numpy as np
 
 from medc.errors import MedcError
 from medc.runtime.bundle import Bundle, open_bundle
-from medc.runtime.session import OrtSession, stand_in_config
+from medc.runtime.session import open_component, stand_in_config
 from medc.runtime.trt_session import TrtSession
 from medc.specs import Tolerance, gate_tolerance
 from medc.targets import get_target
@@ -93,7 +93,7 @@ def verify_bundle(bundle: Bundle | Path, providers: list[str] | None = None) -> 
         cases = golden_cases(golden, name)
         if not cases:
             raise MedcError(f"the bundle's golden file holds no held-out inputs for {name}; rebuild the bundle.")
-        with OrtSession(bundle.file(comp.file), providers, config=config) as sess:
+        with open_component(bundle, name, providers=providers, config=config) as sess:
             report[name] = evaluate(sess.run, cases, tol)
     report.update(verify_engines(bundle, golden))
     return report

