@@ -52,6 +52,11 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         _check_calibration(Path(opts.calibration))
     model = resolve(opts.model, opts.random_weights)
     plan = make_plan(opts, model)  # precision and target checked before minutes of loading weights
+    need = model.family.gate_min_context
+    if model.source.kind == "checkpoint" and plan.decoder is not None and plan.decoder.context < need:
+        raise MedcError(f"--context {plan.decoder.context} is shorter than the whole-model gate's perplexity windows "
+                        f"({need} tokens), which every real-weights build of this model passes; build with "
+                        f"--context {need} or more.")
     unbuilt = sorted({p for p in plan.recipe.precisions.values() if p in recipes.PLAN_ONLY})
     if unbuilt:
         raise MedcError(f"{', '.join(unbuilt)} builds are not supported by this medc version (`medc plan` sizes "

@@ -103,6 +103,7 @@ class Family:
     # gate_reference(loaded) -> reference (torch phase); gate_check(pipeline, reference, precisions) -> result
     gate_reference: Callable[[Any], dict] | None = None
     gate_check: Callable[[Any, dict, dict], dict] | None = None
+    gate_min_context: int = 0  # the whole-model gate's perplexity windows: a real-weights build needs this context
     forms: dict[str, DecoderForm] = field(default_factory=dict)  # decoder graph forms by name; {} without a decoder
     # (HF config) -> the context a build serves unless told (--context); None without a decoder
     default_context: Callable[[Any], int] | None = None

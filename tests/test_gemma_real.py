@@ -215,3 +215,11 @@ def test_bench_llama_cpp_baseline(real_int8, gguf_file):
     ours = result.bundle(real_int8.name)  # the manifest's fidelity record, as reports plot it against speed
     assert ours.weights == "real" and 0 < ours.fidelity["greedy_agreement"] <= 1 and ours.fidelity["passed"]
     assert 0.9 < ours.fidelity["top1_agreement"] <= 1 and abs(ours.fidelity["perplexity_increase"]) < 0.005
+
+
+def test_context_shorter_than_the_gate_is_refused_up_front(gguf_file, tmp_path):
+    """The whole-model gate scores 512-token windows: a real-weights build with less context is refused before any
+    export, naming the fix, instead of failing in the gate minutes later."""
+    with pytest.raises(MedcError, match="--context 256 is shorter than the whole-model gate's perplexity windows"):
+        build(BuildOptions(model=str(gguf_file), out=tmp_path / "short", context=256))
+    assert not (tmp_path / "short").exists()

@@ -144,6 +144,7 @@ GATE_PROMPTS = ["The patient presented to the emergency department with", "Pneum
                 "The most common causes of chest pain include"]
 GATE_NEW_TOKENS = 64
 GATE_WINDOWS = 8
+GATE_WINDOW = 512  # tokens per perplexity window ([BOS] included)
 GATE_TOP_K = 32  # reference log-probs kept per position for the KL / top-1 statistics
 # Allowed perplexity increase over the fp32 reference, by the decoder's precision (fp32: tokens must be identical).
 PPL_GATE = {"fp32": 0.0, "fp16": 0.005, "int8": 0.005, "int4": 0.015}
@@ -179,7 +180,8 @@ def gate_reference(loaded) -> dict:
                                  pad_token_id=loaded.special_ids["pad"])
             greedy.append(out[0, batch.input_ids.shape[1]:].tolist())
         text_path = evaluate.default_text()
-        wins = evaluate.windows(assets.tokenizer, loaded.special_ids["bos"], text_path.read_text(), 512, GATE_WINDOWS)
+        wins = evaluate.windows(assets.tokenizer, loaded.special_ids["bos"], text_path.read_text(), GATE_WINDOW,
+                                GATE_WINDOWS)
         ppl = evaluate.perplexity(hf_logits_fn(model), wins, keep_top=GATE_TOP_K)
     reference = {"applied": "greedy tokens + perplexity vs HF fp32 (real weights)", "greedy": greedy, "windows": wins,
                  "perplexity": ppl, "text": {"name": text_path.name, "sha256": sha256_file(text_path)}}
@@ -242,10 +244,11 @@ GEMMA3 = Family(
     name="gemma3", hf_class="Gemma3ForConditionalGeneration", model_types=("gemma3",), components=components,
     load_assets=write_assets, extras=extras, required_files=("tokenizer.json", "preprocessor_config.json"),
     prepare=prepare, gate_reference=gate_reference, gate_check=gate_check, forms=FORMS,
-    default_context=gemma3.default_context,
+    default_context=gemma3.default_context, gate_min_context=GATE_WINDOW,
 )
 GEMMA3_TEXT = Family(
     name="gemma3", hf_class="Gemma3ForCausalLM", model_types=("gemma3_text",), components=components,
     load_assets=write_assets, extras=extras, required_files=("tokenizer.json",), prepare=prepare,
     gate_reference=gate_reference, gate_check=gate_check, forms=FORMS, default_context=gemma3.default_context,
+    gate_min_context=GATE_WINDOW,
 )
