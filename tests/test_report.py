@@ -283,8 +283,9 @@ def test_browser_draws_every_figure(page_file, tmp_path):
         assert f["ink"] > 0.02 and f["colours"] > 3, f
 
     shot = tmp_path / "shot.png"
-    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,3000", page_file.as_uri()],
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,6000", page_file.as_uri()],
                    capture_output=True, timeout=60, check=True)
     px = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
-    assert (px.min(1) < 235).mean() > 0.05  # not a blank page
+    # not a blank page: text, tables and figures cover a few percent of it whatever the run's numbers (a blank one: 0)
+    assert (px.min(1) < 235).mean() > 0.02
     assert (np.abs(px - (31, 119, 180)).max(1) <= 12).sum() > 50  # matplotlib's default blue is drawn
