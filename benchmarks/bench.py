@@ -71,11 +71,16 @@ class EncoderRunner:
     def cases(self, sweep: sweeps.Sweep) -> list[dict]:
         return sweep.encoder_cases(self.names)
 
-    def run(self, case: dict) -> dict[str, list[float]]:
+    def feeds(self, case: dict) -> dict[str, np.ndarray]:
+        """The case's inputs: the component's golden inputs tiled to the batch (made once)."""
         key = (case["component"], case["batch"])
         if key not in self._feeds:
             self._feeds[key] = _feeds_for_batch(self.golden[key[0]], key[1])
-        sess, feeds = self.sessions[key[0]], self._feeds[key]
+        return self._feeds[key]
+
+    def run(self, case: dict) -> dict[str, list[float]]:
+        key = (case["component"], case["batch"])
+        sess, feeds = self.sessions[key[0]], self.feeds(case)
         t = time.perf_counter()
         sess.run(feeds)
         ms = (time.perf_counter() - t) * 1e3
