@@ -5,7 +5,7 @@
   every step, the KV cache at that length; the planner's own count) / memory bandwidth.
 
 On a CPU the peaks are this host's, probed during the run (benchmarks/host.py: ONNX Runtime's own fp32 and int8 GEMM,
-and a GEMV for bandwidth); on a GPU target, the target profile's datasheet figures. The achieved fraction is
+OpenVINO's bf16 GEMM where the CPU has bf16, and a GEMV for bandwidth); on a GPU target, the target profile's datasheet figures. The achieved fraction is
 floor / measured median: 1.0 is the hardware limit, and a row far below it is where work remains.
 """
 
@@ -18,8 +18,9 @@ from medc.benchmarks.schema import Floor, Metric, Row
 from medc.errors import MedcError
 
 # The matmul arithmetic each stored precision runs in: int4 weights are unpacked to int8 blocks on CPU (MatMulNBits,
-# accuracy level 4) and int8 runs as u8 x s8 GEMM; fp16/bf16 on a CPU without native support run as fp32.
-_CPU_COMPUTE = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "int8": "int8", "int4": "int8"}
+# accuracy level 4) and int8 runs as u8 x s8 GEMM; fp16 runs as fp32 on ONNX Runtime's CPU provider, and bf16 (OpenVINO
+# components) as fp32 where the probe found no native bf16.
+_CPU_COMPUTE = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "int8": "int8", "int4": "int8"}
 _GPU_COMPUTE = {"fp32": "fp16", "fp16": "fp16", "bf16": "fp16", "int8": "int8", "int4": "fp16", "fp8": "fp8"}
 
 
@@ -35,8 +36,9 @@ class Peaks:
         if "fp32_gemm" not in by:
             return None
         flops = {"fp32": by["fp32_gemm"].max * 1e9}
-        if "int8_gemm" in by:
-            flops["int8"] = by["int8_gemm"].max * 1e9
+        for kind in ("int8", "bf16"):
+            if f"{kind}_gemm" in by:
+                flops[kind] = by[f"{kind}_gemm"].max * 1e9
         bw = by["memory"].max * 1e9 if "memory" in by else None
         return cls(flops, bw, f"host probe (max of {by['fp32_gemm'].count})")
 
@@ -49,7 +51,9 @@ class Peaks:
 
     def compute(self, precision: str, gpu: bool) -> tuple[str, float] | None:
         kind = (_GPU_COMPUTE if gpu else _CPU_COMPUTE).get(precision, "fp32")
-        peak = self.flops.get(kind) or self.flops.get("fp32") or self.flops.get("fp16")
+        if kind not in self.flops:
+            kind = "fp32" if "fp32" in self.flops else "fp16"
+        peak = self.flops.get(kind)
         return (kind, peak) if peak else None
 
 

@@ -30,7 +30,7 @@ from medc.manifest import MANIFEST_NAME, SIGNATURE_NAME, ComponentEntry, Manifes
 from medc.runtime import PIPELINES
 from medc.runtime.bundle import open_bundle
 from medc.runtime.preprocess import image_files, load_image
-from medc.runtime.ov_session import OvSession
+from medc.runtime.ov_session import OvSession, cpu_has_bf16
 from medc.runtime.session import OrtSession, stand_in_config
 from medc.runtime.verify import evaluate
 from medc.signing import Signature, canonical, load_private
@@ -57,10 +57,17 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         raise MedcError(f"--context {plan.decoder.context} is shorter than the whole-model gate's perplexity windows "
                         f"({need} tokens), which every real-weights build of this model passes; build with "
                         f"--context {need} or more.")
-    unbuilt = sorted({p for p in plan.recipe.precisions.values() if p in recipes.PLAN_ONLY})
+    unbuilt = sorted({p for p in plan.recipe.precisions.values() if p in recipes.plan_only(get_target(opts.target))})
     if unbuilt:
         raise MedcError(f"{', '.join(unbuilt)} builds are not supported by this medc version (`medc plan` sizes "
                         "them); build --precision fp16 (Gemma 3's overflow-prone parts stay fp32), int8 or int4.")
+    ov_methods = {m for c in plan.components for m in c.methods if m in ov_forms.METHODS}
+    if ov_methods:
+        ov_forms.require()
+    if "ov-bf16" in ov_methods and not cpu_has_bf16():
+        raise MedcError("bf16 components are gated by running them in bf16, and this CPU has no AVX512_BF16 or AMX "
+                        "(OpenVINO would compute f32 and the gate would prove nothing). Build on a CPU that has them "
+                        "(Intel Xeon Sapphire Rapids or newer, AMD Zen 4 or newer), or build --precision int8.")
     int4_decoders = [c.name for c in plan.components if c.precision == "int4" and "weight-only" in c.methods]
     if plan.source == "random weights" and int4_decoders and not opts.allow_degraded:
         # Refused now, not after an hour: on a full-size random model the int4 decoder cannot meet the random-weights

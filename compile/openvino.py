@@ -3,6 +3,8 @@ fusions, which are contrib ops OpenVINO does not read) converted to OpenVINO IR,
 Runtime forms. The build gates and times them all and keeps the fastest that passes (compile/build.py).
 
     ov-fp32     ov.convert_model, f32 inference                        (precision fp32)
+    ov-bf16     the same, weights stored fp16, computed in bf16        (precision bf16; the CPU must have
+                AVX512_BF16 or AMX, which compile/build.py checks before a bf16 build)
     ov-int8     + NNCF post-training quantisation, transformer preset, (precision int8)
                 min-max ranges, calibrated on the component's calibration inputs plus two random ones; the layers
                 NNCF leaves in float run in bf16 where the CPU has AVX512_BF16 / AMX, else f32
@@ -23,7 +25,7 @@ from pathlib import Path
 from medc.errors import MedcError
 from medc.runtime.ov_session import cpu_has_bf16
 
-METHODS = ("ov-fp32", "ov-int8", "ov-int8-sq")
+METHODS = ("ov-fp32", "ov-bf16", "ov-int8", "ov-int8-sq")
 # ONNX Runtime's fused graphs use contrib ops (Attention, SkipLayerNormalization): convert the unfused one.
 SOURCE_OPTIMIZER = "none"
 
@@ -47,6 +49,10 @@ def convert(method: str, src: Path, dst: Path, calibration: tuple | None, extra:
     if method == "ov-fp32":
         ov.save_model(model, str(dst), compress_to_fp16=False)
         return {"method": "ov-fp32", "backend": "openvino", "openvino": ov.__version__, "inference_precision": "f32"}
+    if method == "ov-bf16":  # fp16 storage halves the files; the CPU plugin converts the weights to bf16 once
+        ov.save_model(model, str(dst), compress_to_fp16=True)
+        return {"method": "ov-bf16", "backend": "openvino", "openvino": ov.__version__, "weights": "fp16 (stored)",
+                "activations": "bf16", "inference_precision": "bf16"}
     if method not in METHODS:
         raise MedcError(f"unknown OpenVINO method {method!r}; medc knows {', '.join(METHODS)}.")
     if calibration is None:

@@ -49,8 +49,10 @@ class BuildOptions:
     max_batch: int = 1
     sign_key: Path | None = None  # private key (medc keygen) that signs the manifest
     # CPU targets: which runtime's forms are built candidates: "ort" (ONNX Runtime), "openvino" (OpenVINO IR), or
-    # "auto" (both, gated and timed; the fastest that passes is kept). Encoder components only, for now.
-    backend: str = "ort"
+    # "auto" (both, gated and timed; the fastest that passes is kept). Encoder components only: decoders stay on ONNX
+    # Runtime (benchmarks/results/openvino-gemma3-270m.md). None: "ort", except bf16 components, which only
+    # OpenVINO builds on a CPU.
+    backend: str | None = None
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
@@ -214,10 +216,12 @@ BACKENDS = ("ort", "openvino", "auto")
 
 
 def _methods(precision: str, target: Target, comp, backend: str = "ort") -> list[str]:
+    if precision == "bf16" and target.kind == "cpu":
+        return ["ov-bf16"]
     if backend != "ort" and target.kind == "cpu" and comp.static_int8 and precision in ("fp32", "int8"):
         ov = ["ov-fp32"] if precision == "fp32" else ["ov-int8", "ov-int8-sq"]
         return ov if backend == "openvino" else (_methods(precision, target, comp) or ["fp32"]) + ov
-    if precision in ("fp32", "bf16", "fp8"):  # bf16/fp8: planned only (recipes.PLAN_ONLY), refused by build()
+    if precision in ("fp32", "bf16", "fp8"):  # GPU bf16, fp8: planned only (recipes.plan_only), refused by build()
         return []
     if precision == "fp16":
         return ["fp16"]
@@ -251,9 +255,9 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
     flavour = opts.flavour or target.graph_flavour
     if flavour not in FLAVOURS:
         raise MedcError(f"unknown graph flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}.")
-    if opts.backend not in BACKENDS:
+    if opts.backend is not None and opts.backend not in BACKENDS:
         raise MedcError(f"unknown backend {opts.backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if opts.backend != "ort" and target.kind != "cpu":
+    if opts.backend not in (None, "ort") and target.kind != "cpu":
         raise MedcError(f"--backend {opts.backend} is for CPU targets; {target.name} runs ONNX Runtime / TensorRT.")
     family, config = model.family, model.hf_config
     comps = family.components(config)
@@ -265,10 +269,13 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
                                   opts.context or family.default_context(config))
         form = family.forms[decoder.form]
         comps = family.components(config, decoder)
+    if opts.backend == "ort" and target.kind == "cpu" and "bf16" in recipe.precisions.values():
+        raise MedcError("bf16 on a CPU target is built as OpenVINO IR (ONNX Runtime's CPU provider has no bf16 "
+                        "kernels): drop --backend ort, or build int8 for ONNX Runtime.")
     plans, notes = [], list(recipe.notes)
     for c in comps:
         p = recipe.precisions[c.name]
-        methods = _methods(p, target, c, opts.backend)
+        methods = _methods(p, target, c, opts.backend or "ort")
         if c.parts and not methods and any(recipe.precisions[part] != "fp32" for part in c.parts):
             methods = ["weight-only"]  # an fp32 decoder with a quantised lm_head
         # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the

@@ -20,11 +20,11 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from medc.compile.plan import DEFAULT_RESCORE, BuildOptions, Plan, ResolvedModel, attention_form, make_plan
-from medc.compile.recipes import PRESETS
+from medc.compile.recipes import PRESETS, plan_only
 from medc.compile.registry import FAMILIES
 from medc.compile.spec import DecoderForm
 from medc.errors import MedcError
-from medc.targets import get_target
+from medc.targets import Target, get_target
 
 # Fixed memory besides weights, KV and activations, by platform (inferred, then checked on the CPU runs):
 # host: Python + numpy + onnxruntime + tokenizers; jetson: the same process plus CUDA/cuBLAS/TensorRT libraries and
@@ -346,15 +346,18 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     if target.bandwidth_gbs and decoder_bytes:
         decode = target.bandwidth_gbs * 1e9 / (decoder_bytes + kv)
     elif decoder_bytes:
-        notes.append("no decode ceiling: the host's memory bandwidth is not in the cpu profile")
+        notes.append("no decode ceiling: the host's memory bandwidth is not in the cpu profile (`medc plan --probe` "
+                     "measures this host's)")
     vision = None
     flops = _vision_flops(cfg, family)
     vis_prec = recipe.get("vision_encoder", recipe.get("image_encoder"))
     if flops and vis_prec:
-        peak = target.peak_tflops.get({"int4": "int8", "fp32": "fp16", "bf16": "fp16"}.get(vis_prec, vis_prec))
+        gpu = target.kind == "gpu"
+        compute = ({"int4": "int8", "fp32": "fp16", "bf16": "fp16"} if gpu else {"int4": "int8"}).get(vis_prec, vis_prec)
+        peak = target.peak_tflops.get(compute) or (None if gpu else target.peak_tflops.get("fp32"))
         if peak:
             vision = flops / (peak * 1e12) * 1e3
-            if vis_prec == "fp32":
+            if vis_prec == "fp32" and gpu:
                 notes.append("fp32 vision floor uses the fp16 tensor-core peak (TF32 is about half of it)")
     runtime = int(RUNTIME_OVERHEAD_GIB[target.platform] * GIB + prepack)
     if prepack:
@@ -369,25 +372,38 @@ def default_context(cfg: dict) -> int:
     return min(4096, int(t.get("max_position_embeddings", 4096))) if "vocab_size" in t else 64
 
 
-def plan_build(plan: Plan, context: int | None = None, batch: int | None = None) -> MemoryPlan:
-    """The memory plan of a build's plan: its recipe, flavour, decoder form and target."""
+def plan_build(plan: Plan, context: int | None = None, batch: int | None = None,
+               target: Target | None = None) -> MemoryPlan:
+    """The memory plan of a build's plan: its recipe, flavour, decoder form and target (`target`: that target with
+    this host's measured peaks, `with_host_peaks`)."""
     context = context or plan.context or default_context(plan.config)
-    return plan_memory(plan.model, plan.family, plan.config, plan.recipe.precisions, get_target(plan.target), context,
-                       batch or plan.max_batch, plan.flavour, plan.recipe.options, plan.form)
+    return plan_memory(plan.model, plan.family, plan.config, plan.recipe.precisions, target or get_target(plan.target),
+                       context, batch or plan.max_batch, plan.flavour, plan.recipe.options, plan.form)
+
+
+def with_host_peaks(target: Target, flops: dict[str, float], bytes_per_s: float | None) -> Target:
+    """A CPU target with this host's measured GEMM peaks (precision -> ops/s) and memory bandwidth (bytes/s), so that
+    its plan has a vision floor and a decode ceiling (the cpu profile has neither: any CPU)."""
+    if target.kind != "cpu":
+        raise MedcError(f"{target.name} is a {target.kind} target with datasheet peaks; a host probe is for CPU "
+                        "targets.")
+    return dataclasses.replace(target, peak_tflops={k: v / 1e12 for k, v in flops.items()},
+                               bandwidth_gbs=bytes_per_s / 1e9 if bytes_per_s else None)
 
 
 def recommend(model: ResolvedModel, opts: BuildOptions, context: int | None = None,
-              batch: int | None = None) -> tuple[MemoryPlan | None, list[MemoryPlan]]:
+              batch: int | None = None, target: Target | None = None) -> tuple[MemoryPlan | None, list[MemoryPlan]]:
     """Every preset the target can build, planned; and the fastest that fits (None if none does).
 
     Fastest: the highest decode ceiling for generative models, else the lowest vision floor, else the fewest bytes."""
-    target = get_target(opts.target)
+    target = target or get_target(opts.target)
     plans = []
     for name in PRESETS:
-        if name not in target.precisions:
+        if name not in target.precisions or name in plan_only(target):
             continue
         try:
-            p = plan_build(make_plan(dataclasses.replace(opts, precision=name, recipe=None), model), context, batch)
+            p = plan_build(make_plan(dataclasses.replace(opts, precision=name, recipe=None), model), context, batch,
+                           target)
         except MedcError:
             continue  # a preset this model has no form of on this target
         if all(p.recipe != q.recipe for q in plans):  # int4 on an encoder-only model is its int8

@@ -25,9 +25,13 @@ from medc.errors import MedcError
 from medc.specs import PRECISIONS
 
 STEP_DOWN = ("int4", "int8", "fp16", "fp32")
-# Precisions `medc plan` can size for targets whose hardware has them, but that this medc does not build yet
-# (ONNX Runtime's CPU provider cannot run them for the fidelity gate; TensorRT bf16/fp8 needs typed graphs).
-PLAN_ONLY = ("bf16", "fp8")
+
+
+def plan_only(target) -> tuple[str, ...]:
+    """Precisions `medc plan` sizes for `target` but this medc does not build: fp8 everywhere, and bf16 on GPU
+    targets (TensorRT bf16/fp8 needs typed graphs). On CPU targets bf16 is built as OpenVINO IR (compile/openvino.py);
+    ONNX Runtime's CPU provider has no bf16 kernels to gate it with."""
+    return ("fp8",) if target.kind == "cpu" else ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ PRESETS: dict[str, Preset] = {
     "int4": Preset("vision encoder int8, decoder and lm_head int4 weight-only (blocks of 32; ORT flavour: the "
                    "lm_head's top logits rescored from int8 rows)", "int4",
                    {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8"}),
+    # CPU targets only (plan_only): the encoders as OpenVINO IR computed in bf16 on AVX512_BF16 / AMX; decoders have
+    # no bf16 form and step down to fp32.
+    "bf16": Preset("CPU targets with AVX512_BF16 or AMX: encoders as OpenVINO IR computed in bf16 (weights stored "
+                   "fp16); the decoder fp32", "bf16"),
 }
 
 OPTION_KEYS = {"int4_block_size": (32, 64, 128), "int8_block_size": (16, 32, 64, 128),
@@ -88,7 +96,7 @@ def resolve(precision: str, recipe_file: Path | None, components, target) -> Rec
             name, _, prec = item.partition("=")
             wanted[name.strip()] = prec.strip()
         return Recipe(_explicit(wanted, names, allowed, owner, target, "--precision"), {}, "explicit")
-    if value in PLAN_ONLY:
+    if value in plan_only(target):
         target.check_precision(value)  # "t4 does not support bf16: needs compute capability 8.0+"
         return Recipe({n: value for n in names}, {}, f"preset:{value}",
                       (f"{value} is sized by the planner but not built by this medc version; build fp16 "
@@ -110,7 +118,7 @@ def resolve(precision: str, recipe_file: Path | None, components, target) -> Rec
 
 
 def _step_down(want: str, component: tuple[str, ...], target: tuple[str, ...]) -> str:
-    for p in STEP_DOWN[STEP_DOWN.index(want):]:
+    for p in STEP_DOWN[STEP_DOWN.index(want):] if want in STEP_DOWN else (want, "fp32"):
         if p in component and p in target:
             return p
     return "fp32"
@@ -122,7 +130,7 @@ def _explicit(wanted: dict, names: list[str], allowed: dict, owner: dict, target
     for name, prec in wanted.items():
         if name not in chosen:
             raise MedcError(f"{where} names component {name!r}; this model has {', '.join(names)}.")
-        if prec in PLAN_ONLY:
+        if prec in plan_only(target):
             target.check_precision(prec)
             raise MedcError(f"{prec} is not built by this medc version (only sized by `medc plan`); "
                             "use fp16, int8 or int4 for " + name + ".")

@@ -30,7 +30,7 @@ class ComponentSpec:
     golden_inputs: Callable[[Any], dict[str, dict[str, np.ndarray]]]
     # (loaded model, calibration dir or None) -> (list of feeds, description without file names)
     calibration: Callable[[Any, Path | None], tuple[list[dict[str, np.ndarray]], dict]]
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")  # bf16: CPU targets, as OpenVINO IR
     # ORT transformer-optimizer model type used for fusions (None: ORT's generic graph optimisations only)
     fusion_model_type: str | None = None
     # Static (calibrated) int8 activations: for encoders. Decoders and embeddings get dynamic / weight-only int8.

@@ -77,16 +77,16 @@ def _trust(paths):
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=False,
               help="Bundle directory to write (default: bundles/MODEL-PRECISION).")
 @click.option("--precision", default=None,
-              help="A preset (fp32 | fp16 | int8 | int4, see README) or per component: "
+              help="A preset (fp32 | fp16 | bf16 | int8 | int4, see README) or per component: "
                    "vision_encoder=int8,decoder=int4,lm_head=int8. Default: the target's (cpu: fp32).")
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe file (JSON/TOML): a precision per component "
               "and quantisation options; replaces --precision.")
 @click.option("--flavour", type=click.Choice(["ort", "portable"]), default=None,
               help="Decoder graph: ONNX Runtime fused ops, or standard ops for TensorRT (default: the target's).")
 @click.option("--target", default="cpu", show_default=True, help="Deployment target (see `medc targets`).")
-@click.option("--backend", type=click.Choice(["ort", "openvino", "auto"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(["ort", "openvino", "auto"]), default=None,
               help="CPU targets, encoders: ONNX Runtime forms, OpenVINO IR forms (medc[openvino]), or both, gated "
-                   "and timed, keeping the fastest that passes.")
+                   "and timed, keeping the fastest that passes. Default: ort (bf16 components: openvino).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Folder of PNG, JPEG or DICOM images for int8 calibration.")
 @click.option("--random-weights", is_flag=True, help="Real architecture, random weights (latency work; not clinical).")
@@ -122,10 +122,6 @@ def build(model, out, precision, recipe, flavour, target, backend, calibration, 
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
                         pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
                         max_batch=max_batch, sign_key=sign_key, backend=backend)
-    if backend != "ort":
-        from medc.compile import openvino
-
-        openvino.require()
     if dry_run:
         from medc.compile import planner
         from medc.compile.plan import make_plan, resolve
@@ -719,8 +715,10 @@ def targets(as_json):
 @click.option("--context", type=click.IntRange(min=16), default=None, help="Tokens of context (default 4096).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="The plan and every preset's plan as JSON.")
+@click.option("--probe", is_flag=True, help="CPU targets: measure this host's GEMM peaks (fp32, int8; bf16 with "
+              "OpenVINO) and memory bandwidth, a few seconds, for the vision floor and the decode ceiling.")
 @_friendly
-def plan(model, target, precision, recipe, context, batch, as_json):
+def plan(model, target, precision, recipe, context, batch, as_json, probe):
     """Will MODEL fit TARGET? Weights, KV cache, activations vs usable memory; decode and vision floors.
 
     Exit status 0 when the chosen recipe fits, 1 when it does not."""
@@ -732,8 +730,24 @@ def plan(model, target, precision, recipe, context, batch, as_json):
     opts = BuildOptions(model=model, out=Path("-"), precision=precision or t.default_precision, recipe=recipe,
                         target=target, context=context, max_batch=batch)
     resolved = resolve(model)
-    chosen = planner.plan_build(make_plan(opts, resolved))
-    best, plans = planner.recommend(resolved, opts)
+    host = None
+    if probe:
+        from medc.benchmarks.host import Probe
+        from medc.benchmarks.roofline import Peaks
+
+        if t.kind != "cpu":
+            raise MedcError(f"--probe measures this host for CPU targets; {t.name}'s peaks come from its datasheet.")
+        p = Probe()
+        for _ in range(3):
+            p.sample()
+        peaks = Peaks.from_probe(p.metrics())
+        host = planner.with_host_peaks(t, peaks.flops, peaks.bytes_per_s)
+    chosen = planner.plan_build(make_plan(opts, resolved), target=host)
+    best, plans = planner.recommend(resolved, opts, target=host)
+    if host is not None:
+        chosen.notes.append("floors from this host's probe: " + ", ".join(
+            f"{k} {v * 1e3:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in host.peak_tflops.items())
+            + f", memory {host.bandwidth_gbs:.1f} GB/s")
     if as_json:
         click.echo(json.dumps({"plan": chosen.to_json(), "presets": {planner.preset_of(p): p.to_json() for p in plans},
                                "recommended": best and planner.preset_of(best)}, indent=2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Tolerance:
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-4),
     "fp16": Tolerance(min_cosine=0.999),
+    "bf16": Tolerance(min_cosine=0.999),  # 8 mantissa bits to fp16's 11, with fp32 accumulation (OpenVINO CPU)
     "int8": Tolerance(min_cosine=0.99),
     "int4": Tolerance(min_cosine=0.98),  # per-component logits; real weights are gated on perplexity (+1.5%)
 }

@@ -58,7 +58,8 @@ def test_encoder_sweep_with_torch_baseline_and_floor(bundle_int8, bundle_fp32):
     assert {b.name for b in result.run.bundles} >= {bundle_int8.name, bundle_fp32.name}
     assert all(b.weights == "random" for b in result.run.bundles)
     peaks = roofline.Peaks.from_probe(result.run.probe)
-    assert {m.name for m in result.run.probe} == {"fp32_gemm", "int8_gemm", "memory"}
+    # bf16: OpenVINO's bf16 GEMM, where OpenVINO is installed and the CPU has AVX512_BF16 / AMX
+    assert {m.name for m in result.run.probe} - {"bf16_gemm"} == {"fp32_gemm", "int8_gemm", "memory"}
     assert all(m.count == 4 for m in result.run.probe)  # one probe per round, and one after the last
     cfg = resolve("medsiglip-tiny").config
     for r in result.rows:
@@ -193,6 +194,9 @@ def test_roofline_arithmetic_by_hand():
     peaks = roofline.Peaks.from_probe(probe)
     assert peaks.flops == {"fp32": 200e9, "int8": 800e9} and peaks.bytes_per_s == 10e9
     assert peaks.compute("int4", gpu=False) == ("int8", 800e9) and peaks.compute("fp16", gpu=False)[0] == "fp32"
+    assert peaks.compute("bf16", gpu=False) == ("fp32", 200e9)  # no native bf16 probed: it runs as fp32
+    with_bf16 = roofline.Peaks.from_probe(probe + [schema.Metric.of("bf16_gemm", "GFLOP/s", [700])])
+    assert with_bf16.compute("bf16", gpu=False) == ("bf16", 700e9)
     row = schema.Row("encoder", "x", "onnxruntime", {"component": "image_encoder", "batch": 2},
                      [schema.Metric.of("latency_ms", "ms", [4868.0])])
     work = roofline.Workload("medsiglip-448", "siglip", cfg, {"image_encoder": "int8"}, "ort", {}, "cpu", False)

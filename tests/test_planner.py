@@ -76,6 +76,22 @@ def test_bf16_is_planned_but_not_built(tmp_path):
     with pytest.raises(MedcError, match="not supported by this medc version"):
         build(BuildOptions(model="medgemma-tiny", out=tmp_path / "b", precision="bf16", target="h100"))
     assert not (tmp_path / "b").exists()
+    _, presets = planner.recommend(resolve("medgemma-4b-it"), BuildOptions(model="medgemma-4b-it", out=Path("x"),
+                                                                            target="h100"))
+    assert "bf16" not in {planner.preset_of(p) for p in presets}  # never recommended where it cannot be built
+
+
+def test_bf16_on_the_cpu_target_is_openvino_encoders_and_a_fp32_decoder():
+    """CPU targets build bf16 as OpenVINO IR (compile/openvino.py); Gemma 3's decoder has no bf16 form and steps down
+    to fp32, which the plan says; the encoder's weights are planned at 2 bytes."""
+    plan = plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="bf16"))
+    by = {c.name: c for c in plan.components}
+    assert by["vision_encoder"].methods == ["ov-bf16"] and by["vision_encoder"].precision == "bf16"
+    assert by["decoder"].precision == "fp32" and by["decoder"].methods == []
+    assert any("decoder has no bf16 form on target cpu; built in fp32" in n for n in plan.notes)
+    mem = planner.plan_build(plan)
+    vision = next(c for c in mem.components if c.name == "vision_encoder")
+    assert vision.weight_bytes == pytest.approx(2 * vision.params, rel=0.01)
 
 
 def test_kv_cache_is_window_aware():
@@ -211,3 +227,28 @@ def test_build_refuses_what_does_not_fit_before_loading(tmp_path):
 def test_cli_targets_lists_every_profile():
     r = CliRunner().invoke(main, ["targets"])
     assert r.exit_code == 0 and all(name in r.output for name in TARGETS)
+
+
+def test_cpu_floors_from_a_host_probe():
+    """The cpu profile has no peaks (any CPU); `medc plan --probe` measures this host's and the plan gets a vision
+    floor per precision (bf16 at the bf16 GEMM peak) and a decode ceiling, by the same arithmetic as datasheet peaks."""
+    cpu = get_target("cpu")
+    host = planner.with_host_peaks(cpu, {"fp32": 300e9, "int8": 1200e9, "bf16": 600e9}, 25e9)
+    plan = plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="int8"))
+    assert planner.plan_build(plan).vision_ms is None and planner.plan_build(plan).decode_tokens_per_s is None
+    mem = planner.plan_build(plan, target=host)
+    flops = planner._vision_flops(MODELS["medgemma-4b-it"].config, "gemma3")
+    assert mem.vision_ms == pytest.approx(flops / 1200e9 * 1e3)
+    double = planner.with_host_peaks(cpu, {"fp32": 300e9}, 50e9)  # the ceiling is bandwidth over bytes per token
+    assert planner.plan_build(plan, target=double).decode_tokens_per_s == pytest.approx(2 * mem.decode_tokens_per_s)
+    bf16 = planner.plan_build(plan_for(BuildOptions(model="medgemma-4b-it", out=Path("x"), precision="bf16")),
+                              target=host)
+    assert bf16.vision_ms == pytest.approx(flops / 600e9 * 1e3)
+    with pytest.raises(MedcError, match="a host probe is for CPU targets"):
+        planner.with_host_peaks(get_target("h100"), {"fp32": 1e12}, None)
+
+    res = CliRunner().invoke(main, ["plan", "medsiglip-tiny", "--probe"])
+    assert res.exit_code == 0, res.output
+    assert "vision floor" in res.output and "floors from this host's probe: fp32" in res.output
+    res = CliRunner().invoke(main, ["plan", "medsiglip-tiny", "--probe", "--target", "h100"])
+    assert res.exit_code != 0 and "peaks come from its datasheet" in res.output
