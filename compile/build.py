@@ -8,6 +8,7 @@ build never leaves a half bundle at OUT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt
+from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt, vocab
 from medc.compile import openvino as ov_forms
 from medc.compile.loader import load, source_record
 from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve
@@ -52,6 +53,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         _check_calibration(Path(opts.calibration))
     model = resolve(opts.model, opts.random_weights)
     plan = make_plan(opts, model)  # precision and target checked before minutes of loading weights
+    if opts.vocab is not None:  # the memory check counts the reduced lm_head
+        plan = dataclasses.replace(plan, lm_head_rows=len(vocab.read(opts.vocab).ids))
     need = model.family.gate_min_context
     if model.source.kind == "checkpoint" and plan.decoder is not None and plan.decoder.context < need:
         raise MedcError(f"--context {plan.decoder.context} is shorter than the whole-model gate's perplexity windows "
@@ -81,9 +84,13 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     step = progress or (lambda msg: log.info(msg))
     step(f"loading {opts.model}")
     streamed = stream.reason(model, opts)  # None: the whole fp32 model fits in memory
+    kept = _vocab_list(opts, plan, streamed)
     loaded = load(model, pad_to_square=opts.pad_to_square, empty=streamed is not None)
     target = get_target(opts.target)
     comps = {c.name: c for c in loaded.family.components(loaded.config, plan.decoder)}
+    if kept is not None:
+        vocab.check(kept, str(opts.vocab), loaded)
+        comps = vocab.reduce_components(comps, kept)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -93,6 +100,10 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         golden: dict[str, np.ndarray] = {}
         if streamed:  # -- streamed path (compile/stream.py): the model is empty, weights come one at a time --
             step(f"streamed build: {streamed}")
+            if any(cp.weight_only is not None and cp.weight_only.activations == "float16" and "weight-only" in cp.methods
+                   for cp in plan.components):  # fp16 islands need the whole graph measured (compile/fp16.py)
+                log.warning("streamed build: the decoder keeps fp32 activations and an fp32 KV cache (W4A16/W8A16 "
+                            "is built in memory only); the manifest records what was built")
             streamer = stream.StreamedBuild(loaded, streamed)
             prepared = {cp.name: streamer.prepare(cp, comps[cp.name], opts, work, golden, step)
                         for cp in plan.components}
@@ -106,6 +117,9 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
             step("whole-model reference (greedy tokens, perplexity)")
             with weights:
                 gate_ref = loaded.family.gate_reference(loaded)
+                if kept is not None and "windows" in gate_ref:  # the reference renormalised over the list
+                    gate_ref = {**gate_ref, "list_logprobs": vocab.list_logprobs(loaded.hf_model, kept,
+                                                                                 gate_ref["windows"])}
         streamer = weights = None
         # Phase 2, ONNX only: free the PyTorch model first (3.5 GB at MedSigLIP's size) so that ONNX Runtime's
         # optimisers and quantisers, which hold whole graphs in memory, have the room.
@@ -117,6 +131,8 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                    for cp in plan.components}
         step("writing bundle")
         assets = loaded.family.load_assets(loaded, stage, plan.decoder)
+        if kept is not None:
+            assets["generation"]["vocab"] = vocab.bundle_record(kept, stage)
         np.savez_compressed(stage / "golden.npz", **golden)
         manifest = Manifest(
             model={"name": loaded.spec.name, "family": loaded.family.name, "hf_class": loaded.family.hf_class,
@@ -134,8 +150,15 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                    **({"streamed": streamed} if streamed else {})},
             **assets,
         )
+        if manifest.generation:  # the runtime makes its KV cache in this dtype (runtime/decoder.py)
+            manifest.generation["kv_dtype"] = next((e.quantization.get("kv_dtype") for e in entries.values()
+                                                    if e.quantization.get("kv_dtype")), "float32")
         if gate_ref is not None:
-            manifest.build["generation_gate"] = _whole_model_gate(loaded.family, manifest, stage, gate_ref, opts, step)
+            with _fp16_emulated(manifest, stage, work) as emulated:
+                manifest.build["generation_gate"] = _whole_model_gate(loaded.family, manifest, stage, gate_ref, opts,
+                                                                      step)
+            if emulated:
+                manifest.build["generation_gate"]["gated_on"] = f"{EMULATED}: {', '.join(emulated)}"
         manifest.build["memory_plan"] = {k: memory.to_json()[k] for k in (
             "context", "batch", "weight_bytes", "kv_bytes", "activation_bytes", "runtime_bytes", "total_bytes",
             "usable_bytes", "fits", "decode_tokens_per_s", "vision_ms")}
@@ -184,7 +207,8 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
     options = ConvertOptions(
         calibration=prep.calibration, quantize_bias=target.engine != "tensorrt", weight_only=cp.weight_only,
         fp16_islands=cp.fp16_islands,  # decoders: fp32 islands where held-out inputs overflow fp16
-        fp16_feeds=[case["in"] for case in prep.ref_cases.values()] if cp.fp16_islands else None)
+        fp16_feeds=[case["in"] for case in prep.ref_cases.values()] if cp.fp16_islands else None,
+        embedding=cp.embedding)
     candidates: list[_Candidate] = []
     for method in cp.methods or ["fp32"]:
         if prep.produce is not None:
@@ -204,7 +228,7 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
                 info = quantize.convert(method, src, path, options)
         step(f"{cp.name}: fidelity gate ({method})")
         gated = path
-        if method == "fp16" and target.available_providers()[0] == "CPUExecutionProvider":
+        if _half(method, info) and target.available_providers()[0] == "CPUExecutionProvider":
             gated = _cpu_fp16_emulation(path, work)
             info = {**info, "gated_on": "CPU with fp16 rounding emulated (no GPU here; medc verify re-runs it on one)"}
         if method == "int8-static-qdq" and stand_in_config(target.engine, target.available_providers()):
@@ -258,6 +282,50 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
                           quantization=info, optimizations=chosen.optimizations, fidelity=evaluation, backend=backend)
 
 
+def _half(method: str, info: dict) -> bool:
+    """fp16 activations: the fp16 preset, or an int4/int8 decoder's W4A16/W8A16 form on a GPU target."""
+    return method == "fp16" or info.get("activations", "").startswith("float16")
+
+
+EMULATED = "CPU with fp16 rounding emulated"  # a component gate's `gated_on`, as `_convert_and_gate` records it
+
+
+@contextlib.contextmanager
+def _fp16_emulated(manifest: Manifest, stage: Path, work: Path):
+    """For the whole-model gate: the components gated with fp16 rounding emulated run as their emulated graphs too
+    (fp32 inputs and outputs, KV cache included), put in place of the bundle's files until the gate is done. ONNX
+    Runtime's CPU provider would otherwise compute most fp16 ops in fp32 and the perplexity would miss fp16's error."""
+    import onnx
+
+    emulated = [c.file for c in manifest.components.values()
+                if str(c.quantization.get("gated_on", "")).startswith(EMULATED) and c.file.endswith(".onnx")]
+    if not emulated:
+        yield []
+        return
+    aside = Path(tempfile.mkdtemp(prefix="fp16-originals-", dir=work))
+    kv = manifest.generation.get("kv_dtype")
+    moved = []
+    try:
+        for file in emulated:
+            for part in (file, f"{file}.data"):
+                if (stage / part).exists():
+                    os.replace(stage / part, aside / part)
+                    moved.append(part)
+            export.save_onnx(fp16.cpu_emulation(onnx.load(str(aside / file))), stage / file)
+        if kv:
+            manifest.generation["kv_dtype"] = "float32"
+        yield emulated
+    finally:
+        for file in emulated:
+            for part in (file, f"{file}.data"):
+                (stage / part).unlink(missing_ok=True)
+        for part in moved:
+            os.replace(aside / part, stage / part)
+        if kv:
+            manifest.generation["kv_dtype"] = kv
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _cpu_fp16_emulation(path: Path, work: Path) -> Path:
     """ONNX Runtime's CPU provider has no fp16 MatMul/Add/Mul/Softmax kernels on x86: it computes them in fp32 and
     would hide exactly the overflow the fp16 gate must catch. Gate an fp32 copy that rounds every fp16 tensor
@@ -303,6 +371,18 @@ def _whole_model_gate(family, manifest: Manifest, stage: Path, reference: dict, 
             f"vs {result['reference_perplexity']:.3f} ({result['perplexity_increase']:+.2%}). Nothing was written. "
             "Use a higher decoder precision, or --allow-degraded to keep it (recorded in the manifest).")
     return result
+
+
+def _vocab_list(opts, plan, streamed) -> vocab.VocabList | None:
+    """--vocab's list, read before the weights are: only for a decoder built in memory."""
+    if opts.vocab is None:
+        return None
+    if plan.decoder is None:
+        raise MedcError(f"--vocab reduces a decoder's lm_head; {plan.model} has no decoder. Drop --vocab.")
+    if streamed:
+        raise MedcError(f"--vocab is not supported by the streamed build this model needs ({streamed}); build "
+                        "without --vocab, or on a machine with the memory to hold the fp32 model.")
+    return vocab.read(opts.vocab)
 
 
 def _check_out(out: Path, force: bool) -> None:

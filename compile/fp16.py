@@ -70,10 +70,12 @@ class _Index:
 
 
 def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndarray]] | None,
-                 threshold: float = FP16_MAX / HEADROOM) -> dict:
+                 threshold: float = FP16_MAX / HEADROOM, half_io: tuple[str, ...] = ()) -> dict:
     """Write `dst`: `src` (fp32) in fp16 with fp32 islands. Returns the manifest record.
 
-    threshold: max |x| above which a tensor's writer and readers stay fp32."""
+    threshold: max |x| above which a tensor's writer and readers stay fp32.
+    half_io: name prefixes of graph inputs and outputs that become fp16 (a decoder's KV cache, "past_"/"present_",
+    which then costs half the memory); every other input and output stays fp32, so callers never see the change."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -109,7 +111,9 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
         kept |= names
     kept -= set(by_type)
 
-    fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+    io = [v.name for v in (*model.graph.input, *model.graph.output)]
+    keep_io = [n for n in io if not n.startswith(half_io)] if half_io else True
+    fp16 = convert_float_to_float16(model, keep_io_types=keep_io, disable_shape_infer=True,
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *ALWAYS_FP32_OPS],
                                     node_block_list=sorted(kept))
     _drop_repeated_casts(fp16.graph)
@@ -118,7 +122,8 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     save_onnx(fp16, dst)
     fp32_weights = [t for t in fp16.graph.initializer if t.data_type == FLOAT]
     return {
-        "method": "fp16", "io_types": "float32",
+        "method": "fp16", "io_types": "float32" if keep_io is True else "float32; fp16: " + ", ".join(
+            f"{p}*" for p in half_io),
         "fp32_islands": {
             "op_types": sorted({n.op_type for n in ix.nodes if n.op_type in ALWAYS_FP32_OPS}),
             "why": {reason: {"count": len(names), "nodes": names} for reason, names in why.items()},

@@ -91,6 +91,8 @@ RULES: dict[str, tuple[str, str]] = {
     "profiles-absent": ("info", "dynamic inputs, no optimisation profiles given to check"),
     "profiles-unreadable": ("warning", "tensorrt/profiles.json is not in a form the lint reads"),
     "fp16-island": ("info", "fp32 islands in an fp16 graph (expected)"),
+    "embed-int8-gather": ("warning", "int8 rows gathered from a constant table, then dequantised (a quantised "
+                                     "embedding): relies on TensorRT rules this machine cannot run"),
 }
 
 
@@ -565,6 +567,33 @@ def _walk(graph):
                     yield from _walk(sub)
 
 
+# The portable form of a quantised token-embedding table (medc.compile.embedding): Gather of int8 rows from a
+# constant [V, H] table, DequantizeLinear of those rows with a constant per-tensor scale 1 and zero point 0 (exact
+# integers), times the gathered per-block scales. It relies on two TensorRT rules, and neither can be run on this
+# machine (no TensorRT without an NVIDIA GPU): (1) TensorRT's Gather layer takes INT8 data, which the parser's
+# operator table does not list for Gather (F, INT32, INT64, BOOL): an assumption to confirm with trtexec on the
+# device; (2) DequantizeLinear of an int8 activation with a constant positive per-tensor scale and zero point 0 is
+# TensorRT's explicit quantization of activations (the qdq rules above check it). int4 has no such form: TensorRT
+# dequantises int4 only as a weight (blocked DequantizeLinear on an initializer), so medc refuses embed_tokens=int4
+# for the portable flavour.
+EMBED_INT8_GATHER = (
+    "int8 rows gathered from a constant table and dequantised per tensor, then scaled per block (medc's quantised "
+    "embedding). Relies on TensorRT's Gather taking INT8 data (not listed in onnx-tensorrt's operator table for "
+    "Gather) and on DequantizeLinear of an int8 activation with a constant per-tensor scale (explicit "
+    "quantization). Not run here (no TensorRT on this machine): confirm the engine builds with trtexec on the "
+    "device, or rebuild with --precision embed_tokens=fp16.")
+
+
+def _int8_table_gather(node, g: _Graph) -> bool:
+    """A Gather of rows from a constant INT8 table whose every consumer is a DequantizeLinear (EMBED_INT8_GATHER)."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not node.input:
+        return False
+    table = node.input[0]
+    users = g.consumers.get(node.output[0], [])
+    return (g.is_const(table) and g.type_of(table) == "INT8" and len(g.dims(table) or ()) == 2 and bool(users)
+            and all(u.op_type == "DequantizeLinear" for u, _ in users))
+
+
 def _check_ops(g: _Graph, spec: ParserSpec, emit) -> None:
     for node in _walk(g.graph):
         name = node.name or (node.output[0] if node.output else node.op_type)
@@ -579,6 +608,9 @@ def _check_ops(g: _Graph, spec: ParserSpec, emit) -> None:
             emit("op-unsupported", name, f"{node.op_type} is not imported by TensorRT's ONNX parser{why} "
                  "(onnx-tensorrt docs/operators.md). Replace it with supported ops before export, or rebuild "
                  "for the TensorRT target.")
+            continue
+        if _int8_table_gather(node, g):
+            emit("embed-int8-gather", name, EMBED_INT8_GATHER)
             continue
         restriction = RESTRICTIONS.get(node.op_type)
         problem = restriction(node, g, spec) if restriction else None

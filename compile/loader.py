@@ -184,14 +184,9 @@ def load_gguf(resolved: ResolvedModel) -> LoadedModel:
     digest = sha256_file(path)
     cache, converted = gguf_cache(path, digest)
     try:
-        from transformers import AutoTokenizer, Gemma3ForCausalLM
+        from transformers import Gemma3ForCausalLM
 
-        if not (intact(cache) and (cache / "tokenizer.json").is_file()):
-            tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
-                                          trust_remote_code=False).save_pretrained(tmp)
-            publish(tmp, cache)
+        gguf_tokenizer(path, digest)
         if intact(converted) and (converted / "model.safetensors").is_file():
             model = Gemma3ForCausalLM.from_pretrained(converted, local_files_only=True, use_safetensors=True,
                                                       dtype="float32", trust_remote_code=False)
@@ -216,6 +211,21 @@ def load_gguf(resolved: ResolvedModel) -> LoadedModel:
                          preprocessor_config={}, checkpoint=cache)
     spec.family.prepare(loaded, cache)
     return loaded
+
+
+def gguf_tokenizer(path: Path, digest: str | None = None) -> Path:
+    """The folder of a Gemma 3 GGUF file's tokenizer (tokenizer.json, tokenizer_config.json), converted once under
+    ~/.cache/medc/gguf/<sha256>/ (`gguf_cache`)."""
+    check_gguf(path)
+    cache, _ = gguf_cache(path, digest)
+    if not (intact(cache) and (cache / "tokenizer.json").is_file()):
+        from transformers import AutoTokenizer
+
+        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False).save_pretrained(tmp)
+        publish(tmp, cache)
+    return cache
 
 
 def _check_safetensors(files: list[Path]) -> None:

@@ -19,7 +19,9 @@ back to f32 with a warning on a CPU without bf16 (runtime/ov_session.py).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 from pathlib import Path
 
 from medc.errors import MedcError
@@ -67,8 +69,9 @@ def convert(method: str, src: Path, dst: Path, calibration: tuple | None, extra:
     smooth = method == "ov-int8-sq"
     advanced = None if smooth else AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))  # -1: SmoothQuant off
-    quantized = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(feeds), advanced_parameters=advanced)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout carries only medc's own output
+        quantized = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(feeds), advanced_parameters=advanced)
     ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return {"method": method, "backend": "openvino", "openvino": ov.__version__, "nncf": nncf.__version__,
             "weights": "int8 (NNCF PTQ, transformer preset)", "activations": "int8",

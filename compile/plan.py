@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from medc.compile import recipes
+from medc.compile.embedding import EmbeddingConfig, config_for as embedding_config
 from medc.compile.gguf import gguf_config
 from medc.compile.hf import hf_config
 from medc.compile.registry import FAMILIES, MODELS, family_for_model_type
@@ -53,6 +54,7 @@ class BuildOptions:
     # Runtime (benchmarks/results/openvino-gemma3-270m.md). None: "ort", except bf16 components, which only
     # OpenVINO builds on a CPU.
     backend: str | None = None
+    vocab: Path | None = None  # a `medc vocab` list: the decoder's lm_head keeps only its rows (compile/vocab.py)
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
@@ -169,11 +171,15 @@ class ComponentPlan:
     weight_only: WeightOnlyConfig | None = None  # decoders: per-weight precisions, weight format, rescoring
     fp16_islands: bool = False  # decoders at fp16: Gemma 3's overflow-prone parts stay fp32 (compile/fp16.py)
     optimizer: str | None = None  # None: the build's --optimizer
+    embedding: EmbeddingConfig | None = None  # a quantised token-embedding table: its form and block size
 
     def stages(self) -> list[str]:
         conv = " | ".join(self.methods) if self.methods else "none (fp32)"
+        if self.embedding is not None:
+            conv += f" ({self.embedding.form}, blocks of {self.embedding.block_size})"
         if self.methods and self.weight_only is not None:
-            conv += f" (lm_head {self.weight_only.head_precision}, {self.weight_only.form})"
+            conv += f" (lm_head {self.weight_only.head_precision}, {self.weight_only.form}"
+            conv += ", fp16 activations and KV cache)" if self.weight_only.activations == "float16" else ")"
         opt = "standard ONNX ops only (portable)" if self.optimizer == "none" else "transformer fusions"
         return ["export (torch.onnx dynamo, dynamic batch)", f"optimise ({opt})",
                 f"convert: {conv}", "fidelity gate vs PyTorch fp32 on held-out inputs"]
@@ -195,6 +201,7 @@ class Plan:
     context: int | None = None  # as requested (--context); the planner's default otherwise
     max_batch: int = 1
     notes: list[str] = field(default_factory=list)
+    lm_head_rows: int | None = None  # a reduced vocabulary's size (--vocab, set by its reader); None: all
 
     def recipe_record(self) -> dict:
         """The recipe as the manifest records it (`build.recipe`)."""
@@ -225,6 +232,8 @@ def _methods(precision: str, target: Target, comp, backend: str = "ort") -> list
         return []
     if precision == "fp16":
         return ["fp16"]
+    if comp.name == "embed_tokens":  # a table read by rows: its own block form (compile/embedding.py)
+        return ["embedding"]
     if not comp.static_int8:  # decoders: outliers, masks and prefill/decode shapes break activation ranges
         return ["weight-only"]
     return ["int8-static-qdq", "int8-dynamic"] if target.int8_method == "fastest" else ["int8-static-qdq"]
@@ -240,14 +249,24 @@ def attention_form(flavour: str, target: Target, decoder_precision: str) -> str:
     return "gqa" if gqa else "explicit"
 
 
-def _weight_only(recipe: recipes.Recipe, precision: str, flavour: str, form: DecoderForm) -> WeightOnlyConfig:
+def _weight_only(recipe: recipes.Recipe, precision: str, flavour: str, form: DecoderForm,
+                 target: Target) -> WeightOnlyConfig:
+    """GPU targets run an int4/int8 decoder's activations and KV cache in fp16 (W4A16 / W8A16, with the fp16
+    preset's fp32 islands): fp16 tensor cores, half the KV memory. CPUs keep fp32 activations (MatMulNBits' int8
+    kernels quantise them per block at run time)."""
     o = recipe.options
     head = recipe.precisions.get("lm_head", precision)
     return WeightOnlyConfig(
         precision=precision, lm_head=head, form="qdq" if flavour == "portable" else "nbits",
         int4_projections=tuple(o.get("int4_projections", PROJECTIONS)),
         int4_block_size=int(o.get("int4_block_size", 32)), int8_block_size=int(o.get("int8_block_size", 16)),
-        rescore=int(o.get("lm_head_rescore", DEFAULT_RESCORE)) if form.rescores and head == "int4" else 0)
+        rescore=int(o.get("lm_head_rescore", DEFAULT_RESCORE)) if form.rescores and head == "int4" else 0,
+        activations=gpu_activations(target, precision))
+
+
+def gpu_activations(target: Target, decoder_precision: str) -> str:
+    """The dtype of a decoder's activations and KV cache: "float16" for int4/int8/fp16 decoders on GPU targets."""
+    return "float16" if target.kind == "gpu" and decoder_precision in ("int4", "int8", "fp16") else "float32"
 
 
 def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
@@ -281,9 +300,11 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
         # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the
         # portable decoder; the streamed path reads this too.
         optimizer = "none" if (flavour == "portable" and c.parts) or target.engine == "tensorrt" else None
+        embed = (embedding_config(p, flavour, int(recipe.options.get("embed_block_size", 32)))
+                 if methods == ["embedding"] else None)
         plans.append(ComponentPlan(c.name, p, methods, f"{c.name}.onnx",
-                                   _weight_only(recipe, p, flavour, form) if c.parts else None, bool(c.parts),
-                                   optimizer))
+                                   _weight_only(recipe, p, flavour, form, target) if c.parts else None, bool(c.parts),
+                                   optimizer, embed))
     source = {"tiny": "tiny random", "random": "random weights"}.get(model.source.kind, "checkpoint")
     if source != "checkpoint":
         notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")

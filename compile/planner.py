@@ -3,8 +3,9 @@
 Everything is arithmetic on the model's config (no weights, no torch): parameter shapes per component, bytes per
 parameter for the precision *as medc builds it* (block scales and zero points included, so the numbers match the
 bundle on disk), the KV cache as the bundle lays it out (Gemma 3's sliding layers keep `window - 1` past tokens, or
-a window-sized slot buffer in the ORT flavour's GroupQueryAttention decoder; global layers keep everything), an activation estimate for the graphs medc exports (eager attention: the score matrices are
-materialised), and the runtime's fixed cost. Against the target's usable memory that gives fits / does not fit, and
+a window-sized slot buffer in the ORT flavour's GroupQueryAttention decoder; global layers keep everything), an
+activation estimate for the graphs medc exports (eager attention: the score matrices are materialised; the decoder
+one prefill chunk's, `prefill_chunk`), the load-time peak, the tokenizer and the runtime's fixed cost. Against the target's usable memory that gives fits / does not fit, and
 against its bandwidth and peak throughput the two floors every deployment question starts from:
 
 - decode tokens/s ceiling = bandwidth / bytes read per token (all decoder weights + the KV cache in use);
@@ -19,22 +20,37 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 
-from medc.compile.plan import DEFAULT_RESCORE, BuildOptions, Plan, ResolvedModel, attention_form, make_plan
+from medc.compile.plan import (DEFAULT_RESCORE, BuildOptions, Plan, ResolvedModel, attention_form, gpu_activations,
+                                make_plan)
+from medc.compile import embedding
 from medc.compile.recipes import PRESETS, plan_only
 from medc.compile.registry import FAMILIES
 from medc.compile.spec import DecoderForm
 from medc.errors import MedcError
+from medc.runtime.decoder import PREFILL_CHUNK
 from medc.targets import Target, get_target
 
-# Fixed memory besides weights, KV and activations, by platform (inferred, then checked on the CPU runs):
-# host: Python + numpy + onnxruntime + tokenizers; jetson: the same process plus CUDA/cuBLAS/TensorRT libraries and
-# the CUDA context, all in the shared LPDDR; datacenter: CUDA context + TensorRT/cuBLAS workspaces in device memory.
-RUNTIME_OVERHEAD_GIB = {"host": 0.25, "jetson": 1.2, "datacenter": 0.6}
+# Fixed memory besides weights, KV, activations and the tokenizer, by platform: host (measured on the CPU runs,
+# benchmarks/results/plan-check-270m.md): Python + numpy + onnxruntime and its sessions; jetson (inferred): the same
+# process plus CUDA/cuBLAS/TensorRT libraries and the CUDA context, all in the shared LPDDR; datacenter (inferred):
+# CUDA context + TensorRT/cuBLAS workspaces in device memory.
+RUNTIME_OVERHEAD_GIB = {"host": 0.07, "jetson": 1.02, "datacenter": 0.6}
+# The tokenizer in the same process (Hugging Face tokenizers: vocabulary and merges as hash maps) holds about this
+# much per vocabulary entry (measured: benchmarks/results/plan-check-270m.md). Counted where the process's memory is
+# the planned memory (host RAM, Jetson's shared LPDDR), not a discrete GPU's.
+TOKENIZER_BYTES_PER_TOKEN = 1160
+TOKENIZER_PLATFORMS = ("host", "jetson")
 # ONNX Runtime's CPU MatMulNBits (accuracy level 4) pre-packs its quantised weights into MLAS's int8 layout and keeps
 # the initializer too: a session holds 1 + ORT_NBITS_PREPACK times the graph's MatMulNBits bytes (benchmarks/results/design-measurements.md).
 ORT_NBITS_PREPACK = 0.64
+# The portable form's int8 weights (per-channel DequantizeLinear + MatMul) on ONNX Runtime's CPU provider: it fuses
+# them into 8-bit MatMulNBits (blocks of 32, fp32 scales) and pre-packs those, so a session holds 1 + this times the
+# stored int8 bytes (measured: benchmarks/results/plan-check-270m.md). Portable int4 (blocked DequantizeLinear) is
+# fused into 4-bit MatMulNBits the same way and taken as ORT_NBITS_PREPACK (not measured).
+ORT_QDQ_INT8_HELD = 1.25
 # ORT's CPU arena and TensorRT's per-context activation memory are held per graph, not shared between graphs:
-# the activation estimate sums the components' peaks.
+# the activation estimate sums the components' peaks (but a vision encoder's that releases its arena after each run:
+# MemoryPlan.activation_bytes).
 GIB = 2**30
 
 # Weight-only and Q/DQ storage as medc writes it (compile/quantize.py): bytes per parameter of a quantised matrix.
@@ -206,6 +222,12 @@ class MemoryPlan:
     decode_tokens_per_s: float | None  # ceiling at batch 1, `context` tokens in the cache
     vision_ms: float | None  # floor per image
     notes: list[str] = field(default_factory=list)
+    prefill_chunk: int | None = None  # prompt tokens per decoder step the decoder's activations are sized for
+    vision_released: bool = False  # the vision encoder's activations are freed before the decoder runs
+    # Loading a graph with its weights inside: ONNX Runtime parses the whole file, then copies the initializers into
+    # its own tensors, so a graph's bytes are held twice while it loads. What that adds over weights + KV at the
+    # worst moment (0: nothing); the activations come later, so the larger of the two counts.
+    load_bytes: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -213,11 +235,15 @@ class MemoryPlan:
 
     @property
     def activation_bytes(self) -> int:
-        return sum(c.activation_bytes for c in self.components)
+        """Every graph's peak, summed (ONNX Runtime's arenas are per session); a vision encoder that releases its
+        arena after each run (runtime/gemma.py) is never live beside the others: the larger of the two then."""
+        vision = sum(c.activation_bytes for c in self.components if c.name == "vision_encoder")
+        rest = sum(c.activation_bytes for c in self.components if c.name != "vision_encoder")
+        return max(vision, rest) if self.vision_released else vision + rest
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.runtime_bytes
+        return self.weight_bytes + self.kv_bytes + max(self.activation_bytes, self.load_bytes) + self.runtime_bytes
 
     @property
     def fits(self) -> bool:
@@ -238,7 +264,13 @@ class MemoryPlan:
                          f"  activations {g(c.activation_bytes)}")
         lines += [f"  {'KV cache':<21} {g(self.kv_bytes)}  ({self.kv_bytes_per_token / 1024:.0f} KiB/token "
                   "before the sliding-window cap)" if self.kv_bytes else "  KV cache: none",
-                  f"  {'runtime':<21} {g(self.runtime_bytes)}",
+                  f"  {'runtime':<21} {g(self.runtime_bytes)}"]
+        if self.prefill_chunk:
+            lines.append(f"  {'prefill chunk':<21} {self.prefill_chunk:7d} tokens per decoder step")
+        lines += [f"  {'activations':<21} {g(self.activation_bytes)}"
+                  + ("  (vision encoder's released before decoding)" if self.vision_released else ""),
+                  *([f"  {'loading':<21} {g(self.load_bytes)}  (a graph held twice while it loads, over weights "
+                     "+ KV; counted instead of the activations)"] if self.load_bytes > self.activation_bytes else []),
                   f"  {'total':<21} {g(self.total_bytes)}  of {g(self.usable_bytes).strip()} usable -> "
                   + ("fits" if self.fits else "DOES NOT FIT")]
         if self.decode_tokens_per_s is not None:
@@ -265,8 +297,14 @@ def _rescore_rows(cfg: dict, recipe: dict, options: dict) -> int:
     if recipe.get("lm_head") != "int4" or not int(options.get("lm_head_rescore", DEFAULT_RESCORE)):
         return 0
     t = cfg.get("text_config", cfg)
-    v, h = t["vocab_size"], t["hidden_size"]
+    v, h = int(options.get("lm_head_rows") or t["vocab_size"]), t["hidden_size"]
     return v * h + v * (h // 32) * 4
+
+
+def prefill_chunk(cfg: dict, context: int) -> int:
+    """Prompt tokens in one decoder step: the runtime's prefill chunk, or one whole image where that is longer (an
+    image is never split across steps: runtime/decoder.py `chunk_end`), at most the context."""
+    return min(context, max(PREFILL_CHUNK, int(cfg.get("mm_tokens_per_image") or 0)))
 
 
 def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int, fused: bool) -> int:
@@ -285,14 +323,14 @@ def _activations(cfg: dict, comp: str, precision: str, context: int, batch: int,
         return int(batch * a * (scores * t["num_attention_heads"] * n * n + 2 * n * t["intermediate_size"]
                                 + 6 * n * t["hidden_size"]))
     t = cfg.get("text_config", cfg)
+    c = prefill_chunk(cfg, context)  # the runtime prefills in chunks: a step embeds and decodes c tokens at most
     if comp == "embed_tokens":
-        return int(batch * context * t["hidden_size"] * a)
-    # decoder, prefill of the whole context at once (medc's runtime does not chunk prefill): one layer's scores,
-    # softmax and mask over context x context, its MLP, a few hidden-state buffers, and one row of logits.
-    s = context
-    return int(batch * (a * (scores * t["num_attention_heads"] * s * s + (s * s if scores else 0)
-                             + 3 * s * t["intermediate_size"]
-                             + 8 * s * t["hidden_size"]) + 4 * t["vocab_size"]))
+        return int(batch * c * t["hidden_size"] * a)
+    # decoder, the last prefill chunk (the widest step: c queries over the whole context): one layer's scores,
+    # softmax and mask over c x context, its MLP, a few hidden-state buffers, and one row of logits.
+    return int(batch * (a * (scores * t["num_attention_heads"] * c * context + (c * context if scores else 0)
+                             + 3 * c * t["intermediate_size"]
+                             + 8 * c * t["hidden_size"]) + 4 * t["vocab_size"]))
 
 
 def _family(name: str):
@@ -310,7 +348,10 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     per: dict[str, list[float]] = {}
     params: dict[str, int] = {}
     decoder_bytes = prepack = 0.0
+    rows = options.get("lm_head_rows")  # a reduced vocabulary (--vocab): the lm_head keeps these rows only
     for t in TENSORS[family](cfg):
+        if rows and t.part == "lm_head":
+            t = dataclasses.replace(t, shape=(t.shape[0], int(rows)))
         prec = recipe.get(t.part, recipe.get(t.component, "fp32"))
         if t.linear and prec == "int4" and int4_only and t.projection and t.projection not in int4_only:
             prec = "int8"
@@ -319,15 +360,20 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
             n *= d
         if t.linear and len(t.shape) == 2:
             b = _linear_bytes(prec, flavour, t.component == "decoder", t.shape[0], t.shape[1], options)
+        elif t.component == "embed_tokens" and prec in ("int8", "int4"):  # rows as stored + one fp32 scale a block
+            b = embedding.stored_bytes(t.shape[0], t.shape[1], prec, int(options.get("embed_block_size",
+                                                                                     embedding.DEFAULT_BLOCK)))
         else:
             b = n * (2 if prec in ("fp16", "bf16") and t.component == "embed_tokens" else _PLAIN_BYTES[prec])
         per.setdefault(t.component, []).append(b)
         params[t.component] = params.get(t.component, 0) + n
         if t.component == "decoder":
             decoder_bytes += b
-            if t.linear and prec in ("int8", "int4") and flavour == "ort" and target.platform == "host":
-                prepack += ORT_NBITS_PREPACK * b
-    kv_bytes_per = 2 if any(recipe.get(c) in ("fp16", "bf16") for c in ("decoder",)) else 4
+            if t.linear and prec in ("int8", "int4") and target.platform == "host":
+                prepack += (ORT_QDQ_INT8_HELD if flavour == "portable" and prec == "int8" else ORT_NBITS_PREPACK) * b
+    # fp16 KV: fp16/bf16 decoders, and int4/int8 ones on GPU targets (W4A16 / W8A16, plan.gpu_activations)
+    kv_bytes_per = 2 if (recipe.get("decoder") in ("fp16", "bf16")
+                         or gpu_activations(target, recipe.get("decoder", "fp32")) == "float16") else 4
     kv, kv_per_token = 0, 0.0
     if "decoder" in per:
         form = form or _family(family).forms[attention_form(flavour, target, recipe.get("decoder", "fp32"))]
@@ -338,7 +384,8 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
             per["decoder"].append(_rescore_rows(cfg, recipe, options))
         kv, kv_per_token = _kv(cfg, context, batch, kv_bytes_per, form)
     comps = [ComponentBytes(name, recipe.get(name, "fp32"), params[name], int(sum(bs)),
-                            _activations(cfg, name, recipe.get(name, "fp32"), context, batch,
+                            _activations(cfg, name, "fp16" if name == "decoder" and kv_bytes_per == 2  # W4A16
+                                         else recipe.get(name, "fp32"), context, batch,
                                          fused=target.engine == "tensorrt"))
              for name, bs in per.items()]
     notes = []
@@ -359,11 +406,38 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
             vision = flops / (peak * 1e12) * 1e3
             if vis_prec == "fp32" and gpu:
                 notes.append("fp32 vision floor uses the fp16 tensor-core peak (TF32 is about half of it)")
-    runtime = int(RUNTIME_OVERHEAD_GIB[target.platform] * GIB + prepack)
+    vocab = cfg.get("text_config", cfg).get("vocab_size") if "decoder" in per else None
+    tokenizer = TOKENIZER_BYTES_PER_TOKEN * vocab if vocab and target.platform in TOKENIZER_PLATFORMS else 0
+    runtime = int(RUNTIME_OVERHEAD_GIB[target.platform] * GIB + prepack + tokenizer)
     if prepack:
         notes.append(f"runtime includes {prepack / GIB:.2f} GiB of ONNX Runtime's pre-packed MatMulNBits weights")
+    if tokenizer:
+        notes.append(f"runtime includes {tokenizer / GIB:.2f} GiB for the tokenizer ({vocab} entries) in memory")
+    chunk = prefill_chunk(cfg, context) if "decoder" in per else None
+    # The runtime releases the vision encoder's arena after each run where ONNX Runtime runs it (runtime/gemma.py);
+    # a TensorRT engine's execution context keeps its activation memory for its lifetime.
+    released = "vision_encoder" in per and "decoder" in per and target.engine != "tensorrt"
+    if chunk:
+        notes.append(f"decoder activations are one prefill chunk's ({chunk} tokens over the {context}-token "
+                     "context): the runtime prefills in chunks")
+    # Loading (measured on the host's ONNX Runtime sessions, benchmarks/results/plan-check-270m.md): the pipeline loads
+    # embed_tokens and the decoder largest first (runtime/gemma.py), so the larger is held twice with nothing else
+    # resident; a vision encoder loads at the first image, beside everything else. What that adds over the weights and
+    # KV, if anything. A TensorRT engine is read whole before it is deserialised too, but that is not measured: other
+    # platforms plan without it.
+    load = 0
+    if target.platform == "host" and comps:
+        text = [c.weight_bytes for c in comps if c.name != "vision_encoder"]
+        late = sum(c.weight_bytes for c in comps if c.name == "vision_encoder")
+        load = max(0, 2 * max(text or [0]) - sum(c.weight_bytes for c in comps) - kv, late)
+    if load > sum(c.activation_bytes for c in comps):
+        notes.append(f"the peak is at load time ({load / GIB:.2f} GiB over the weights and KV, more than the "
+                     "activations): ONNX Runtime holds a graph twice while it loads")
+    if released:
+        notes.append("activations count the larger of the vision encoder's and embed_tokens + decoder's: the vision "
+                     "encoder's are released before the decoder runs")
     return MemoryPlan(model, target.name, dict(recipe), context, batch, comps, kv, kv_per_token, runtime,
-                      target.usable_bytes(), decode, vision, notes)
+                      target.usable_bytes(), decode, vision, notes, chunk, released, load)
 
 
 def default_context(cfg: dict) -> int:
@@ -377,8 +451,9 @@ def plan_build(plan: Plan, context: int | None = None, batch: int | None = None,
     """The memory plan of a build's plan: its recipe, flavour, decoder form and target (`target`: that target with
     this host's measured peaks, `with_host_peaks`)."""
     context = context or plan.context or default_context(plan.config)
+    options = {**plan.recipe.options, **({"lm_head_rows": plan.lm_head_rows} if plan.lm_head_rows else {})}
     return plan_memory(plan.model, plan.family, plan.config, plan.recipe.precisions, target or get_target(plan.target),
-                       context, batch or plan.max_batch, plan.flavour, plan.recipe.options, plan.form)
+                       context, batch or plan.max_batch, plan.flavour, options, plan.form)
 
 
 def with_host_peaks(target: Target, flops: dict[str, float], bytes_per_s: float | None) -> Target:

@@ -11,6 +11,7 @@ Methods, each a registry entry (`METHODS`) that writes `dst` from an fp32 graph:
 - `weight-only`: decoders; blockwise int8 or int4 weights (compile/weight_only.py), the lm_head at its own precision.
 - `int8-dynamic`: per-channel int8 weights, activations quantised per call (MatMulInteger); ONNX Runtime CPU's fast
   path. Dynamic ranges are exact per call, so the attention products can be quantised here too.
+- `embedding`: the token-embedding table, int8 or int4 rows in blocks (compile/embedding.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medc.compile import fp16, weight_only
+from medc.compile import embedding, fp16, weight_only
 from medc.compile.isolate import run as run_isolated
 from medc.compile.export import save_onnx
 from medc.compile.weight_only import WeightOnlyConfig
@@ -37,6 +38,7 @@ class ConvertOptions:
     weight_only: WeightOnlyConfig | None = None  # weight-only: the decoder's precisions and weight form
     fp16_islands: bool = False  # fp16: keep Gemma 3's overflow-prone parts fp32 (decoders)
     fp16_feeds: list | None = None  # fp16 islands: also keep what these feeds measure above the threshold
+    embedding: embedding.EmbeddingConfig | None = None  # embedding: the table's precision, form and block size
 
 
 def _fp16(src: Path, dst: Path, options: ConvertOptions) -> dict:
@@ -46,6 +48,10 @@ def _fp16(src: Path, dst: Path, options: ConvertOptions) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     if options.fp16_islands:
+        wo = options.weight_only  # GPU targets (plan.gpu_activations): the KV cache in fp16 too, half the memory
+        if wo is not None and wo.activations == "float16":
+            return {**fp16.convert_fp16(src, dst, options.fp16_feeds, half_io=weight_only.KV_IO),
+                    "kv_dtype": "float16"}
         return fp16.convert_fp16(src, dst, options.fp16_feeds)
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
     save_onnx(model, dst)
@@ -56,10 +62,23 @@ def _weight_only(src: Path, dst: Path, options: ConvertOptions) -> dict:
     """Decoders: block-wise weights, activations left in float (qdq) or quantised per block at run time (nbits)."""
     import onnx_ir as ir
 
+    if options.weight_only is not None and options.weight_only.activations == "float16":  # GPU targets: W4A16/W8A16
+        return weight_only.quantize_half(src, dst, options.weight_only, options.fp16_feeds)
     model = ir.load(str(src))
     ir.external_data.load_to_model(model)  # the result is saved whole: no tensor may still point into `src`'s data
     record = weight_only.quantize_weights(model, weight_only.graph_weights(model), options.weight_only,
                                           weight_only.MemorySink())
+    save_onnx(ir.serde.serialize_model(model), dst)
+    return record
+
+
+def _embedding(src: Path, dst: Path, options: ConvertOptions) -> dict:
+    """The token-embedding table as int8/int4 blocks (compile/embedding.py); the rest of the graph unchanged."""
+    import onnx_ir as ir
+
+    model = ir.load(str(src))
+    ir.external_data.load_to_model(model)
+    record = embedding.quantize_embedding(model, options.embedding)
     save_onnx(ir.serde.serialize_model(model), dst)
     return record
 
@@ -152,7 +171,7 @@ def _external(src: Path) -> bool:
 
 
 METHODS = {"fp16": _fp16, "int8-dynamic": _int8_dynamic, "int8-static-qdq": _int8_static_qdq,
-           "weight-only": _weight_only}
+           "weight-only": _weight_only, "embedding": _embedding}
 
 # The graph each int8 method starts from. Both quantise MatMul/Gemm nodes, so attention must not be fused into one
 # Attention op (its QKV projection would stay fp32); other methods use the build's optimiser (default: xformers).

@@ -46,12 +46,16 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "fp32": Preset("the reference: every component fp32", "fp32"),
     "fp16": Preset("GPU targets: every component fp16, Gemma 3's overflow-prone parts kept fp32", "fp16"),
-    "int8": Preset("encoders int8 (calibrated Q/DQ or dynamic), decoder and lm_head int8 weight-only", "int8"),
+    "int8": Preset("encoders int8 (calibrated Q/DQ or dynamic), decoder and lm_head int8 weight-only, token "
+                   "embeddings int8 blocks", "int8"),
     # The lm_head too: on the ORT flavour its top 1024 logits are rescored from int8 rows, which wins back most of what
     # int4 costs it (README "Precisions"); the portable flavour (TensorRT) has no rescoring, and its gate decides.
+    # The token embeddings stay int8: TensorRT has no int4 form of a gathered table (compile/embedding.py), and on
+    # the ORT flavour `embed_tokens=int4` is an explicit choice for its gate to decide.
     "int4": Preset("vision encoder int8, decoder and lm_head int4 weight-only (blocks of 32; ORT flavour: the "
-                   "lm_head's top logits rescored from int8 rows)", "int4",
-                   {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8"}),
+                   "lm_head's top logits rescored from int8 rows), token embeddings int8 blocks", "int4",
+                   {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8",
+                    "embed_tokens": "int8"}),
     # CPU targets only (plan_only): the encoders as OpenVINO IR computed in bf16 on AVX512_BF16 / AMX; decoders have
     # no bf16 form and step down to fp32.
     "bf16": Preset("CPU targets with AVX512_BF16 or AMX: encoders as OpenVINO IR computed in bf16 (weights stored "
@@ -59,6 +63,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 OPTION_KEYS = {"int4_block_size": (32, 64, 128), "int8_block_size": (16, 32, 64, 128),
+               "embed_block_size": (16, 32, 64, 128),  # a quantised token-embedding table's rows (compile/embedding.py)
                # ORT flavour, int4 lm_head: how many of its top logits are recomputed from int8 rows (0: none)
                "lm_head_rescore": (0, 64, 256, 1024, 4096),
                # which decoder projections an int4 decoder keeps in int4 (the others int8); default all

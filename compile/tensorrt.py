@@ -19,6 +19,7 @@ from medc.compile import lint
 from medc.errors import MedcError
 from medc.manifest import RECORDS_DIR, Manifest, Record, read_json_file, sha256_file
 from medc.runtime.bundle import open_bundle
+from medc.runtime.decoder import PREFILL_CHUNK
 from medc.runtime.session import OrtSession
 from medc.runtime.trt_session import gpu_info, import_tensorrt
 from medc.runtime.verify import evaluate, golden_cases
@@ -136,19 +137,22 @@ def _axis_limits(manifest, context: int, max_batch: int, batch_max: int, generat
     gen = manifest.generation or {}
     mm_tokens = int((manifest.preprocessing or {}).get("mm_tokens_per_image") or 0)
     opt_seq = min(context, max(OPT_PREFILL_TOKENS, mm_tokens))
+    # The runtime prefills in chunks (an image whole: runtime/decoder.py), and an execution context's activation
+    # memory is sized for the profile's max shapes: a step's tokens are bounded by the chunk, not the context.
+    chunk = min(context, max(PREFILL_CHUNK, mm_tokens))
     keeps = [layer["keep"] for layer in gen.get("kv_layout", []) if layer.get("keep") is not None]
     sliding_max = min(min(keeps), context - 1) if keeps else context - 1
     return {
         # Decoding runs one sequence at a time far more often than a full batch: tune for batch 1 there.
         "batch": (1, 1 if generative else max_batch, batch_max),
         # min: a single decode step with an empty cache; opt: a prefill of opt_seq tokens, no cache yet;
-        # max: seq up to the whole context (a prefill) and past up to context - 1 (the last decode step). The max set
-        # cannot be consistent for both at once; TensorRT only uses it as a bound.
-        "seq": (1, opt_seq, context),
+        # max: seq up to one prefill chunk and past up to context - 1 (the last decode step). The max set cannot be
+        # consistent for both at once; TensorRT only uses it as a bound.
+        "seq": (1, opt_seq, chunk),
         "total": (1, opt_seq, context),
         "past_full": (0, 0, context - 1),
         "past_sliding": (0, 0, sliding_max),  # sliding layers keep window - 1 tokens (kv_layout "keep")
-        "logits": (1, 1, context),  # generation asks for the last position; perplexity for all of them
+        "logits": (1, 1, chunk),  # generation asks for the last position; perplexity for a window's (512) all
     }
 
 

@@ -12,6 +12,11 @@ Forms (`WeightOnlyConfig.form`):
 - "qdq", for TensorRT: int8 per output channel as DequantizeLinear(W_int8, scale[N], axis 1); int4 symmetric blocks
   as DequantizeLinear(W_int4, scales, axis 0, block_size) with positive scales (opset 21, `int4_blocks`).
 An int4 lm_head in the nbits form can have its top logits recomputed from int8 rows (`add_rescoring`).
+
+Activations (`WeightOnlyConfig.activations`): "float32" on CPU targets; "float16" on GPU targets (W4A16 / W8A16,
+`quantize_half`): the graph is first converted to fp16 with Gemma 3's fp32 islands (compile/fp16.py, the fp16
+preset's rules) and its KV cache inputs and outputs in fp16, then each weight is quantised with scales of its own
+dtype, so a weight an fp16 MatMul reads dequantises straight to fp16 (an island's weight: to fp32).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class WeightOnlyConfig:
     int4_block_size: int = 32
     int8_block_size: int = 16
     rescore: int = 0  # an int4 nbits lm_head: this many top logits recomputed from int8 rows (0: none)
+    activations: str = "float32"  # | "float16": GPU targets, fp16 with fp32 islands and an fp16 KV cache
 
     @property
     def head_precision(self) -> str:
@@ -71,6 +77,37 @@ def record_of(config: WeightOnlyConfig | None) -> dict:
     qdq = config.form == "qdq"
     return {"method": "weight-only", "format": "DequantizeLinear + MatMul" if qdq else "MatMulNBits",
             "activations": "float" if qdq else "int8 per block, at run time (accuracy level 4)"}
+
+
+KV_IO = ("past_", "present_")  # a decoder's KV cache inputs and outputs: fp16 with fp16 activations
+
+
+def quantize_half(src, dst, config: WeightOnlyConfig, feeds: list | None) -> dict:
+    """W4A16 / W8A16 (GPU targets): write `dst` from the fp32 decoder `src` converted to fp16 with fp32 islands and
+    an fp16 KV cache (fp16.convert_fp16, the fp16 preset's rules; `feeds` measure the islands), then its weights
+    quantised with fp16 scales. Returns the manifest's `quantization` record."""
+    import onnx_ir as ir
+
+    from medc.compile import fp16
+    from medc.compile.export import save_onnx
+
+    half = dst.with_name(f"{dst.stem}.fp16{dst.suffix}")
+    try:
+        islands = fp16.convert_fp16(src, half, feeds, half_io=KV_IO)["fp32_islands"]
+        model = ir.load(str(half))
+        ir.external_data.load_to_model(model)
+        record = quantize_weights(model, graph_weights(model), config, MemorySink())
+        save_onnx(ir.serde.serialize_model(model), dst)
+    finally:
+        for leftover in (half, half.with_name(f"{half.name}.data")):
+            leftover.unlink(missing_ok=True)
+    bits = {"int4": 4, "int8": 8}
+    scheme = f"W{bits[config.precision]}A16" if config.precision in bits else "A16"
+    if config.head_precision != config.precision and config.head_precision in bits:
+        scheme += f", lm_head W{bits[config.head_precision]}A16"
+    return {**record, "scheme": scheme, "scales": "float16 (fp32 in islands)",
+            "activations": "float16 with fp32 islands (compile/fp16.py)", "kv_dtype": "float16",
+            "io_types": "float32; fp16: past_*, present_*", "fp32_islands": islands}
 
 
 def nbits_form(bits: int, block: int) -> str:
@@ -151,14 +188,16 @@ def quantize_weights(model, weights: dict[str, Weight], config: WeightOnlyConfig
     """Convert, in place, every MatMul weight among `weights` to its precision under `config` (None: all stay
     fp32); every other weight among them goes to `sink.keep`. Returns the manifest's `quantization` record.
 
-    The lm_head is the MatMul whose weight has the most columns (the vocabulary)."""
+    The lm_head is the MatMul of the module named "head", else the one whose weight has the most columns."""
     graph = model.graph
     matmuls: dict[str, list] = {}
     for node in graph:
         b = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" and len(node.inputs) > 1 else None
         if b is not None and b.name in weights and len(b.shape) == 2:
             matmuls.setdefault(b.name, []).append(node)
-    head = max(matmuls, key=lambda n: graph.initializers[n].shape[1], default=None)
+    # The decoders name it "head"; a reduced vocabulary (compile/vocab.py) may have fewer columns than the MLP.
+    named = [n for n, nodes in matmuls.items() if any(module_path(x) == "head" for x in nodes)]
+    head = named[0] if len(named) == 1 else max(matmuls, key=lambda n: graph.initializers[n].shape[1], default=None)
     forms: dict[str, str] = {}  # record key -> form written
     rescored = None
     for init, weight in weights.items():
@@ -170,13 +209,15 @@ def quantize_weights(model, weights: dict[str, Weight], config: WeightOnlyConfig
             sink.keep(value, weight)
             continue
         w = weight.read()
+        half = w.dtype == np.float16  # an fp16 graph's weight: scales in fp16, dequantised to fp16
+        w = w.astype(np.float32) if half else w
         bits, block = BITS[precision], config.block_size(precision)
         if config.form == "qdq" and bits == 8:  # TensorRT takes int8 weights per channel
-            form = _write_int8_channels(graph, value, nodes, w, sink)
+            form = _write_int8_channels(graph, value, nodes, w, sink, half)
         elif config.form == "qdq":
-            form = _write_int4_blocks(model, value, nodes, w, block, sink)
+            form = _write_int4_blocks(model, value, nodes, w, block, sink, half)
         else:
-            form, made = _write_nbits(graph, value, nodes, w, bits, block, sink)
+            form, made = _write_nbits(graph, value, nodes, w, bits, block, sink, half)
             if init == head and config.rescores:
                 rows, scales = _int8_table(graph, "lm_head.rows", w.T, sink)
                 add_rescoring(graph, made[0].outputs[0], made[0].inputs[0], rows, scales, config.rescore)
@@ -221,9 +262,11 @@ def _initializer(graph, name: str, tensor):
     return value
 
 
-def _write_nbits(graph, value, nodes, w: np.ndarray, bits: int, block: int, sink) -> tuple[str, list]:
+def _write_nbits(graph, value, nodes, w: np.ndarray, bits: int, block: int, sink, half: bool = False
+                 ) -> tuple[str, list]:
     """MatMul(A, W) -> MatMulNBits(A, W_Q, W_scales[, zero_points]): DefaultWeightOnlyQuantizer's QOperator form,
-    int8 symmetric, int4 asymmetric. Returns that form and the new nodes."""
+    int8 symmetric, int4 asymmetric. Returns that form and the new nodes. `half`: fp16 scales (MatMulNBits' scales
+    are of A's type)."""
     import onnx_ir as ir
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
@@ -250,8 +293,8 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, bits: int, block: int, sink
     name = value.name
     inputs = [_initializer(graph, f"{name}_Q{bits}", sink.add(f"{name}_Q{bits}", [packed], ir.DataType.UINT8,
                                                                 packed.shape)),
-              _initializer(graph, f"{name}_scales", sink.add(f"{name}_scales", [scales], ir.DataType.FLOAT,
-                                                             scales.shape))]
+              _initializer(graph, f"{name}_scales", sink.add(f"{name}_scales", [_scales(scales, half)],
+                                                             _scale_type(half), scales.shape))]
     if not symmetric:  # as ONNX Runtime's quantiser: zero points for the asymmetric (int4) form only
         inputs.append(_initializer(graph, f"{name}_zero_points", sink.add(
             f"{name}_zero_points", [zero_points], ir.DataType.UINT8, zero_points.shape)))
@@ -266,9 +309,10 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, bits: int, block: int, sink
     return nbits_form(bits, block), made
 
 
-def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink) -> str:
+def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink, half: bool = False) -> str:
     """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int8, scale[N], axis 1)): symmetric int8 per output channel, zero
-    point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8."""
+    point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8. `half`: fp16
+    scales, so the DequantizeLinear writes fp16."""
     import onnx_ir as ir
 
     K, N = (int(d) for d in value.shape)
@@ -277,6 +321,7 @@ def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink) -> str:
     for n0 in range(0, N, step):  # a column's scale needs the whole column
         part = _kn_columns(w, n0, min(N, n0 + step))
         scale[n0:n0 + part.shape[1]] = np.maximum(np.abs(part).max(axis=0), 1e-12) / 127.0
+    scale = _scales(scale, half).astype(np.float32)  # values rounded with the scale they are stored with
 
     def rows():
         for chunk in row_chunks(w):
@@ -284,17 +329,20 @@ def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink) -> str:
 
     name = value.name
     q = _initializer(graph, f"{name}_int8", sink.add(f"{name}_int8", rows(), ir.DataType.INT8, (K, N)))
-    s = _initializer(graph, f"{name}_scale", sink.add(f"{name}_scale", [scale], ir.DataType.FLOAT, (N,)))
+    s = _initializer(graph, f"{name}_scale", sink.add(f"{name}_scale", [_scales(scale, half)], _scale_type(half),
+                                                      (N,)))
     for node in nodes:
         dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1}, name=f"{node.name}_DequantizeLinear")
+        _typed(dq, value, half)
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
     return "int8 symmetric, per output channel"
 
 
-def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink) -> str:
+def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink, half: bool = False) -> str:
     """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int4, scales, axis 0, block_size)): int4 weight-only in the form
-    TensorRT parses (blocked, zero point omitted = 0, positive scales `int4_blocks`; opset 21)."""
+    TensorRT parses (blocked, zero point omitted = 0, positive scales `int4_blocks`; opset 21). `half`: fp16 scales,
+    so the DequantizeLinear writes fp16 (W4A16)."""
     import onnx_ir as ir
 
     graph = model.graph
@@ -304,17 +352,18 @@ def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink) -> 
     def packed_rows():  # blocks of rows of the [K, N] matrix; `block` rows of N int4 values are whole bytes
         step = max(block, (CHUNK_BYTES // (4 * N)) // block * block)
         for k0 in range(0, K, step):
-            p, s = int4_blocks(np.ascontiguousarray(w[k0:k0 + step]), block)
+            p, s = int4_blocks(np.ascontiguousarray(w[k0:k0 + step]), block, half)
             scales[k0 // block:k0 // block + len(s)] = s
             yield p
 
     name = value.name
     bq = _initializer(graph, f"{name}_DQ_Q4", sink.add(f"{name}_DQ_Q4", packed_rows(), ir.DataType.INT4, (K, N)))
-    sc = _initializer(graph, f"{name}_DQ_scales", sink.add(f"{name}_DQ_scales", [scales], ir.DataType.FLOAT,
-                                                           scales.shape))
+    sc = _initializer(graph, f"{name}_DQ_scales", sink.add(f"{name}_DQ_scales", [_scales(scales, half)],
+                                                           _scale_type(half), scales.shape))
     for node in nodes:
         dq = ir.node("DequantizeLinear", [bq, sc], attributes={"axis": 0, "block_size": block},
                      name=f"{node.name}_DequantizeLinear" if node.name else None)
+        _typed(dq, value, half)
         mm = ir.node("MatMul", [node.inputs[0], dq.outputs[0]], name=f"{node.name}_matmul_Q4" if node.name else None)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [dq, mm], node.outputs, mm.outputs)
     # int4 and block_size arrived in opset 21, which needs IR version 10
@@ -323,7 +372,30 @@ def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink) -> 
     return f"int4 symmetric, blocks of {block}"
 
 
-def int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+def _scales(scales: np.ndarray, half: bool) -> np.ndarray:
+    """Scales as stored: fp32, or fp16 kept positive (a scale below fp16's smallest normal would round to zero or
+    lose bits; TensorRT refuses a zero scale)."""
+    if not half:
+        return scales
+    return np.clip(scales, np.finfo(np.float16).tiny, np.finfo(np.float16).max).astype(np.float16)
+
+
+def _scale_type(half: bool):
+    import onnx_ir as ir
+
+    return ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
+
+
+def _typed(dq, weight, half: bool) -> None:
+    """The DequantizeLinear's output typed as it computes (fp16 from fp16 scales), for readers of the saved graph
+    (fp16.cpu_emulation rounds every fp16 tensor; the TensorRT lint checks types)."""
+    import onnx_ir as ir
+
+    dq.outputs[0].dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(list(weight.shape))
+
+
+def int4_blocks(w: np.ndarray, block: int, half: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int4 blocks along K of a [K, N] weight, for DequantizeLinear(axis 0, block_size): returns the values
     packed two per byte (low nibble first, row-major: ONNX's INT4 layout) and scales [ceil(K / block), N].
 
@@ -332,7 +404,8 @@ def int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     that the largest |w| maps to -8, negative for a block whose extreme is positive. Here each block's scale is
     positive: the grid [-8, 7] that covers both extremes, scale = max(-min / 8, max / 7), or one up to 15% finer that
     clips the extreme, whichever has the smaller squared error (4 candidates; tests/test_lint.py compares the error
-    with ONNX Runtime's signed form). Zero maps to 0 (the zero point TensorRT requires)."""
+    with ONNX Runtime's signed form). Zero maps to 0 (the zero point TensorRT requires). `half`: the chosen scales
+    rounded to the fp16 values they are stored as (`_scales`) before the values are rounded with them."""
     K, N = w.shape
     kb = -(-K // block)
     wp = np.asarray(w, np.float32)
@@ -349,6 +422,8 @@ def int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
             error = e
         else:
             scale, error = np.where(e < error, s, scale), np.minimum(e, error)
+    if half:
+        scale = _scales(scale, True).astype(np.float32)
     q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).astype(np.int8).reshape(kb * block, N)[:K]
     nibbles = q.reshape(-1).view(np.uint8) & 0x0F
     if nibbles.size % 2:

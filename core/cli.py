@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -100,12 +101,14 @@ def _trust(paths):
               help="Largest batch the bundle must serve (memory check, TensorRT profiles).")
 @click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False),
               help="Sign the bundle's manifest with this private key (from `medc keygen`).")
+@click.option("--vocab", "vocab", type=click.Path(path_type=Path, dir_okay=False),
+              help="A token list from `medc vocab`: the decoder's lm_head keeps only its rows (reduced vocabulary).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the memory check, and exit (1 if it does not fit).")
 @click.option("--stream", is_flag=True, hidden=True,
               help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
 def build(model, out, precision, recipe, flavour, target, backend, calibration, random_weights, allow_degraded, force,
-          pad_to_square, optimizer, context, max_batch, sign_key, dry_run, stream):
+          pad_to_square, optimizer, context, max_batch, sign_key, vocab, dry_run, stream):
     """Build a bundle from MODEL: a registry name (see `medc models`), a local Hugging Face checkpoint directory, or a
     Gemma 3 GGUF file."""
     from medc.compile.build import BuildOptions, build as run_build
@@ -121,7 +124,7 @@ def build(model, out, precision, recipe, flavour, target, backend, calibration, 
                         calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
                         pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
-                        max_batch=max_batch, sign_key=sign_key, backend=backend)
+                        max_batch=max_batch, sign_key=sign_key, backend=backend, vocab=vocab)
     if dry_run:
         from medc.compile import planner
         from medc.compile.plan import make_plan, resolve
@@ -129,6 +132,13 @@ def build(model, out, precision, recipe, flavour, target, backend, calibration, 
         resolved = resolve(opts.model, opts.random_weights)
         plan = make_plan(opts, resolved)
         click.echo(plan.render())
+        if vocab is not None:
+            from medc.compile.vocab import read as read_vocab
+
+            kept = read_vocab(vocab)
+            click.echo(f"  vocab: the decoder's lm_head keeps {len(kept.ids)} of {kept.vocab_size} token ids ({vocab}; "
+                       "its tokenizer is checked when the model is loaded)")
+            plan = dataclasses.replace(plan, lm_head_rows=len(kept.ids))
         memory = planner.plan_build(plan)
         click.echo(memory.render())
         if not memory.fits and get_target(target).usable_memory_gib is not None:
@@ -154,6 +164,26 @@ def build(model, out, precision, recipe, flavour, target, backend, calibration, 
         manifest = run_build(opts, progress=step)
     click.echo(f"built {out}")
     click.echo(_summary(manifest))
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The list to write (JSON): token ids, their tokenizer's digest, counts; no text.")
+@click.option("--model", "model", default=None,
+              help="Whose tokenizer: a registry name, checkpoint folder or GGUF file (the MODEL you will build), or a "
+                   "bundle built from it.")
+@_friendly
+def vocab(corpus, out, model):
+    """List the token ids a site's texts use (CORPUS: text files or folders of them), plus every special and
+    byte-fallback token, for `medc build --vocab`."""
+    from medc.compile import vocab as vocab_list
+
+    made = vocab_list.make(list(corpus), vocab_list.tokenizer_file(model))
+    vocab_list.write(made, out)
+    click.echo(f"wrote {out}: {len(made.ids)} of {made.vocab_size} token ids ({made.counts['corpus']} from "
+               f"{made.corpus['tokens']} tokens in {made.corpus['files']} files, {made.counts['special']} special, "
+               f"{made.counts['byte_fallback']} byte-fallback)")
 
 
 @main.command()
@@ -192,8 +222,13 @@ def _summary(manifest) -> str:
         lines.append(f"  whole model ({gate['rule']}): greedy {sum(gate['greedy_prefix_agreement'])}/"
                      f"{gate['greedy_new_tokens'] * len(gate['greedy_prefix_agreement'])} tokens agree, perplexity "
                      f"{gate['perplexity']:.4f} vs {gate['reference_perplexity']:.4f} ({gate['perplexity_increase']:+.2%}), "
-                     f"KL {gate['kl_mean']:.2e}, top-1 {gate['top1_agreement']:.2%}  "
-                     + ("PASS" if gate["passed"] else "DEGRADED"))
+                     + (f"KL {gate['kl_mean']:.2e}, " if "kl_mean" in gate else "")
+                     + f"top-1 {gate['top1_agreement']:.2%}  " + ("PASS" if gate["passed"] else "DEGRADED"))
+        if "vocab" in gate:  # a reduced vocabulary: the rate of held-out tokens it cannot produce
+            v = gate["vocab"]
+            lines.append(f"  reduced vocabulary: {v['size']} tokens, out-of-list rate {v['out_of_list_rate']:.2%} of "
+                         f"held-out tokens (reported, not gated); the reduction itself changes in-list perplexity "
+                         f"{v['reduction_effect']:+.2%} (fp32)")
     if not manifest.model.get("clinical_use"):
         lines.append(f"  WARNING: {manifest.model.get('warning')}")
     return "\n".join(lines)

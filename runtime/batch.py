@@ -6,8 +6,9 @@ both.
 A step, as llama.cpp's unified batch and vLLM's chunked prefill do it: every decoding sequence adds its last token,
 and, when the decoder can carry them (`Decoder.packs`), text prompts add their next chunk in the same call, up to
 `Decoder.prefill_chunk` prompt tokens in all, first come first served (a long prompt takes several steps and does
-not stall the others). Prompts with images (their image rows attend both ways, from an empty slot), and prompts for
-decoders that cannot carry them, prefill in calls of their own, a chunk per step. A sequence's tokens do not depend
+not stall the others). Prompts with images (their image rows attend both ways), and prompts for decoders that cannot
+carry them, prefill in calls of their own, a chunk per step; an image is never split across chunks, and where the
+decoder cannot chunk images (`Decoder.chunks_images`) such a prompt goes in whole. A sequence's tokens do not depend
 on who shares its steps: rows of a step do not mix, and each sequence samples with its own random generator.
 """
 
@@ -22,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from medc.errors import MedcError
-from medc.runtime.decoder import Chunk, Decoder
+from medc.runtime.decoder import Chunk, Decoder, chunk_end
 
 log = logging.getLogger("medc.serve")
 
@@ -89,6 +90,7 @@ class Sequence:
     rng: np.random.Generator | None = None
     finished: str | None = None
     submitted: float = field(default_factory=time.monotonic)
+    image_features: np.ndarray | None = None  # its images' soft tokens [tokens, H], encoded at its first chunk
 
     def cancel(self, reason: str = "cancelled") -> None:
         """From any thread: the sequence leaves at the next step (or is dropped from the queue)."""
@@ -103,9 +105,11 @@ class Batch:
     """Sequences in the slots of one decoder. `admit` them (while `room`), then `step` until none is `active`."""
 
     def __init__(self, decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
-                 encode_images: Callable[[np.ndarray], np.ndarray], image_token: int | None, eos: set[int]):
+                 encode_images: Callable[[np.ndarray], np.ndarray], image_token: int | None, eos: set[int],
+                 vocab=None):
         self.decoder, self.embed, self.encode_images = decoder, embed, encode_images
         self.image_token, self.eos = image_token, eos
+        self.vocab = vocab  # a reduced-vocabulary bundle's VocabMap: logit columns -> token ids (None: the same)
         self.free = list(range(decoder.slots))
         self.active: list[Sequence] = []
         self.steps = self.tokens = 0
@@ -178,20 +182,25 @@ class Batch:
         return out
 
     def _prefill_alone(self, seq: Sequence) -> None:
-        """The next chunk of `seq`'s prompt in a call of its own (a prompt with images: all of it)."""
+        """The next chunk of `seq`'s prompt in a call of its own, `Decoder.prefill_chunk` tokens at most; a prompt
+        with images all at once unless the decoder `chunks_images`, and then no image split (`chunk_end`). The
+        images are encoded once, at the first chunk, before the decoder's first step."""
         ids, start = np.asarray(seq.ids, np.int64), seq.prompted
-        if seq.pixel_values is not None:
-            embeds = self.embed(ids[None])[0]
-            images = ids == self.image_token
-            embeds[images] = self.encode_images(seq.pixel_values).reshape(-1, embeds.shape[-1])
-            end, chunk = len(ids), Chunk(seq.slot, embeds, np.array([len(ids) - 1]), images)
-        else:
-            end = min(len(ids), start + (self.decoder.prefill_chunk or len(ids)))
-            chunk = Chunk(seq.slot, self.embed(ids[None, start:end])[0], np.array([end - start - 1]))
-        logits = self.decoder.step([chunk])[0]
+        images = None if seq.pixel_values is None else ids == self.image_token
+        size = self.decoder.prefill_chunk if images is None or self.decoder.chunks_images else None
+        end = chunk_end(images, start, size, len(ids))
+        embeds = self.embed(ids[None, start:end])[0]
+        if images is not None:
+            if seq.image_features is None:
+                seq.image_features = self.encode_images(seq.pixel_values).reshape(-1, embeds.shape[-1])
+            done = int(images[:start].sum())  # image tokens in earlier chunks
+            here = images[start:end]
+            embeds[here] = seq.image_features[done:done + int(here.sum())]
+            images = here
+        logits = self.decoder.step([Chunk(seq.slot, embeds, np.array([end - start - 1]), images)])[0]
         seq.prompted = end
         if end == len(ids):
-            seq.pixel_values = None  # not needed again: free it
+            seq.pixel_values = seq.image_features = None  # not needed again: free them
             self._accept(seq, logits)
 
     def _joint(self, decoding: list[Sequence], carried: list[tuple[Sequence, int]]) -> None:
@@ -216,6 +225,8 @@ class Batch:
     def _accept(self, seq: Sequence, logits: np.ndarray) -> None:
         """Choose the next token from [1, V] logits; emit it or finish."""
         tok = int(choose(logits, seq.params, seq.rng)[0])
+        if self.vocab is not None:
+            tok = self.vocab.token(tok)
         seq.generated += 1
         self.tokens += 1
         if tok in self.eos and not seq.params.ignore_eos:

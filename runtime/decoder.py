@@ -5,9 +5,10 @@ form, chosen once per bundle from its manifest (`GemmaPipeline`, runtime/gemma.p
   updates each slot's KV buffer in place (runtime/kvcache.py). A step runs over a range of slots and adds any number
   of tokens per slot, so a prompt's chunk can ride beside the other slots' decode tokens (`packs`).
 - `ExplicitDecoder` ("explicit", compile/models/gemma3.py): the cache is the graph's output, passed back in. A
-  prompt prefills alone; the decoding slots step together as one left-padded batch, regrouped (each slot's cache cut
-  out, then padded again to the longest) only when the set of slots changes. Left padding keeps every sequence's
-  tokens contiguous at the right, which is what the sliding-window layers assume.
+  prompt prefills alone, a chunk per step (an image never split: `chunk_end`); the decoding slots step together as
+  one left-padded batch, regrouped (each slot's cache cut out, then padded again to the longest) only when the set
+  of slots changes. Left padding keeps every sequence's tokens contiguous at the right, which is what the
+  sliding-window layers assume.
 - `TrtDecoder` (runtime/trt_session.py): the explicit graph as a TensorRT engine, its cache kept on the GPU.
 
 A step is a list of `Chunk`s, one per slot it advances; what goes into a step, and sampling, is runtime/batch.py's.
@@ -32,7 +33,30 @@ class Chunk:
     slot: int
     embeds: np.ndarray  # [n, hidden] float32: the slot's next n tokens
     logits_at: np.ndarray  # int64 [k]: rows of this chunk whose logits come back (the last, when generating)
-    images: np.ndarray | None = None  # bool [n]: image soft tokens (a prompt with images, prefilled from empty)
+    images: np.ndarray | None = None  # bool [n]: image soft tokens (whole images only: see `chunk_end`)
+
+
+# Prompt tokens per prefill step of both decoders (an image longer than this is one step of its own): what bounds
+# a prefill's activations, and what the planner sizes them for (compile/planner.py).
+PREFILL_CHUNK = 512
+
+
+def chunk_end(images: np.ndarray | None, start: int, size: int | None, total: int) -> int:
+    """Where the prompt chunk that starts at `start` ends: `size` tokens at most (None: the whole prompt), but an
+    image's soft tokens (`images`, bool over the whole prompt) never split: they attend to each other in both
+    directions only within one step. A boundary inside an image moves back to the image's start, or, where the
+    chunk starts with that image, forward to its end (the chunk grows to hold it)."""
+    end = total if size is None else min(total, start + size)
+    if images is None or end >= total or not (images[end - 1] and images[end]):
+        return end
+    first = end - 1
+    while first > start and images[first - 1]:
+        first -= 1
+    if first > start:
+        return first
+    while end < total and images[end]:
+        end += 1
+    return end
 
 
 def image_attention(is_image: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +90,7 @@ class Decoder(ABC):
 
     packs = False  # a step may carry a prompt's chunk beside other slots' decode tokens
     prefill_chunk: int | None = None  # prompt tokens per step at most (None: a whole prompt in one step)
+    chunks_images = False  # a prompt with images may prefill in chunks (else in one step, from an empty slot)
 
     def __init__(self, generation: dict, slots: int):
         self.gen = generation
@@ -110,7 +135,7 @@ class SlotDecoder(Decoder):
     in place and copies nothing, whatever the context. A step runs over slots [lo, hi); rows of slots it does not
     advance add nothing (their caches untouched)."""
 
-    prefill_chunk = 512
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, session, generation: dict, slots: int):
         super().__init__(generation, slots)
@@ -181,7 +206,14 @@ class SlotDecoder(Decoder):
 # -- portable flavour: the cache passed from step to step -----------------------------------------------------------
 class ExplicitDecoder(Decoder):
     """The explicit-attention graph on ONNX Runtime. Between steps a batch's cache stays in ONNX Runtime values (on
-    a GPU provider, in device memory: copying it to the host every step would cost more than the step)."""
+    a GPU provider, in device memory: copying it to the host every step would cost more than the step).
+
+    Prompts prefill `prefill_chunk` tokens per step, so a step's attention scores are chunk x context, not
+    prompt x prompt (the planner sizes activations for one chunk). The graph builds its image mask from the step's
+    own token_type_ids, so a chunk may follow cached tokens with images in it, as long as no image is split."""
+
+    prefill_chunk = PREFILL_CHUNK
+    chunks_images = True
 
     def __init__(self, session, generation: dict, slots: int):
         super().__init__(generation, slots)
@@ -300,7 +332,9 @@ class ExplicitDecoder(Decoder):
 
     def _empty(self) -> dict[str, np.ndarray]:
         shape = (1, int(self.gen["num_kv_heads"]), 0, int(self.gen["head_dim"]))
-        return {k: np.zeros(shape, np.float32) for k in self.names}
+        # The graph's KV dtype (float16 on GPU builds: W4A16, fp16); bundles from before the record: float32.
+        dtype = np.dtype(self.gen.get("kv_dtype", "float32"))
+        return {k: np.zeros(shape, dtype) for k in self.names}
 
     # -- the backend (TrtDecoder overrides these three) --
     def _call(self, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:

@@ -63,13 +63,15 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
     over the reference's top K plus one bucket for the rest of the vocabulary (a lower bound of the full KL that
     misses only the tail's internal shape; it needs kilobytes instead of gigabytes of stored 262k-way
     distributions), and top-1 agreement (argmax equal to the reference's)."""
-    total, count, tops, kls, agree = 0.0, 0, [], [], []
+    total, count, tops, kls, agree, targets = 0.0, 0, [], [], [], []
     for w, row in enumerate(token_windows):
         logits = logits_fn(row)
         logz = logsumexp(logits)  # log-probabilities are logits - logz: only the ones needed are formed
-        total += float((logz[:-1] - logits[np.arange(len(row) - 1), row[1:]]).sum())
+        target = logits[np.arange(len(row) - 1), row[1:]] - logz[:-1]
+        total -= float(target.sum())
         count += len(row) - 1
         if keep_top:
+            targets.append(target.astype(np.float32))  # per position: a reduced vocabulary's gate reads them
             ids = np.argpartition(-logits, keep_top, axis=-1)[:, :keep_top]  # top K unordered: O(V), not a sort
             ids = np.take_along_axis(ids, np.argsort(-np.take_along_axis(logits, ids, -1), axis=-1), -1)
             tops.append({"ids": ids, "logprobs": np.take_along_axis(logits, ids, -1) - logz[:, None]})
@@ -85,7 +87,7 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
     out = {"perplexity": float(np.exp(total / count)), "tokens": count, "windows": int(len(token_windows)),
            "window": int(token_windows.shape[1])}
     if keep_top:
-        out["top"] = tops
+        out["top"], out["target_logprobs"] = tops, targets
     if kls:
         kl = np.concatenate(kls)
         out.update({"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
@@ -93,13 +95,17 @@ def perplexity(logits_fn: Callable[[np.ndarray], np.ndarray], token_windows: np.
     return out
 
 
-def bundle_logits_fn(pipeline) -> Callable[[np.ndarray], np.ndarray]:
-    """All-position logits of one window through a GemmaPipeline's graphs (one prefill from an empty cache)."""
+def bundle_logits_fn(pipeline, full: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """All-position logits of one window through a GemmaPipeline's graphs (one prefill from an empty cache). A
+    reduced-vocabulary bundle's logits cover its list only; `full` spreads them over the whole vocabulary, -inf
+    outside the list (so a token outside it has zero probability)."""
     decoder = pipeline.decoder(1)
+    vocab = getattr(pipeline, "vocab", None) if full else None
 
     def fn(ids: np.ndarray) -> np.ndarray:
         decoder.reset(0)
         decoder.check_room(0, len(ids))
-        return decoder.step([Chunk(0, pipeline.embed(ids[None])[0], np.arange(len(ids)))])[0]
+        logits = decoder.step([Chunk(0, pipeline.embed(ids[None])[0], np.arange(len(ids)))])[0]
+        return logits if vocab is None else vocab.full_logits(logits)
 
     return fn

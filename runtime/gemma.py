@@ -15,8 +15,9 @@ from medc.errors import MedcError
 from medc.runtime.batch import Batch, SamplingParams, Sequence
 from medc.runtime.decoder import DECODERS, Decoder
 from medc.runtime.preprocess import ImagePreprocessing
-from medc.runtime.session import Pipeline
+from medc.runtime.session import OrtSession, Pipeline
 from medc.runtime.trt_session import TrtDecoder, TrtSession
+from medc.runtime.vocabmap import VocabMap
 
 __all__ = ["GemmaPipeline", "PromptAssets", "SamplingParams", "build_prompt_batch", "encode_messages",
            "encode_prompt", "max_slices", "planned_positions"]
@@ -191,6 +192,12 @@ class GemmaPipeline(Pipeline):
         engine = isinstance(self._sessions["decoder"], TrtSession)
         self._decoder = TrtDecoder if engine else DECODERS[self.attention]
         self._decoder.check()
+        self.vocab = VocabMap.from_bundle(bundle)  # None unless built with --vocab (reduced lm_head)
+        # The vision encoder runs before a prompt's first decoder step: its activations are released after each
+        # run (ONNX Runtime's arena shrinkage), so they are never held beside the decoder's.
+        vision = self._sessions.get("vision_encoder")
+        if isinstance(vision, OrtSession):
+            vision.release_activations = True
 
     @property
     def attention(self) -> str:
@@ -218,6 +225,12 @@ class GemmaPipeline(Pipeline):
     # -- the parts the sampling loop runs ---------------------------------------------------------------------------
     def decoder(self, slots: int) -> Decoder:
         """A decoder with KV caches for `slots` sequences (its memory lives as long as it does)."""
+        # The text graphs load before the cache, the larger first: a graph is held twice while it loads (ONNX
+        # Runtime parses the file, then copies its weights), so the larger one's load peak meets nothing else
+        # resident (the planner counts it so: compile/planner.py `load_bytes`).
+        comps = self.bundle.manifest.components
+        for name in sorted(("embed_tokens", "decoder"), key=lambda n: -self.bundle.file(comps[n].file).stat().st_size):
+            self._sessions[name].open()
         return self._decoder(self._sessions["decoder"], self.gen, slots)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -231,7 +244,7 @@ class GemmaPipeline(Pipeline):
     def batch(self, slots: int) -> Batch:
         """The sampling loop over a new decoder of `slots` slots (runtime/batch.py)."""
         return Batch(self.decoder(slots), self.embed, self.encode_images, self.assets.special_ids.get("image"),
-                     self.eos_ids)
+                     self.eos_ids, self.vocab)
 
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], images=None, params: SamplingParams | None = None, **kw) -> str | list[str]:

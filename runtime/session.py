@@ -59,6 +59,9 @@ class OrtSession:
         self.threads = threads
         self.provider_options = provider_options  # one dict per provider; None: ONNX Runtime's defaults
         self.config = config or {}  # session config entries (onnxruntime_session_options_config_keys.h)
+        # Return the activation arena after every run: for a component run once per request before the decoder
+        # (the vision encoder), so its peak is not held beside the decoder's (the planner counts the larger only).
+        self.release_activations = False
         self._sess = None
 
     def open(self) -> "OrtSession":
@@ -112,7 +115,23 @@ class OrtSession:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.open()._sess
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+        # Float feeds in the graph's float type: golden cases hold fp32 KV caches, which a GPU build's decoder
+        # takes in fp16 (W4A16 / fp16 KV); ONNX Runtime refuses a mismatched type.
+        half = {i.name for i in sess.get_inputs() if i.type == "tensor(float16)"}
+        feeds = {k: v.astype(np.float16) if k in half and v.dtype == np.float32 else v for k, v in feeds.items()}
+        return dict(zip(names, sess.run(names, feeds, self._run_options())))
+
+    def _run_options(self):
+        """ONNX Runtime's arena shrinkage (a run config entry) where `release_activations` asks for it: the arena's
+        free regions go back to the system when the run ends (the CPU's, and the GPU's on a GPU provider)."""
+        if not self.release_activations:
+            return None
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        arenas = "cpu:0;gpu:0" if self.on_gpu else "cpu:0"
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        return options
 
     def io_binding(self):
         """An ONNX Runtime IOBinding for this session: inputs and outputs bound to memory the caller owns (a decoder

@@ -189,6 +189,8 @@ def test_planner_weights_match_the_real_bundles(gguf_file, real_fp32, real_int8,
     for bundle in (real_fp32, real_int8, real_int4):
         sizes = check_plan_against_bundle(bundle, str(gguf_file))
         assert sizes["decoder"][1] > 100e6  # the real thing: the 262k x 640 lm_head alone is 168M parameters
+        planned, disk = sizes["embed_tokens"]  # int8 rows + fp32 block scales in the int8 bundle
+        assert disk == pytest.approx(planned, rel=0.01)
 
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("llama_cpp"),

@@ -18,18 +18,20 @@ def _plan(tmp_path, **kw):
 
 def test_presets(tmp_path):
     p = _plan(tmp_path, precision="int4")
-    assert p.recipe.precisions == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder": "int4",
+    assert p.recipe.precisions == {"vision_encoder": "int8", "embed_tokens": "int8", "decoder": "int4",
                                    "lm_head": "int4"}
     dec = {c.name: c for c in p.components}["decoder"]
     assert dec.methods == ["weight-only"] and dec.weight_only.form == "nbits" and dec.weight_only.lm_head == "int4"
     # CPU target, ORT flavour: GroupQueryAttention decoder whose int4 lm_head's conversion rescores its top 1024
     # logits (a graph edit: the export is the same as for any other precision)
     assert p.decoder == DecoderSettings("gqa", 512) and dec.weight_only.rescore == 1024
-    assert any("embed_tokens has no int4 form" in n for n in p.notes)
-    # A GPU target: embeddings step down to fp16 instead of fp32, the vision encoder is calibrated Q/DQ only.
+    # The token embeddings: int8 blocks (compile/embedding.py), GatherBlockQuantized on the ORT flavour.
+    emb = {c.name: c for c in p.components}["embed_tokens"]
+    assert emb.methods == ["embedding"] and emb.embedding.form == "GatherBlockQuantized"
+    # A GPU target: the same int8 embeddings, the vision encoder is calibrated Q/DQ only.
     gp = _plan(tmp_path, precision="int4", target="cuda")
     g = {c.name: c for c in gp.components}
-    assert g["embed_tokens"].precision == "fp16" and g["vision_encoder"].methods == ["int8-static-qdq"]
+    assert g["embed_tokens"].precision == "int8" and g["vision_encoder"].methods == ["int8-static-qdq"]
     # ... and the explicit decoder: onnxruntime-gpu 1.31.1 refuses the GQA slot form (benchmarks/cuda_check.py, H200)
     assert gp.decoder.form == "explicit" and g["decoder"].weight_only.rescore == 0
 
@@ -72,7 +74,7 @@ def test_recipe_file(tmp_path):
     ({"precision": "int3"}, "unknown precision 'int3'"),
     ({"precision": "decoder=int9"}, "unknown precision 'int9' for decoder"),
     ({"precision": "lm_hed=int8"}, "names component 'lm_hed'; this model has"),
-    ({"precision": "embed_tokens=int4"}, "embed_tokens cannot be built in int4"),
+    ({"precision": "embed_tokens=int4", "flavour": "portable"}, "embed_tokens=int4 has no portable \\(TensorRT\\)"),
     ({"precision": "fp16"}, "target cpu does not offer fp16"),
     ({"precision": "int4", "flavour": "tensorrt"}, "unknown graph flavour"),
 ])

@@ -75,8 +75,9 @@ def test_profiles_for_every_tensorrt_target(target, gemma4b, siglip448):
     full = next(i for i, layer in enumerate(layout) if layer["keep"] is None)
     assert dec[f"past_key.{sliding}"]["max"] == [2, 4, 1023, 256]  # sliding layers keep window - 1 = 1023 tokens
     assert dec[f"past_key.{full}"]["max"] == [2, 4, 4095, 256]  # global layers: the last step sees context - 1
-    assert dec["inputs_embeds"] == {"min": [1, 1, 2560], "opt": [1, 256, 2560], "max": [2, 4096, 2560]}
-    assert dec["logits_positions"] == {"min": [1], "opt": [1], "max": [4096]}
+    # a step carries one prefill chunk at most (the runtime's 512): the engine's activation memory is a chunk's
+    assert dec["inputs_embeds"] == {"min": [1, 1, 2560], "opt": [1, 256, 2560], "max": [2, 512, 2560]}
+    assert dec["logits_positions"] == {"min": [1], "opt": [1], "max": [512]}
     for which in ("min", "opt"):  # consistent sets: total = seq + past (TensorRT tunes at opt)
         assert dec["attention_mask"][which][1] == dec["inputs_embeds"][which][1] + dec[f"past_key.{full}"][which][2]
     assert gp["vision_encoder"]["pixel_values"] == {"min": [1, 3, 896, 896], "opt": [2, 3, 896, 896],
@@ -385,7 +386,8 @@ class _FakeEngine:
 
         self.sess = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
         self.profile = plan["profile"]
-        types_ = {"tensor(float)": np.dtype(np.float32), "tensor(int64)": np.dtype(np.int64)}
+        types_ = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),  # fp16 KV cache
+                  "tensor(int64)": np.dtype(np.int64)}
         io = (*self.sess.get_inputs(), *self.sess.get_outputs())
         self.inputs = [t.name for t in self.sess.get_inputs()]
         self.outputs = [t.name for t in self.sess.get_outputs()]

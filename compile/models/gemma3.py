@@ -302,7 +302,8 @@ def components(config) -> tuple[ComponentSpec, ...]:
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
         outputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", tcfg.hidden_size)),),
         extract=_embed_tokens, dummy_inputs=_embed_dummy, golden_inputs=_embed_golden,
-        calibration=_no_calibration, precisions=("fp32", "fp16"), static_int8=False))
+        # int8/int4: rows quantised in blocks, looked up and dequantised in the graph (compile/embedding.py)
+        calibration=_no_calibration, precisions=("fp32", "fp16", "int8", "int4"), static_int8=False))
     comps.append(ComponentSpec(
         name="decoder",
         inputs=(TensorSpec("inputs_embeds", "float32", ("batch", "seq", tcfg.hidden_size)),
