@@ -414,9 +414,9 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     if tokenizer:
         notes.append(f"runtime includes {tokenizer / GIB:.2f} GiB for the tokenizer ({vocab} entries) in memory")
     chunk = prefill_chunk(cfg, context) if "decoder" in per else None
-    # The runtime releases the vision encoder's arena after each run where ONNX Runtime runs it (runtime/gemma.py);
-    # a TensorRT engine's execution context keeps its activation memory for its lifetime.
-    released = "vision_encoder" in per and "decoder" in per and target.engine != "tensorrt"
+    # The runtime releases the vision encoder's activations after each run (runtime/gemma.py): ONNX Runtime's arena
+    # shrinkage, or a TensorRT context given its memory per run (runtime/trt_session.py, USER_MANAGED).
+    released = "vision_encoder" in per and "decoder" in per
     if chunk:
         notes.append(f"decoder activations are one prefill chunk's ({chunk} tokens over the {context}-token "
                      "context): the runtime prefills in chunks")

@@ -194,9 +194,10 @@ class GemmaPipeline(Pipeline):
         self._decoder.check()
         self.vocab = VocabMap.from_bundle(bundle)  # None unless built with --vocab (reduced lm_head)
         # The vision encoder runs before a prompt's first decoder step: its activations are released after each
-        # run (ONNX Runtime's arena shrinkage), so they are never held beside the decoder's.
+        # run (ONNX Runtime's arena shrinkage; a TensorRT context given its memory per run), so they are never held
+        # beside the decoder's.
         vision = self._sessions.get("vision_encoder")
-        if isinstance(vision, OrtSession):
+        if isinstance(vision, (OrtSession, TrtSession)):
             vision.release_activations = True
 
     @property

@@ -39,6 +39,8 @@ DOCS = {
     "sample": "https://github.com/NVIDIA/TensorRT/blob/main/samples/python/common_runtime.py (cudart + execute_async_v3)",
     "cudart": "https://nvidia.github.io/cuda-python/cuda-bindings/latest/module/runtime.html",
     "compat": f"{_TRT}/11.1.0/inference-library/engine-compatibility.html",
+    "alloc-10": f"{_TRT}/latest/_static/python-api/infer/Core/RuntimeConfig.html (ExecutionContextAllocationStrategy"
+                ".USER_MANAGED) and context-10 (update_device_memory_size_for_shapes, set_device_memory; TensorRT 10.1+)",
 }
 _MIN_ALLOC = 256  # bytes: empty tensors (a KV cache of 0 tokens) still get a valid, aligned address
 
@@ -238,6 +240,11 @@ class TrtSession:
         self.cuda: CudaRuntime | None = None
         self._engine = None
         self._lock = threading.Lock()  # one execution context: calls from server threads take turns
+        # Hand the activation memory back after every run (set before the first): the vision encoder runs once per
+        # image before the decoder's steps, so its scratch is never held beside the decoder's (the planner counts
+        # the larger of the two). TensorRT keeps a context's memory for the context's life unless the context is
+        # created USER_MANAGED and given memory per run [alloc-10].
+        self.release_activations = False
 
     # -- lifecycle --
     def open(self) -> "TrtSession":
@@ -261,7 +268,8 @@ class TrtSession:
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}  # [engine-10]
-        self._context = engine.create_execution_context()  # [engine-10]
+        self._context = (engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                         if self.release_activations else engine.create_execution_context())  # [engine-10]
         self._stream = self.cuda.stream()
         self._buffers: dict[str, DeviceBuffer] = {}
         self._engine = engine
@@ -341,7 +349,15 @@ class TrtSession:
                 buf.ensure(nbytes)
                 ctx.set_tensor_address(name, buf.ptr)  # [context-10]
                 shapes[name] = (shape, buf)
+            scratch = None
+            if self.release_activations:  # this run's activations only, freed after the sync below [alloc-10]
+                size = int(ctx.update_device_memory_size_for_shapes())
+                scratch = DeviceBuffer(cuda, size)
+                ctx.set_device_memory(scratch.ptr, size)
             if not ctx.execute_async_v3(_stream_handle(self._stream)):  # [context-10] [sample]
+                if scratch is not None:
+                    cuda.sync(self._stream)
+                    scratch.free()
                 raise MedcError(f"TensorRT failed to run {self.path.name} (see TensorRT's message above).")
             host, on_device = {}, {}
             for name, (shape, buf) in shapes.items():
@@ -351,6 +367,8 @@ class TrtSession:
                     host[name] = np.empty(shape, self._dtypes[name])
                     cuda.to_host(host[name], buf.ptr, self._stream)
             cuda.sync(self._stream)  # inputs are consumed and outputs are on the host when this returns
+            if scratch is not None:
+                scratch.free()
         return host, on_device
 
     def _buffer(self, name: str, nbytes: int) -> DeviceBuffer:

@@ -129,13 +129,12 @@ def test_plan_names_the_chunk_and_counts_vision_apart():
     assert plan.prefill_chunk == 512 and plan.to_json()["prefill_chunk"] == 512
     assert "prefill chunk" in plan.render() and "512 tokens" in plan.render()
     assert decoder.activation_bytes < 0.2 * GIB  # a whole 8k prefill was 1.56 GiB
-    # where ONNX Runtime runs the vision encoder (it releases its arena), it is not live beside the decoder
-    cpu = _plan(8192, "cpu", "int8")
-    by = {c.name: c.activation_bytes for c in cpu.components}
-    assert cpu.vision_released and cpu.activation_bytes == max(by["vision_encoder"],
-                                                                by["embed_tokens"] + by["decoder"])
-    assert any("released before the decoder" in n for n in cpu.notes)
-    assert not plan.vision_released and plan.activation_bytes == sum(c.activation_bytes for c in plan.components)
+    # the runtime releases the vision encoder's activations after each run (ONNX Runtime's arena, a TensorRT
+    # context's per-run memory), so they are not live beside the decoder's
+    for p in (_plan(8192, "cpu", "int8"), plan):
+        by = {c.name: c.activation_bytes for c in p.components}
+        assert p.vision_released and p.activation_bytes == max(by["vision_encoder"], by["embed_tokens"] + by["decoder"])
+        assert any("released before the decoder" in n for n in p.notes)
 
 
 def test_runtime_tokenizer_and_load_terms_by_hand():

@@ -197,8 +197,8 @@ def test_medgemma_vision_encoder_on_openvino(precision, gemma_fp32, tmp_path):
 
 
 def test_openvino_bundle_served_with_batching(ov_fp32, real_images):
-    """`medc serve` on OpenVINO components: concurrent image requests share batches, and batch company does not
-    change a vector."""
+    """`medc serve` on OpenVINO components: a request's images run as one batch, concurrent text requests share
+    batches, and batch company does not change a vector."""
     import base64
     from concurrent.futures import ThreadPoolExecutor
 
@@ -209,19 +209,24 @@ def test_openvino_bundle_served_with_batching(ov_fp32, real_images):
 
     s = ThreadServer([ov_fp32], max_queue=32, max_concurrency=4, max_batch=8, max_images=4, max_image_mb=1.0,
                      max_body_mb=4.0)
+    paths = real_images[:4]
+    texts = [f"finding number {i}" for i in range(24)]
     try:
-        batcher = s.state.by_id["medsiglip-tiny"].images
-        batcher.limit = batcher.max_batch
-        paths = [real_images[i % len(real_images)] for i in range(12)]
-        urls = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() if p.suffix == ".png" else
-                "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode() for p in paths]
-        before = batcher.batches
+        model = s.state.by_id["medsiglip-tiny"]
+        model.texts.limit = model.texts.max_batch  # what the startup measurement chose is tested in test_serve
+        urls = [f"data:image/{'png' if p.suffix == '.png' else 'jpeg'};base64," + base64.b64encode(p.read_bytes()).decode()
+                for p in paths]
+        before = (model.images.batches, model.texts.batches)
+        r = httpx.post(s.url + "/v1/embeddings", json={"images": urls}, timeout=60)
+        assert r.status_code == 200, r.text
+        images = np.array([d["embedding"] for d in r.json()["data"]], np.float32)
         with httpx.Client(timeout=60) as c, ThreadPoolExecutor(12) as pool:
-            rs = list(pool.map(lambda u: c.post(s.url + "/v1/embeddings", json={"images": [u]}), urls))
+            rs = list(pool.map(lambda t: c.post(s.url + "/v1/embeddings", json={"input": t}), texts))
         assert all(r.status_code == 200 for r in rs), rs[0].text
         got = np.array([r.json()["data"][0]["embedding"] for r in rs], np.float32)
-        assert batcher.batches - before < len(paths)
+        assert model.images.batches - before[0] < len(paths) and model.texts.batches - before[1] < len(texts)
     finally:
         s.stop()
     with medc.runtime.load(ov_fp32) as m:
-        np.testing.assert_allclose(got, m.embed_images(paths), atol=1e-5)
+        np.testing.assert_allclose(images, m.embed_images(paths), atol=1e-5)
+        np.testing.assert_allclose(got, m.embed_texts(texts), atol=1e-5)

@@ -100,6 +100,8 @@ def test_dry_run_plan(name):
             assert p.precision == "fp32" and any(c.name in n for n in plan.notes)
         elif c.static_int8:  # encoders: calibrated Q/DQ and dynamic int8 both built, the faster passing one kept
             assert p.methods == ["int8-static-qdq", "int8-dynamic"]
+        elif c.name == "embed_tokens":  # block-quantised rows (compile/embedding.py)
+            assert p.methods == ["embedding"] and p.embedding.precision == "int8"
         else:  # decoders: weight-only int8 (activation outliers)
             assert p.methods == ["weight-only"] and p.weight_only.lm_head == "int8"
     assert "fidelity gate" in plan.render()

@@ -342,8 +342,18 @@ class _FakeCudart:
 class _FakeContext:
     """IExecutionContext: shapes and addresses as TensorRT takes them; runs the graph when outputs are needed."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, strategy=0):
         self.e, self.shapes, self.addr, self.outs = engine, {}, {}, None
+        self.user_managed, self.memory = strategy == "user-managed", None  # [alloc-10]: memory given per run
+        self.memory_log = []  # (pointer, size) handed over before each run
+
+    def update_device_memory_size_for_shapes(self):
+        assert self.user_managed, "only valid on a USER_MANAGED context"
+        return 1 << 16  # the scratch this shape needs (the fake runs on the host and only checks the hand-over)
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+        self.memory_log.append(self.memory)
 
     def set_input_shape(self, name, shape):
         p = self.e.profile[name]
@@ -360,6 +370,8 @@ class _FakeContext:
         return self.shapes.get(name, (-1,)) if name in self.e.inputs else self._run()[name].shape
 
     def execute_async_v3(self, stream_handle):
+        if self.user_managed:  # TensorRT needs the activation memory set before every run of such a context
+            assert self.memory is not None, "USER_MANAGED context run without device memory"
         for name, arr in self._run().items():
             arr = np.ascontiguousarray(arr)
             ctypes.memmove(self.addr[name], arr.ctypes.data, arr.nbytes)
@@ -404,8 +416,9 @@ class _FakeEngine:
     def get_tensor_dtype(self, name):
         return self.dtypes[name]
 
-    def create_execution_context(self):
-        return _FakeContext(self)
+    def create_execution_context(self, strategy=0):
+        self.context = _FakeContext(self, strategy)
+        return self.context
 
 
 def _fake_tensorrt(version: str, calls: list):
@@ -418,6 +431,7 @@ def _fake_tensorrt(version: str, calls: list):
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
     trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC=0, USER_MANAGED="user-managed")
     trt.nptype = lambda dtype: dtype
     cache = types.SimpleNamespace(serialize=lambda: b"timing cache")
 
@@ -597,6 +611,28 @@ def test_engines_pass_verify_and_run_in_the_pipeline(finished):
                     component="vision_encoder") as trt, OrtSession(bundle / "vision_encoder.onnx") as cpu:
         np.testing.assert_allclose(trt.run({"pixel_values": pixels})["image_features"],
                                    cpu.run({"pixel_values": pixels})["image_features"], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_engine_hands_its_activation_memory_back_after_each_run(finished):
+    """The pipeline's vision encoder engine runs on a USER_MANAGED context given scratch memory per run and freed
+    after it (runtime/trt_session.py), so the planner may count it apart from the decoder's; other engines keep
+    TensorRT's default (static) allocation."""
+    from medc import runtime
+
+    bundle, m, _ = finished
+    with runtime.load(bundle) as model:
+        vision = model._sessions["vision_encoder"]
+        assert vision.release_activations and not model._sessions["decoder"].release_activations
+        pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+        for _ in range(2):
+            held = set(vision.open().cuda.rt.mem)
+            vision.run({"pixel_values": pixels})
+            ctx = vision._engine.context
+            scratch = ctx.memory_log[-1][0]
+            assert ctx.user_managed and ctx.memory_log[-1][1] == 1 << 16
+            assert scratch not in vision.cuda.rt.mem  # freed once the run is synchronised
+            assert set(vision.cuda.rt.mem) - held <= set(b.ptr for b in vision._buffers.values())  # only I/O buffers
+        assert not model._sessions["decoder"].open()._engine.context.user_managed
 
 
 def test_trt_decoder_keeps_the_cache_on_device(finished):
