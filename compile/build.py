@@ -100,10 +100,6 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         golden: dict[str, np.ndarray] = {}
         if streamed:  # -- streamed path (compile/stream.py): the model is empty, weights come one at a time --
             step(f"streamed build: {streamed}")
-            if any(cp.weight_only is not None and cp.weight_only.activations == "float16" and "weight-only" in cp.methods
-                   for cp in plan.components):  # fp16 islands need the whole graph measured (compile/fp16.py)
-                log.warning("streamed build: the decoder keeps fp32 activations and an fp32 KV cache (W4A16/W8A16 "
-                            "is built in memory only); the manifest records what was built")
             streamer = stream.StreamedBuild(loaded, streamed)
             prepared = {cp.name: streamer.prepare(cp, comps[cp.name], opts, work, golden, step)
                         for cp in plan.components}

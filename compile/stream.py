@@ -10,7 +10,7 @@ import inspect
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -428,11 +428,10 @@ class StreamedBuild:
         example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
         raw, produce, calibration = work / f"{cp.name}.raw.onnx", None, None
         with contextlib.ExitStack() as resident:
+            weightless = None
             if self.streams(cp, comp):
                 step(f"{cp.name}: export without weights (streamed)")
                 weightless = export_weightless(module, comp, example, loaded.hf_model)
-                produce = _Producer(weightless, self.source, cp, opts.optimizer,
-                                    split_for(get_target(opts.target)))
             else:  # small enough for the normal path: its weights are resident until its reference is done
                 step(f"{cp.name}: export")
                 resident.enter_context(self.weights.resident(module))
@@ -442,6 +441,9 @@ class StreamedBuild:
             if "int8-static-qdq" in cp.methods:
                 step(f"{cp.name}: calibration data")
                 calibration = comp.calibration(loaded, opts.calibration)
+        if weightless is not None:
+            produce = _Producer(weightless, self.source, cp, opts.optimizer, split_for(get_target(opts.target)),
+                                [case["in"] for case in ref_cases.values()])
         export.add_golden(golden, cp.name, ref_cases)
         return export.Prepared(raw, example, ref_cases, calibration, produce)
 
@@ -499,14 +501,27 @@ class StreamedBuild:
 
 
 class _Producer:
-    """export.Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations)."""
+    """export.Prepared.produce for a streamed component: (method, work) -> (graph path, quantization, optimizations).
+    A weight-only decoder with fp16 activations (GPU targets' W4A16 / W8A16) is written quantised with fp32
+    activations, then converted to fp16 with its islands measured on `feeds` (weight_only.halve_quantized)."""
 
-    def __init__(self, weightless: Weightless, source, cp, optimizer: str, split: bool = False):
+    def __init__(self, weightless: Weightless, source, cp, optimizer: str, split: bool, feeds: list):
         self.weightless, self.source, self.cp, self.optimizer, self.split = weightless, source, cp, optimizer, split
+        self.feeds = feeds
 
     def __call__(self, method: str, work: Path):
         dst = work / f"stream-{self.cp.name}-{method}" / self.cp.file
         optimizer = self.cp.optimizer or self.optimizer
-        record, optimizations = write_component(self.weightless, self.source, dst, optimizer, method,
-                                                self.cp.weight_only, self.split)
+        config = self.cp.weight_only
+        half = method == "weight-only" and config is not None and config.activations == "float16"
+        written = dst.with_name(f"{dst.stem}.fp32-activations{dst.suffix}") if half else dst
+        record, optimizations = write_component(
+            self.weightless, self.source, written, optimizer, method,
+            replace(config, activations="float32") if half else config, self.split)
+        if half:
+            try:
+                record.update(weight_only.halve_quantized(written, dst, config, self.feeds))
+            finally:
+                for leftover in (written, written.with_name(f"{written.name}.data")):
+                    leftover.unlink(missing_ok=True)
         return dst, record, optimizations

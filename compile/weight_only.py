@@ -101,11 +101,27 @@ def quantize_half(src, dst, config: WeightOnlyConfig, feeds: list | None) -> dic
     finally:
         for leftover in (half, half.with_name(f"{half.name}.data")):
             leftover.unlink(missing_ok=True)
+    return {**record, **half_record(config, islands)}
+
+
+def halve_quantized(src, dst, config: WeightOnlyConfig, feeds: list | None) -> dict:
+    """W4A16 / W8A16 for the streamed build, whose fp32 decoder never exists whole: `src` is the decoder already
+    quantised with fp32 activations (a few GB at 4B), converted to fp16 with the same islands and fp16 KV cache. The
+    scales are rounded to fp16 after the weights were quantised with their fp32 values (a relative error of 2^-11 on
+    each block's scale, far below int4's or int8's own). Returns the fp16 part of the manifest's record."""
+    from medc.compile import fp16
+
+    islands = fp16.convert_fp16(src, dst, feeds, half_io=KV_IO)["fp32_islands"]
+    return half_record(config, islands)
+
+
+def half_record(config: WeightOnlyConfig, islands: dict) -> dict:
+    """The manifest's record of a weight-only decoder with fp16 activations: its scheme, KV dtype and islands."""
     bits = {"int4": 4, "int8": 8}
     scheme = f"W{bits[config.precision]}A16" if config.precision in bits else "A16"
     if config.head_precision != config.precision and config.head_precision in bits:
         scheme += f", lm_head W{bits[config.head_precision]}A16"
-    return {**record, "scheme": scheme, "scales": "float16 (fp32 in islands)",
+    return {"scheme": scheme, "scales": "float16 (fp32 in islands)",
             "activations": "float16 with fp32 islands (compile/fp16.py)", "kv_dtype": "float16",
             "io_types": "float32; fp16: past_*, present_*", "fp32_islands": islands}
 

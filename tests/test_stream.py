@@ -235,6 +235,25 @@ def test_streamed_build_passes_the_gate_and_runs(tmp_path):
     assert len(ids) == 4
 
 
+def test_streamed_gpu_build_is_w4a16_with_an_fp16_kv_cache(tmp_path):
+    """A GPU target's int4 decoder, streamed (the full-size 4B's path): quantised with fp32 activations, then fp16
+    with islands and an fp16 KV cache, gated on fp16 emulation, and TensorRT-lint clean, as the in-memory build."""
+    from medc.compile.lint import lint_bundle
+
+    out = tmp_path / "orin"
+    manifest = build(BuildOptions(model="medgemma-tiny", out=out, precision="int4", target="jetson-orin-nano-8gb",
+                                  stream=True))
+    q = manifest.components["decoder"].quantization
+    assert q["scheme"] == "W4A16" and q["kv_dtype"] == manifest.generation["kv_dtype"] == "float16"
+    assert "streamed" in q and q["fp32_islands"]["nodes_fp32"] > 0 and q["gated_on"].startswith("CPU with fp16")
+    assert manifest.components["decoder"].fidelity["passed"] and manifest.build["generation_gate"]["passed"]
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    kv = [v for v in (*graph.input, *graph.output) if v.name.startswith(("past_", "present_"))]
+    assert kv and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in kv)
+    report = lint_bundle(out, "jetson-orin-nano-8gb")
+    assert report.ok, report.render()
+
+
 def test_decision_by_size():
     tiny, big = resolve("medgemma-tiny"), resolve("medgemma-4b-it", random_weights=True)
     assert stream.reason(tiny, BuildOptions(model="medgemma-tiny", out="x")) is None
