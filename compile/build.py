@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medc.compile import export, fp16, optimize, planner, quantize, recipes, stream, tensorrt, vocab
+from medc.compile import embedding, export, fp16, optimize, planner, quantize, recipes, stream, tensorrt, vocab
 from medc.compile import openvino as ov_forms
 from medc.compile.loader import load, source_record
-from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve
+from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve, without_sharing
 from medc.compile.quantize import ConvertOptions
 from medc.errors import FidelityError, MedcError
 from medc.manifest import MANIFEST_NAME, SIGNATURE_NAME, ComponentEntry, Manifest, hash_files, read_json_file
@@ -91,6 +91,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     if kept is not None:
         vocab.check(kept, str(opts.vocab), loaded)
         comps = vocab.reduce_components(comps, kept)
+        plan = without_sharing(plan)  # the reduced lm_head has fewer rows than the table
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -124,7 +125,10 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         if streamed:
             stream.trim()  # freed heap pages back to the OS before the isolated ONNX steps
         entries = {cp.name: _convert_and_gate(cp, comps[cp.name], prepared[cp.name], opts, target, stage, work, step)
-                   for cp in plan.components}
+                   for cp in plan.components if not _shared(cp)}
+        for cp in filter(_shared, plan.components):  # after the decoder: it reads the decoder's stored rows
+            entries[cp.name] = _shared_embedding(cp, comps[cp.name], prepared[cp.name], entries, stage, step)
+        entries = {cp.name: entries[cp.name] for cp in plan.components}
         step("writing bundle")
         assets = loaded.family.load_assets(loaded, stage, plan.decoder)
         if kept is not None:
@@ -278,6 +282,40 @@ def _convert_and_gate(cp: ComponentPlan, comp, prep: export.Prepared, opts, targ
                           quantization=info, optimizations=chosen.optimizations, fidelity=evaluation, backend=backend)
 
 
+def _shared(cp: ComponentPlan) -> bool:
+    return cp.embedding is not None and cp.embedding.form == embedding.SHARED_FORM
+
+
+def _shared_embedding(cp: ComponentPlan, comp, prep: export.Prepared, entries: dict, stage: Path,
+                      step) -> ComponentEntry:
+    """embed_tokens reading the decoder's int8 lm_head rows (embedding.share_head), gated like any int8 embedding,
+    on the CPU provider that runs it."""
+    decoder = entries["decoder"]
+    head_rows = decoder.quantization.get("lm_head_rows")
+    if not head_rows:
+        raise MedcError("internal: the decoder's lm_head was not stored as rows to share with embed_tokens")
+    step(f"{cp.name}: {embedding.SHARED_FORM}, stored once with the decoder's")
+    path = stage / decoder.file
+    if not (stage / f"{decoder.file}.data").is_file():  # a small decoder saved inline: its rows need a data file
+        import onnx
+
+        export.save_onnx(onnx.load(str(path)), path, external=True)
+    info = embedding.share_head(prep.raw, path, stage / cp.file, head_rows)
+    step(f"{cp.name}: fidelity gate ({info['format']})")
+    with OrtSession(stage / cp.file, [embedding.SHARED_PROVIDER]) as sess:
+        evaluation = evaluate(sess.run, prep.ref_cases, gate_tolerance(cp.name, cp.precision))
+    evaluation["method"] = "embedding"
+    log.info("%s shared: worst cosine %.6f, %s", cp.name, evaluation["worst"]["cosine"],
+             "pass" if evaluation["passed"] else "FAIL")
+    if not evaluation["passed"]:  # per-row int8 of an embedding table: this would be a medc bug, not a choice
+        raise FidelityError(f"{cp.name} read from the lm_head's int8 rows fails its gate (worst cosine "
+                            f"{evaluation['worst']['cosine']:.6f}). Nothing was written. Build with "
+                            "--precision embed_tokens=fp16 to store the table on its own.")
+    evaluation["degraded"] = False
+    return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
+                          quantization=info, optimizations={"optimizer": "none"}, fidelity=evaluation)
+
+
 def _half(method: str, info: dict) -> bool:
     """fp16 activations: the fp16 preset, or an int4/int8 decoder's W4A16/W8A16 form on a GPU target."""
     return method == "fp16" or info.get("activations", "").startswith("float16")
@@ -301,22 +339,24 @@ def _fp16_emulated(manifest: Manifest, stage: Path, work: Path):
     aside = Path(tempfile.mkdtemp(prefix="fp16-originals-", dir=work))
     kv = manifest.generation.get("kv_dtype")
     moved = []
+    # The original graph goes aside, its data file stays in place (another graph may read it: a shared embedding
+    # table) and the emulated graph keeps its own data file beside it.
     try:
         for file in emulated:
-            for part in (file, f"{file}.data"):
-                if (stage / part).exists():
-                    os.replace(stage / part, aside / part)
-                    moved.append(part)
-            export.save_onnx(fp16.cpu_emulation(onnx.load(str(aside / file))), stage / file)
+            os.replace(stage / file, aside / file)
+            moved.append(file)
+            original = onnx.load(str(aside / file), load_external_data=False)
+            onnx.load_external_data_for_model(original, str(stage))
+            export.save_onnx(fp16.cpu_emulation(original), stage / file, data_name=f"{file}.emulated.data")
+            del original
         if kv:
             manifest.generation["kv_dtype"] = "float32"
         yield emulated
     finally:
         for file in emulated:
-            for part in (file, f"{file}.data"):
-                (stage / part).unlink(missing_ok=True)
-        for part in moved:
-            os.replace(aside / part, stage / part)
+            (stage / f"{file}.emulated.data").unlink(missing_ok=True)
+        for file in moved:
+            os.replace(aside / file, stage / file)
         if kv:
             manifest.generation["kv_dtype"] = kv
         shutil.rmtree(aside, ignore_errors=True)

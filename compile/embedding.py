@@ -23,6 +23,7 @@ quantiser), a slice of rows at a time, so the fp32 table is never copied whole.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +33,11 @@ from medc.errors import MedcError
 ORT_FORM = "GatherBlockQuantized"
 PORTABLE_FORM = "Gather int8 + DequantizeLinear"
 FORMS = {"ort": ORT_FORM, "portable": PORTABLE_FORM}  # graph flavour -> form
+# GPU targets with tied embeddings: the table is the int8 lm_head's rows, stored once in the decoder's data file
+# (weight_only.WeightOnlyConfig.head_rows). The engine holds the lm_head; embed_tokens runs on ONNX Runtime's CPU
+# provider, which maps the data file and reads only the rows it gathers, so the table costs no second copy.
+SHARED_FORM = "the lm_head's int8 rows (Gather int8 + DequantizeLinear)"
+SHARED_PROVIDER = "CPUExecutionProvider"
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (16, 32, 64, 128)  # GatherBlockQuantized: a power of 2, at least 16
 DEFAULT_BLOCK = 32
@@ -64,6 +70,13 @@ def config_for(precision: str, flavour: str, block_size: int = DEFAULT_BLOCK) ->
         raise MedcError(f"embed_tokens=int4 has no portable (TensorRT) form: {PORTABLE_INT4_RULE}. Use "
                         "embed_tokens=int8 for TensorRT targets, or int4 on the ORT flavour (--flavour ort).")
     return EmbeddingConfig(precision, FORMS[flavour], block_size)
+
+
+def shares_head(precisions: dict[str, str], flavour: str, tied: bool, reduced: bool) -> bool:
+    """Whether embed_tokens reads the lm_head's rows (SHARED_FORM): the portable flavour (GPU targets), both int8,
+    embeddings tied to the lm_head, and every row kept (a reduced vocabulary's lm_head has fewer rows)."""
+    return (flavour == "portable" and tied and not reduced and precisions.get("embed_tokens") == "int8"
+            and precisions.get("lm_head", precisions.get("decoder")) == "int8")
 
 
 def stored_bytes(vocab: int, hidden: int, precision: str, block_size: int = DEFAULT_BLOCK) -> int:
@@ -173,3 +186,61 @@ def record(config: EmbeddingConfig) -> dict:
     return {"method": "embedding", "format": config.form, "bits": config.bits, "block_size": config.block_size,
             "weights": f"{config.precision} symmetric per block of {config.block_size} along the hidden axis, "
                        "fp32 scales", "normaliser": "sqrt(hidden) Mul kept from the fp32 graph"}
+
+
+def share_head(raw: Path, decoder: Path, dst: Path, head_rows: dict[str, str]) -> dict:
+    """Write `dst`, the embed_tokens graph `raw` (fp32, as exported) with its table replaced by the decoder's int8
+    lm_head rows: `head_rows` names the rows [V, H] and their per-row scales [V] (weight_only's record), which stay
+    in the decoder's data file and are referenced from there. Gather rows -> DequantizeLinear (scale 1: exact
+    integers) -> Mul by the gathered row scales (fp32) -> the graph's own normaliser. Returns the manifest record."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    stored = {t.name: t for t in onnx.load(str(decoder), load_external_data=False).graph.initializer}
+    rows, scale = stored[head_rows["rows"]], stored[head_rows["scale"]]
+    if not uses_external_data(rows):
+        raise MedcError(f"internal: the lm_head rows {rows.name} are not in {decoder.name}'s data file")
+    for t in (rows, scale):  # paths are relative to the graph: the decoder's file, beside this one in the bundle
+        for entry in t.external_data:
+            if entry.key == "location" and (decoder.parent / entry.value).parent != decoder.parent:
+                raise MedcError(f"internal: {t.name} is stored outside the bundle folder")
+    model = onnx.load(str(raw), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    at, gather = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.input[0] in inits
+                      and len(inits[n.input[0]].dims) == 2)
+    table = inits[gather.input[0]]
+    if tuple(table.dims) != tuple(rows.dims):
+        raise MedcError(f"internal: embed_tokens table {list(table.dims)} != lm_head rows {list(rows.dims)}")
+    graph.initializer.remove(table)
+    for t in graph.initializer:
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(raw.parent))
+    ids, out, name = gather.input[1], gather.output[0], gather.name or "embed"
+    consts = [helper.make_tensor(f"{name}_unit_scale", TensorProto.FLOAT, [], [1.0]),
+              helper.make_tensor(f"{name}_zero_point", TensorProto.INT8, [], [0]),
+              helper.make_tensor(f"{name}_last_axis", TensorProto.INT64, [1], [-1])]
+    picked = f"{name}_row_scales"
+    nodes = [helper.make_node("Gather", [rows.name, ids], [f"{name}_int8"], axis=0, name=f"{name}_int8"),
+             helper.make_node("DequantizeLinear", [f"{name}_int8", consts[0].name, consts[1].name], [f"{name}_exact"],
+                              name=f"{name}_DequantizeLinear"),
+             helper.make_node("Gather", [scale.name, ids], [picked], axis=0, name=f"{name}_scales")]
+    if scale.data_type != TensorProto.FLOAT:  # an fp16 decoder's scales (W4A16 / W8A16): the output is fp32
+        nodes.append(helper.make_node("Cast", [picked], [f"{picked}_fp32"], to=TensorProto.FLOAT,
+                                      name=f"{name}_scales_fp32"))
+        picked = f"{picked}_fp32"
+    nodes += [helper.make_node("Unsqueeze", [picked, consts[2].name], [f"{name}_scales_unsqueezed"],
+                               name=f"{name}_scales_unsqueeze"),
+              helper.make_node("Mul", [f"{name}_exact", f"{name}_scales_unsqueezed"], [out], name=f"{name}_scale")]
+    graph.node.remove(gather)
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    graph.initializer.extend([rows, scale, *consts])
+    dst.unlink(missing_ok=True)
+    onnx.save(model, str(dst))
+    return {"method": "embedding", "format": SHARED_FORM, "bits": 8, "block_size": int(rows.dims[1]),
+            "weights": "the decoder's int8 lm_head, stored once: symmetric per row (output channel), scales "
+                       f"{'fp16' if scale.data_type == TensorProto.FLOAT16 else 'fp32'} as the lm_head keeps them",
+            "shares": {"component": "decoder", "tensors": [rows.name, scale.name]},
+            "provider": SHARED_PROVIDER, "normaliser": "sqrt(hidden) Mul kept from the fp32 graph"}

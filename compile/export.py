@@ -159,17 +159,19 @@ def module_args(module, comp: ComponentSpec, feeds: dict[str, np.ndarray]) -> li
     return args if fixed is None else [*args[:fixed], tuple(args[fixed:])]
 
 
-def save_onnx(model, path: Path) -> None:
-    """Save with weights inline, or as `<name>.data` beside it when too large for one protobuf."""
+def save_onnx(model, path: Path, external: bool = False, data_name: str | None = None) -> None:
+    """Save with weights inline, or in a data file beside it (`data_name`, default `<name>.data`) when too large for
+    one protobuf or `external`."""
     import onnx
 
     path = Path(path)
-    for stale in (path, path.with_name(path.name + ".data")):
+    data_name = data_name or path.name + ".data"
+    for stale in (path, path.with_name(data_name)):
         stale.unlink(missing_ok=True)
     size = sum(map(_tensor_bytes, model.graph.initializer))
-    if size > EXTERNAL_DATA_THRESHOLD:
+    if external or size > EXTERNAL_DATA_THRESHOLD:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
+                  location=data_name, size_threshold=1024)
     else:
         onnx.save(model, str(path))
 

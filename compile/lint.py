@@ -93,6 +93,10 @@ RULES: dict[str, tuple[str, str]] = {
     "fp16-island": ("info", "fp32 islands in an fp16 graph (expected)"),
     "embed-int8-gather": ("warning", "int8 rows gathered from a constant table, then dequantised (a quantised "
                                      "embedding): relies on TensorRT rules this machine cannot run"),
+    "weight-dq-transpose": ("warning", "a constant int8 weight dequantised per row, then transposed into a MatMul "
+                                       "(an lm_head stored as the token-embedding rows): relies on TensorRT rules "
+                                       "this machine cannot run"),
+    "cpu-component": ("info", "a component the runtime runs on ONNX Runtime's CPU provider, not as an engine"),
 }
 
 
@@ -584,6 +588,29 @@ EMBED_INT8_GATHER = (
     "device, or rebuild with --precision embed_tokens=fp16.")
 
 
+# A tied lm_head stored as the token-embedding rows (medc.compile.weight_only, `head_rows`): MatMul(A, Transpose(
+# DequantizeLinear(W_int8 [V, H], scale[V], axis 0))), so that embed_tokens reads the same bytes. It relies on
+# TensorRT's Q/DQ processing moving a DequantizeLinear forward past a Transpose (the developer guide's Q/DQ
+# placement rules: DQ layers propagate forward through "commuting" layers, Transpose among them) so the MatMul sees
+# a dequantised constant weight it can fuse as int8 weight-only, the per-channel axis following the transpose.
+WEIGHT_DQ_TRANSPOSE = (
+    "int8 weight stored as rows [N, K], dequantised per row (axis 0), then transposed into its MatMul (the lm_head "
+    "stored once with the token embeddings). Relies on TensorRT propagating DequantizeLinear forward through "
+    "Transpose and fusing the int8 weight-only MatMul with the per-channel axis transposed. Not run here (no "
+    "TensorRT on this machine): confirm the engine builds with trtexec on the device, or rebuild with "
+    "--precision embed_tokens=fp16 (the lm_head then keeps its own [K, N] int8 weight).")
+
+
+def _dq_weight_transpose(node, g: _Graph) -> bool:
+    """A Transpose of a DequantizeLinear of a constant INT8 weight, read by MatMuls (WEIGHT_DQ_TRANSPOSE)."""
+    if node.op_type != "Transpose" or not node.input:
+        return False
+    dq = g.producers.get(node.input[0])
+    users = g.consumers.get(node.output[0], [])
+    return (dq is not None and dq.op_type == "DequantizeLinear" and g.is_const(dq.input[0])
+            and g.type_of(dq.input[0]) == "INT8" and bool(users) and all(u.op_type == "MatMul" for u, _ in users))
+
+
 def _int8_table_gather(node, g: _Graph) -> bool:
     """A Gather of rows from a constant INT8 table whose every consumer is a DequantizeLinear (EMBED_INT8_GATHER)."""
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or not node.input:
@@ -612,6 +639,8 @@ def _check_ops(g: _Graph, spec: ParserSpec, emit) -> None:
         if _int8_table_gather(node, g):
             emit("embed-int8-gather", name, EMBED_INT8_GATHER)
             continue
+        if _dq_weight_transpose(node, g):
+            emit("weight-dq-transpose", name, WEIGHT_DQ_TRANSPOSE)
         restriction = RESTRICTIONS.get(node.op_type)
         problem = restriction(node, g, spec) if restriction else None
         if problem:
@@ -989,6 +1018,15 @@ def lint_components(folder: Path, manifest: Manifest, target, profiles: dict | N
         path = folder / entry.file
         if not path.is_file():
             raise MedcError(f"bundle {folder} is incomplete: {entry.file} is missing. Copy the bundle again.")
+        if entry.quantization.get("provider"):  # compile/embedding.py SHARED_FORM: no engine is built for it
+            report.findings.append(Finding(
+                "cpu-component", "info", name, "", f"runs on ONNX Runtime's {entry.quantization['provider']} "
+                f"({entry.quantization.get('format', 'pinned by the build')}); no TensorRT engine is built for it"))
+            graph = onnx_load_graph(path)
+            report.components[name] = {"file": entry.file, "nodes": len(graph.graph.node),
+                                       "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None),
+                                       "precision": entry.precision, "engine": False}
+            continue
         model = onnx_load_graph(path)  # graph only: big models keep weights on disk
         r = lint_model(model, t, None if profiles is None else profiles.get(name, {}), component=name,
                        base_dir=path.parent, precision=entry.precision, context=context)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 from medc.compile import recipes
-from medc.compile.embedding import EmbeddingConfig, config_for as embedding_config
+from medc.compile.embedding import SHARED_FORM, EmbeddingConfig, config_for as embedding_config, shares_head
 from medc.compile.gguf import gguf_config
 from medc.compile.hf import hf_config
 from medc.compile.registry import FAMILIES, MODELS, family_for_model_type
@@ -175,7 +175,9 @@ class ComponentPlan:
 
     def stages(self) -> list[str]:
         conv = " | ".join(self.methods) if self.methods else "none (fp32)"
-        if self.embedding is not None:
+        if self.embedding is not None and self.embedding.form == SHARED_FORM:
+            conv += f" ({SHARED_FORM}, stored once with the decoder's)"
+        elif self.embedding is not None:
             conv += f" ({self.embedding.form}, blocks of {self.embedding.block_size})"
         if self.methods and self.weight_only is not None:
             conv += f" (lm_head {self.weight_only.head_precision}, {self.weight_only.form}"
@@ -249,8 +251,26 @@ def attention_form(flavour: str, target: Target, decoder_precision: str) -> str:
     return "gqa" if gqa else "explicit"
 
 
+def tied(config: dict) -> bool:
+    """Whether the model's lm_head is its token-embedding table (Gemma 3: yes)."""
+    return bool(config.get("text_config", config).get("tie_word_embeddings", True))
+
+
+def without_sharing(plan: Plan) -> Plan:
+    """`plan` with embed_tokens stored on its own (a reduced vocabulary's lm_head keeps fewer rows than the table)."""
+    comps = []
+    for c in plan.components:
+        if c.embedding is not None and c.embedding.form == SHARED_FORM:
+            c = replace(c, embedding=embedding_config(c.precision, plan.flavour,
+                                                      int(plan.recipe.options.get("embed_block_size", 32))))
+        elif c.weight_only is not None and c.weight_only.head_rows:
+            c = replace(c, weight_only=replace(c.weight_only, head_rows=False))
+        comps.append(c)
+    return replace(plan, components=comps)
+
+
 def _weight_only(recipe: recipes.Recipe, precision: str, flavour: str, form: DecoderForm,
-                 target: Target) -> WeightOnlyConfig:
+                 target: Target, head_rows: bool = False) -> WeightOnlyConfig:
     """GPU targets run an int4/int8 decoder's activations and KV cache in fp16 (W4A16 / W8A16, with the fp16
     preset's fp32 islands): fp16 tensor cores, half the KV memory. CPUs keep fp32 activations (MatMulNBits' int8
     kernels quantise them per block at run time)."""
@@ -261,7 +281,7 @@ def _weight_only(recipe: recipes.Recipe, precision: str, flavour: str, form: Dec
         int4_projections=tuple(o.get("int4_projections", PROJECTIONS)),
         int4_block_size=int(o.get("int4_block_size", 32)), int8_block_size=int(o.get("int8_block_size", 16)),
         rescore=int(o.get("lm_head_rescore", DEFAULT_RESCORE)) if form.rescores and head == "int4" else 0,
-        activations=gpu_activations(target, precision))
+        activations=gpu_activations(target, precision), head_rows=head_rows)
 
 
 def gpu_activations(target: Target, decoder_precision: str) -> str:
@@ -280,7 +300,7 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
         raise MedcError(f"--backend {opts.backend} is for CPU targets; {target.name} runs ONNX Runtime / TensorRT.")
     family, config = model.family, model.hf_config
     comps = family.components(config)
-    recipe = recipes.resolve(opts.precision, opts.recipe, comps, target)
+    recipe = recipes.resolve(opts.precision, opts.recipe, comps, target, flavour)
     decoder = form = None
     if any(c.parts for c in comps):
         precision = recipe.precisions[next(c for c in comps if c.parts).name]
@@ -292,6 +312,10 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
         raise MedcError("bf16 on a CPU target is built as OpenVINO IR (ONNX Runtime's CPU provider has no bf16 "
                         "kernels): drop --backend ort, or build int8 for ONNX Runtime.")
     plans, notes = [], list(recipe.notes)
+    shared = shares_head(recipe.precisions, flavour, tied(model.spec.config), False)
+    if shared:
+        notes.append("embed_tokens reads the int8 lm_head's rows, stored once in the decoder's data file (the "
+                     "engine holds the lm_head; embed_tokens runs on ONNX Runtime's CPU provider)")
     for c in comps:
         p = recipe.precisions[c.name]
         methods = _methods(p, target, c, opts.backend or "ort")
@@ -300,11 +324,14 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
         # Standard ONNX ops only for TensorRT (its parser has no importer for ORT's fused contrib ops) and for the
         # portable decoder; the streamed path reads this too.
         optimizer = "none" if (flavour == "portable" and c.parts) or target.engine == "tensorrt" else None
-        embed = (embedding_config(p, flavour, int(recipe.options.get("embed_block_size", 32)))
-                 if methods == ["embedding"] else None)
+        embed = None
+        if methods == ["embedding"]:
+            hidden = int(model.spec.config.get("text_config", model.spec.config)["hidden_size"])
+            embed = (EmbeddingConfig(p, SHARED_FORM, hidden) if shared else
+                     embedding_config(p, flavour, int(recipe.options.get("embed_block_size", 32))))
         plans.append(ComponentPlan(c.name, p, methods, f"{c.name}.onnx",
-                                   _weight_only(recipe, p, flavour, form, target) if c.parts else None, bool(c.parts),
-                                   optimizer, embed))
+                                   _weight_only(recipe, p, flavour, form, target, shared) if c.parts else None,
+                                   bool(c.parts), optimizer, embed))
     source = {"tiny": "tiny random", "random": "random weights"}.get(model.source.kind, "checkpoint")
     if source != "checkpoint":
         notes.append("random weights: the bundle is marked NOT FOR CLINICAL USE")

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from medc.compile.plan import (DEFAULT_RESCORE, BuildOptions, Plan, ResolvedModel, attention_form, gpu_activations,
-                                make_plan)
+                                make_plan, tied)
 from medc.compile import embedding
 from medc.compile.recipes import PRESETS, plan_only
 from medc.compile.registry import FAMILIES
@@ -349,10 +349,15 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     params: dict[str, int] = {}
     decoder_bytes = prepack = 0.0
     rows = options.get("lm_head_rows")  # a reduced vocabulary (--vocab): the lm_head keeps these rows only
+    shared = embedding.shares_head(recipe, flavour, tied(cfg), bool(rows))  # the table is the lm_head's rows
     for t in TENSORS[family](cfg):
         if rows and t.part == "lm_head":
             t = dataclasses.replace(t, shape=(t.shape[0], int(rows)))
         prec = recipe.get(t.part, recipe.get(t.component, "fp32"))
+        if shared and t.component == "embed_tokens":  # stored once, in the decoder; read a row at a time (mmap)
+            per.setdefault(t.component, []).append(0)
+            params[t.component] = params.get(t.component, 0) + t.shape[0] * t.shape[1]
+            continue
         if t.linear and prec == "int4" and int4_only and t.projection and t.projection not in int4_only:
             prec = "int8"
         n = 1
@@ -433,6 +438,9 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     if load > sum(c.activation_bytes for c in comps):
         notes.append(f"the peak is at load time ({load / GIB:.2f} GiB over the weights and KV, more than the "
                      "activations): ONNX Runtime holds a graph twice while it loads")
+    if shared:
+        notes.append("embed_tokens reads the int8 lm_head's rows in the decoder's data file (mapped, a row at a "
+                     "time): stored and counted once, in the decoder")
     if released:
         notes.append("activations count the larger of the vision encoder's and embed_tokens + decoder's: the vision "
                      "encoder's are released before the decoder runs")

@@ -39,6 +39,7 @@ class Preset:
     description: str
     default: str  # every component and part not named below
     overrides: dict[str, str] = field(default_factory=dict)
+    portable: dict[str, str] = field(default_factory=dict)  # the portable flavour's (TensorRT's) own overrides
 
 
 # Documented presets (README "Precisions"). Encoders never go below int8: their activations are quantised too and
@@ -48,14 +49,17 @@ PRESETS: dict[str, Preset] = {
     "fp16": Preset("GPU targets: every component fp16, Gemma 3's overflow-prone parts kept fp32", "fp16"),
     "int8": Preset("encoders int8 (calibrated Q/DQ or dynamic), decoder and lm_head int8 weight-only, token "
                    "embeddings int8 blocks", "int8"),
-    # The lm_head too: on the ORT flavour its top 1024 logits are rescored from int8 rows, which wins back most of what
-    # int4 costs it (README "Precisions"); the portable flavour (TensorRT) has no rescoring, and its gate decides.
+    # The lm_head too on the ORT flavour: its top 1024 logits are rescored from int8 rows, which wins back most of what
+    # int4 costs it (README "Precisions"). The portable flavour (TensorRT) has no rescoring, and an int4 lm_head
+    # without it costs Gemma 3 270M +10.9% perplexity (benchmarks/results/w4a16-270m.md): its lm_head is int8 and,
+    # embeddings being tied, the same stored rows are the token embeddings (compile/embedding.py SHARED_FORM).
     # The token embeddings stay int8: TensorRT has no int4 form of a gathered table (compile/embedding.py), and on
     # the ORT flavour `embed_tokens=int4` is an explicit choice for its gate to decide.
-    "int4": Preset("vision encoder int8, decoder and lm_head int4 weight-only (blocks of 32; ORT flavour: the "
-                   "lm_head's top logits rescored from int8 rows), token embeddings int8 blocks", "int4",
+    "int4": Preset("vision encoder int8, decoder int4 weight-only (blocks of 32), token embeddings int8; lm_head "
+                   "int4 with its top logits rescored from int8 rows (ORT flavour) or int8 stored once with the "
+                   "tied token embeddings (TensorRT targets)", "int4",
                    {"vision_encoder": "int8", "image_encoder": "int8", "text_encoder": "int8",
-                    "embed_tokens": "int8"}),
+                    "embed_tokens": "int8"}, {"lm_head": "int8"}),
     # CPU targets only (plan_only): the encoders as OpenVINO IR computed in bf16 on AVX512_BF16 / AMX; decoders have
     # no bf16 form and step down to fp32.
     "bf16": Preset("CPU targets with AVX512_BF16 or AMX: encoders as OpenVINO IR computed in bf16 (weights stored "
@@ -81,8 +85,9 @@ class Recipe:
         return {"source": self.source, "precisions": dict(self.precisions), "options": dict(self.options)}
 
 
-def resolve(precision: str, recipe_file: Path | None, components, target) -> Recipe:
-    """The recipe for `components` (ComponentSpecs) on `target`, from --precision or --recipe."""
+def resolve(precision: str, recipe_file: Path | None, components, target, flavour: str | None = None) -> Recipe:
+    """The recipe for `components` (ComponentSpecs) on `target` and graph `flavour` (default: the target's), from
+    --precision or --recipe."""
     names = [c.name for c in components]
     allowed = {c.name: c.precisions for c in components}
     owner = {}  # part -> its component
@@ -113,8 +118,9 @@ def resolve(precision: str, recipe_file: Path | None, components, target) -> Rec
     if preset.default not in target.precisions:
         raise MedcError(f"target {target.name} does not offer {preset.default} (it offers "
                         f"{', '.join(target.precisions)}). " + " ".join(target.notes))
+    portable = (flavour or target.graph_flavour) == "portable"
     for name in names:
-        want = preset.overrides.get(name, preset.default)
+        want = (preset.portable if portable else {}).get(name) or preset.overrides.get(name, preset.default)
         got = _step_down(want, allowed[name], target.precisions)
         if got != want:
             notes.append(f"{name} has no {want} form on target {target.name}; built in {got}")

@@ -311,13 +311,19 @@ def trtexec_script(manifest, target_name: str, profiles: dict, versions: list[st
     ]
     for major, rules in majors:
         lines.append(f"  {major})")
-        for name, comp in manifest.components.items():
+        for name, comp in engine_components(manifest).items():
             cmd = trtexec_command(name, comp.file, profiles[name], rules, workspace)
             lines.append("    " + " \\\n      ".join(cmd))
         lines.append("    ;;")
     lines += [f'  *) echo "trtexec reports TensorRT major version \'$major\'; this bundle was prepared for '
               f'TensorRT {", ".join(versions)} (set MEDC_TRT_MAJOR to override)." >&2; exit 2 ;;', "esac", ""]
     return "\n".join(lines)
+
+
+def engine_components(manifest) -> dict:
+    """The components that become TensorRT engines: all but those the build pinned to an ONNX Runtime provider (a
+    token-embedding table that is the lm_head's stored rows, compile/embedding.py SHARED_FORM)."""
+    return {n: c for n, c in manifest.components.items() if not c.quantization.get("provider")}
 
 
 # -- the build host: a TRT-ready bundle --------------------------------------------------------------------------------
@@ -327,7 +333,7 @@ def prepare_bundle(stage: Path, manifest, target, context: int, max_batch: int) 
     stage = Path(stage)
     profiles = derive_profiles(manifest, target, context, max_batch)
     rewrites = {}
-    for name, comp in manifest.components.items():
+    for name, comp in engine_components(manifest).items():
         fixes = make_trt_ready_file(stage / comp.file, target)
         if fixes:
             rewrites[name] = {"cast_islands": fixes, "recheck_worst": _recheck(stage, manifest, name)}
@@ -443,7 +449,7 @@ def _build_all(bundle_dir: Path, manifest, record: dict, previous: dict, target,
     same = previous.get("tensorrt_version") == trt.__version__ and previous.get("compute_capability") == cc
     cache = cache_path.read_bytes() if (same and cache_path.is_file()) else b""
     engines, built = {}, []
-    for comp_name, comp in manifest.components.items():
+    for comp_name, comp in engine_components(manifest).items():
         log(f"TensorRT {trt.__version__}: building {comp_name} engine")
         t0 = time.perf_counter()
         # Components gated on absolute error (fp32: 1e-4) must not run their MatMuls in TF32.

@@ -47,6 +47,9 @@ class WeightOnlyConfig:
     int8_block_size: int = 16
     rescore: int = 0  # an int4 nbits lm_head: this many top logits recomputed from int8 rows (0: none)
     activations: str = "float32"  # | "float16": GPU targets, fp16 with fp32 islands and an fp16 KV cache
+    # An int8 qdq lm_head stored as rows [V, H] (the token-embedding table's layout) and transposed into its MatMul, so
+    # that embed_tokens reads the same bytes (compile/embedding.py `share_head`): GPU targets' tied embeddings.
+    head_rows: bool = False
 
     @property
     def head_precision(self) -> str:
@@ -215,7 +218,7 @@ def quantize_weights(model, weights: dict[str, Weight], config: WeightOnlyConfig
     named = [n for n, nodes in matmuls.items() if any(module_path(x) == "head" for x in nodes)]
     head = named[0] if len(named) == 1 else max(matmuls, key=lambda n: graph.initializers[n].shape[1], default=None)
     forms: dict[str, str] = {}  # record key -> form written
-    rescored = None
+    rescored = head_rows = None
     for init, weight in weights.items():
         value, nodes = graph.initializers[init], matmuls.get(init, [])
         precision = "fp32"
@@ -229,7 +232,10 @@ def quantize_weights(model, weights: dict[str, Weight], config: WeightOnlyConfig
         w = w.astype(np.float32) if half else w
         bits, block = BITS[precision], config.block_size(precision)
         if config.form == "qdq" and bits == 8:  # TensorRT takes int8 weights per channel
-            form = _write_int8_channels(graph, value, nodes, w, sink, half)
+            rows = init == head and config.head_rows
+            form = _write_int8_channels(graph, value, nodes, w, sink, half, rows)
+            if rows:  # what embed_tokens reads (compile/embedding.py share_head)
+                head_rows = {"rows": f"{init}_int8", "scale": f"{init}_scale"}
         elif config.form == "qdq":
             form = _write_int4_blocks(model, value, nodes, w, block, sink, half)
         else:
@@ -251,6 +257,8 @@ def quantize_weights(model, weights: dict[str, Weight], config: WeightOnlyConfig
         record.setdefault("lm_head", config.head_precision)
         if rescored:
             record["lm_head_rescore"] = rescore_record(rescored)
+        if head_rows:
+            record["lm_head_rows"] = head_rows
     return record
 
 
@@ -325,10 +333,11 @@ def _write_nbits(graph, value, nodes, w: np.ndarray, bits: int, block: int, sink
     return nbits_form(bits, block), made
 
 
-def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink, half: bool = False) -> str:
+def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink, half: bool = False, rows: bool = False) -> str:
     """MatMul(A, W) -> MatMul(A, DequantizeLinear(W_int8, scale[N], axis 1)): symmetric int8 per output channel, zero
     point omitted (= 0), the weight-only form TensorRT's explicit quantization accepts for int8. `half`: fp16
-    scales, so the DequantizeLinear writes fp16."""
+    scales, so the DequantizeLinear writes fp16. `rows`: W stored transposed, [N, K] (a tied lm_head's rows are the
+    token embeddings), as MatMul(A, Transpose(DequantizeLinear(W_int8 [N, K], scale[N], axis 0)))."""
     import onnx_ir as ir
 
     K, N = (int(d) for d in value.shape)
@@ -339,20 +348,34 @@ def _write_int8_channels(graph, value, nodes, w: np.ndarray, sink, half: bool = 
         scale[n0:n0 + part.shape[1]] = np.maximum(np.abs(part).max(axis=0), 1e-12) / 127.0
     scale = _scales(scale, half).astype(np.float32)  # values rounded with the scale they are stored with
 
-    def rows():
+    def values():
+        if rows:  # [N, K]: one output channel per row (a streamed weight's transpose is its source layout)
+            for n0 in range(0, N, step):
+                chunk = np.ascontiguousarray(w[:, n0:n0 + step].T)
+                yield np.clip(np.round(chunk / scale[n0:n0 + step, None]), -127, 127).astype(np.int8)
+            return
         for chunk in row_chunks(w):
             yield np.clip(np.round(chunk / scale), -127, 127).astype(np.int8)
 
     name = value.name
-    q = _initializer(graph, f"{name}_int8", sink.add(f"{name}_int8", rows(), ir.DataType.INT8, (K, N)))
+    q = _initializer(graph, f"{name}_int8", sink.add(f"{name}_int8", values(), ir.DataType.INT8,
+                                                     (N, K) if rows else (K, N)))
     s = _initializer(graph, f"{name}_scale", sink.add(f"{name}_scale", [_scales(scale, half)], _scale_type(half),
                                                       (N,)))
     for node in nodes:
-        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 1}, name=f"{node.name}_DequantizeLinear")
+        dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0 if rows else 1},
+                     name=f"{node.name}_DequantizeLinear")
         _typed(dq, value, half)
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-    return "int8 symmetric, per output channel"
+        if rows:
+            dq.outputs[0].shape = ir.Shape([N, K])
+            t = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]}, name=f"{node.name}_Transpose")
+            _typed(t, value, half)
+            graph.insert_before(node, [dq, t])
+            node.replace_input_with(1, t.outputs[0])
+        else:
+            graph.insert_before(node, dq)
+            node.replace_input_with(1, dq.outputs[0])
+    return "int8 symmetric, per output channel" + (", stored as rows [N, K]" if rows else "")
 
 
 def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink, half: bool = False) -> str:

@@ -211,8 +211,10 @@ def provider_options(providers: list[str], bundle=None, component=None) -> list[
 
 # -- which session runs a component -----------------------------------------------------------------------------------
 def _ort(bundle, name: str, comp, threads):
-    return OrtSession(bundle.file(comp.file), bundle.providers, threads,
-                      provider_options(bundle.providers, bundle, comp))
+    # A component the build pinned to one provider: a token-embedding table that is the GPU lm_head's stored rows,
+    # read on the CPU a row at a time (compile/embedding.py SHARED_FORM).
+    providers = [comp.quantization["provider"]] if comp.quantization.get("provider") else bundle.providers
+    return OrtSession(bundle.file(comp.file), providers, threads, provider_options(providers, bundle, comp))
 
 
 def _tensorrt(bundle, name: str, comp, threads):
@@ -236,7 +238,7 @@ def session_kind(bundle, name: str) -> str:
     if comp is not None and comp.backend == "openvino":
         return "openvino"
     engines = (bundle.manifest.tensorrt or {}).get("engines") or {}
-    if name not in engines:
+    if name not in engines or (comp is not None and comp.quantization.get("provider")):
         return "onnxruntime"
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None:
         log.info("%s: the bundle has a TensorRT engine, but tensorrt/cuda-python are not installed; using ONNX Runtime",
@@ -274,4 +276,5 @@ def open_component(bundle, name: str, threads: int | None = None, providers: lis
     comp = bundle.manifest.components[name]
     if comp.backend == "openvino":
         return _openvino(bundle, name, comp, threads)
-    return OrtSession(bundle.file(comp.file), providers or bundle.providers, threads, config=config)
+    pinned = [comp.quantization["provider"]] if comp.quantization.get("provider") else None
+    return OrtSession(bundle.file(comp.file), providers or pinned or bundle.providers, threads, config=config)
