@@ -73,10 +73,33 @@ def rows(models=("medgemma-4b-it", "medsiglip-448"), context: int = 4096) -> lis
     return out
 
 
+def headroom_rows(model: str = "medgemma-4b-it", contexts=(4096, 8192)) -> list[str]:
+    """The README's "Plan for a device" table: one model on every target at each context, with the headroom."""
+    out = ["| target | precision | context | weights GiB | total GiB | usable GiB | fits | headroom GiB | decode ceiling "
+           "tok/s | vision floor ms |", "|" + "---|" * 10]
+    for context in contexts:
+        for r in plan_rows((model,), context):
+            p = r.params
+
+            def g(name: str, r: Row = r) -> float:
+                return r.metric(name).p50 * MIB / GIB
+
+            decode = f"{r.metric('decode_ceiling_tok_s').p50:.0f}" if r.metric("decode_ceiling_tok_s") else "-"
+            vision = f"{r.metric('vision_floor_ms').p50:.1f}" if r.metric("vision_floor_ms") else "-"
+            out.append(f"| {p['target']} | {p['precision']} | {context} | {g('weight_mib'):.2f} | "
+                       f"{g('planned_mib'):.2f} | {g('usable_mib'):.1f} | {'yes' if p['fits'] else 'no'} | "
+                       f"{g('usable_mib') - g('planned_mib'):.2f} | {decode} | {vision} |")
+    return out
+
+
 @click.command()
 @click.option("--context", type=int, default=4096, show_default=True)
+@click.option("--headroom", is_flag=True, help="The README's MedGemma 4B table at 4k and 8k context, with headroom.")
 @click.option("--out", type=click.Path(path_type=Path), help="Also write OUT.json and OUT.md (the result schema).")
-def main(context, out):
+def main(context, headroom, out):
+    if headroom:
+        click.echo("\n".join(headroom_rows()))
+        return
     click.echo("\n".join(rows(context=context)))
     if out:
         import sys

@@ -412,11 +412,13 @@ def _write_int4_blocks(model, value, nodes, w: np.ndarray, block: int, sink, hal
 
 
 def _scales(scales: np.ndarray, half: bool) -> np.ndarray:
-    """Scales as stored: fp32, or fp16 kept positive (a scale below fp16's smallest normal would round to zero or
-    lose bits; TensorRT refuses a zero scale)."""
+    """Scales as stored: fp32, or fp16 whose magnitude is kept at least fp16's smallest normal (a smaller one would
+    round to zero or lose bits; TensorRT refuses a zero scale). The sign is kept: ONNX Runtime's symmetric 8-bit
+    quantiser (MatMulNBits) signs each block's scale so that its largest |w| maps to -128."""
     if not half:
         return scales
-    return np.clip(scales, np.finfo(np.float16).tiny, np.finfo(np.float16).max).astype(np.float16)
+    f16 = np.finfo(np.float16)
+    return (np.where(scales < 0, -1, 1) * np.clip(np.abs(scales), f16.tiny, f16.max)).astype(np.float16)
 
 
 def _scale_type(half: bool):

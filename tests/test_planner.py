@@ -125,7 +125,8 @@ def test_recommends_int4_for_medgemma_on_orin_nano_and_refuses_what_cannot_fit()
     opts = BuildOptions(model="medgemma-4b-it", out=Path("x"), target="jetson-orin-nano-8gb", context=1024)
     best, plans = planner.recommend(resolve(opts.model), opts)
     assert planner.preset_of(best) == "int4"
-    assert {planner.preset_of(p): p.fits for p in plans} == {"fp32": False, "fp16": False, "int8": False, "int4": True}
+    # int8 fits too (the tied lm_head's int8 rows are the token embeddings, stored once); int4 is the faster
+    assert {planner.preset_of(p): p.fits for p in plans} == {"fp32": False, "fp16": False, "int8": True, "int4": True}
     with pytest.raises(MedcError, match="--precision int4 fits"):
         planner.check_fits(resolve("medgemma-4b-it"), BuildOptions(model="medgemma-4b-it", out=Path("x"),
                                                                    target="jetson-orin-nano-8gb", precision="fp16",

@@ -244,12 +244,14 @@ def test_streamed_gpu_build_is_w4a16_with_an_fp16_kv_cache(tmp_path):
     manifest = build(BuildOptions(model="medgemma-tiny", out=out, precision="int4", target="jetson-orin-nano-8gb",
                                   stream=True))
     q = manifest.components["decoder"].quantization
-    assert q["scheme"] == "W4A16" and q["kv_dtype"] == manifest.generation["kv_dtype"] == "float16"
+    assert q["scheme"] == "W4A16, lm_head W8A16" and q["kv_dtype"] == manifest.generation["kv_dtype"] == "float16"
     assert "streamed" in q and q["fp32_islands"]["nodes_fp32"] > 0 and q["gated_on"].startswith("CPU with fp16")
     assert manifest.components["decoder"].fidelity["passed"] and manifest.build["generation_gate"]["passed"]
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     kv = [v for v in (*graph.input, *graph.output) if v.name.startswith(("past_", "present_"))]
     assert kv and all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in kv)
+    assert manifest.components["embed_tokens"].quantization["shares"]["component"] == "decoder"
+    assert not (out / "embed_tokens.onnx.data").exists()  # the table is the decoder's lm_head rows
     report = lint_bundle(out, "jetson-orin-nano-8gb")
     assert report.ok, report.render()
 

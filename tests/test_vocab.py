@@ -195,3 +195,30 @@ def test_plan_counts_the_reduced_lm_head():
     t = MODELS["medgemma-4b-it"].config["text_config"]
     decoder = [next(c.weight_bytes for c in p.components if c.name == "decoder") for p in (full, reduced)]
     assert decoder[0] - decoder[1] == (t["vocab_size"] - 4041) * t["hidden_size"] * 4
+
+
+def test_reduced_lm_head_is_not_shared_on_gpu_targets(tmp_path, tiny_list):
+    """A TensorRT target shares the int8 lm_head's rows with embed_tokens; a reduced lm_head has fewer rows than the
+    table, so a --vocab build stores the table on its own, and the planner counts it."""
+    from medc.compile import embedding, planner
+    from medc.compile.build import BuildOptions, build
+    from medc.compile.registry import MODELS
+    from medc.manifest import Manifest
+    from medc.targets import get_target
+
+    vocab.write(tiny_list, tmp_path / "vocab.json")
+    out = tmp_path / "b"
+    build(BuildOptions(model="medgemma-tiny", out=out, target="jetson-orin-nano-8gb", precision="int8",
+                       vocab=tmp_path / "vocab.json"))
+    manifest = Manifest.read(out)
+    assert manifest.components["embed_tokens"].quantization["format"] == embedding.PORTABLE_FORM
+    assert "lm_head_rows" not in manifest.components["decoder"].quantization
+    assert manifest.build["generation_gate"]["passed"] and "shares" not in manifest.components["embed_tokens"].quantization
+    recipe = {"embed_tokens": "int8", "decoder": "int8", "lm_head": "int8"}
+
+    def embed_bytes(options):
+        plan = planner.plan_memory("medgemma-tiny", "gemma3", MODELS["medgemma-tiny"].config, recipe,
+                                   get_target("jetson-orin-nano-8gb"), 512, 1, "portable", options)
+        return next(c.weight_bytes for c in plan.components if c.name == "embed_tokens")
+
+    assert embed_bytes({}) == 0 and embed_bytes({"lm_head_rows": len(tiny_list.ids)}) > 0
