@@ -72,10 +72,12 @@ def config_for(precision: str, flavour: str, block_size: int = DEFAULT_BLOCK) ->
     return EmbeddingConfig(precision, FORMS[flavour], block_size)
 
 
-def shares_head(precisions: dict[str, str], flavour: str, tied: bool, reduced: bool) -> bool:
-    """Whether embed_tokens reads the lm_head's rows (SHARED_FORM): the portable flavour (GPU targets), both int8,
-    embeddings tied to the lm_head, and every row kept (a reduced vocabulary's lm_head has fewer rows)."""
-    return (flavour == "portable" and tied and not reduced and precisions.get("embed_tokens") == "int8"
+def shares_head(precisions: dict[str, str], flavour: str, gpu: bool, tied: bool, reduced: bool) -> bool:
+    """Whether embed_tokens reads the lm_head's rows (SHARED_FORM): the portable flavour on a GPU target (an engine
+    folds the rows' transpose into its weights once; ONNX Runtime's CPU provider would dequantise and transpose the
+    whole table at every step), both int8, embeddings tied to the lm_head, and every row kept (a reduced
+    vocabulary's lm_head has fewer rows)."""
+    return (flavour == "portable" and gpu and tied and not reduced and precisions.get("embed_tokens") == "int8"
             and precisions.get("lm_head", precisions.get("decoder")) == "int8")
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import copy
 import heapq
 import logging
+import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx.external_data_helper import uses_external_data
 
 from medc.compile.export import save_onnx
 from medc.manifest import feeds_digest
@@ -79,7 +82,12 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(src))
+    # Quantised weights (a streamed 4B decoder's 2.7 GB) stay in their data file until the save: the float ones are
+    # what the conversion reads (scales, norms), and ONNX Runtime measures the islands from `src`'s own data file.
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:
+        if t.data_type == FLOAT and uses_external_data(t):
+            _load_tensor(t, src.parent)
     _name_nodes(model.graph)
     # The exporter lists some initializers in value_info too; the converter would then turn that entry to fp16 and
     # put a Cast in front of every fp32 node reading the weight (a copy of it per call). Initializers carry their type.
@@ -94,7 +102,7 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     measured = {"threshold": threshold, "feeds": 0}
     above: dict[str, float] = {}
     if calibration_feeds:
-        maxima = activation_maxima(model, calibration_feeds)
+        maxima = activation_maxima(model, calibration_feeds, src.parent)
         above = {t: m for t, m in maxima.items() if m > threshold}
         top = max(maxima, key=maxima.get)
         measured.update(feeds=len(calibration_feeds), digest=feeds_digest(calibration_feeds),
@@ -119,6 +127,9 @@ def convert_fp16(src: Path, dst: Path, calibration_feeds: list[dict[str, np.ndar
     _drop_repeated_casts(fp16.graph)
     dropped = _drop_round_trips(fp16.graph)
     _toposort(fp16.graph)  # the converter appends its Casts at the end; ONNX wants producers first
+    for t in fp16.graph.initializer:
+        if uses_external_data(t):
+            _load_tensor(t, src.parent)
     save_onnx(fp16, dst)
     fp32_weights = [t for t in fp16.graph.initializer if t.data_type == FLOAT]
     return {
@@ -193,8 +204,18 @@ def _rotary_angles(ix: _Index) -> set[str]:
     return kept
 
 
-def activation_maxima(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """max |x| of every float tensor of the fp32 `model` (graph inputs and node outputs) over `feeds`.
+def _load_tensor(t, base_dir: Path) -> None:
+    """An initializer's external data read into it (it is then inline, as onnx.load would leave it)."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    load_external_data_for_tensor(t, str(base_dir))
+    t.data_location = onnx.TensorProto.DEFAULT
+    del t.external_data[:]
+
+
+def activation_maxima(model, feeds: list[dict[str, np.ndarray]], base_dir: Path | None = None) -> dict[str, float]:
+    """max |x| of every float tensor of the fp32 `model` (graph inputs and node outputs) over `feeds`. `base_dir`:
+    where the data file of initializers still stored externally lies (the run reads them from there).
 
     ONNX Runtime computes them: a ReduceMax(Abs(x)) per tensor is added to the graph and only those scalars are
     outputs, so memory stays that of a normal run (exposing every intermediate as an output would hold them all).
@@ -204,19 +225,38 @@ def activation_maxima(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, fl
 
     graph = model.graph
     ix = _Index(graph)
-    tensors = list(dict.fromkeys(o for n in graph.node for o in n.output if o and ix.is_float(o)))
-    nodes, outputs = [], []
+    # Not the weights a quantised graph dequantises (DequantizeLinear of an initializer): they are not activations,
+    # and a late reader of each would keep every dequantised weight of a 4B decoder alive at once (13 GB in fp32).
+    weights = {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in ix.initializers
+               for o in n.output}
+    tensors = list(dict.fromkeys(o for n in graph.node for o in n.output
+                                 if o and ix.is_float(o) and o not in weights))
+    readers, outputs = {}, []
     for k, t in enumerate(tensors):
-        nodes += [helper.make_node("Abs", [t], [f"fp16_calib_abs_{k}"]),
-                  helper.make_node("ReduceMax", [f"fp16_calib_abs_{k}"], [f"fp16_calib_max_{k}"], keepdims=0)]
+        readers[t] = [helper.make_node("Abs", [t], [f"fp16_calib_abs_{k}"]),
+                      helper.make_node("ReduceMax", [f"fp16_calib_abs_{k}"], [f"fp16_calib_max_{k}"], keepdims=0)]
         outputs.append(helper.make_tensor_value_info(f"fp16_calib_max_{k}", FLOAT, []))
     maxima = dict.fromkeys(tensors, 0.0)
-    graph.node.extend(nodes)
+    original = list(graph.node)
+    # Each reader right after its tensor's producer: ONNX Runtime runs nodes in this order where it may, so a tensor
+    # is freed after its own readers rather than held to the end of the graph (a 4B prefill's activations: ~13 GB).
+    del graph.node[:]
+    graph.node.extend(x for n in original for x in (n, *(r for o in n.output for r in readers.get(o, ()))))
     graph.output.extend(outputs)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            save_onnx(model, Path(tmp) / "maxima.onnx")
-            session = ort.InferenceSession(str(Path(tmp) / "maxima.onnx"), providers=["CPUExecutionProvider"])
+            if any(uses_external_data(t) for t in graph.initializer):  # beside their data file, which it reads
+                handle, name = tempfile.mkstemp(suffix=".maxima.onnx", dir=base_dir)
+                os.close(handle)
+                path = Path(name)
+                onnx.save(model, str(path))
+            else:
+                path = Path(tmp) / "maxima.onnx"
+                save_onnx(model, path)
+            try:
+                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            finally:
+                path.unlink(missing_ok=True)
             names = [o.name for o in outputs]
             wanted = {i.name for i in session.get_inputs()}
             for feed in feeds:
@@ -224,7 +264,8 @@ def activation_maxima(model, feeds: list[dict[str, np.ndarray]]) -> dict[str, fl
                     maxima[t] = max(maxima[t], float(value))  # an empty tensor gives -inf, NaN is ignored
             del session
     finally:
-        del graph.node[-len(nodes):]
+        del graph.node[:]
+        graph.node.extend(original)
         del graph.output[-len(outputs):]
     for feed in feeds:  # float graph inputs (the converter casts them to fp16 for fp16 readers)
         for name, arr in feed.items():

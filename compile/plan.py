@@ -312,7 +312,7 @@ def make_plan(opts: BuildOptions, model: ResolvedModel) -> Plan:
         raise MedcError("bf16 on a CPU target is built as OpenVINO IR (ONNX Runtime's CPU provider has no bf16 "
                         "kernels): drop --backend ort, or build int8 for ONNX Runtime.")
     plans, notes = [], list(recipe.notes)
-    shared = shares_head(recipe.precisions, flavour, tied(model.spec.config), False)
+    shared = shares_head(recipe.precisions, flavour, target.kind == "gpu", tied(model.spec.config), False)
     if shared:
         notes.append("embed_tokens reads the int8 lm_head's rows, stored once in the decoder's data file (the "
                      "engine holds the lm_head; embed_tokens runs on ONNX Runtime's CPU provider)")

@@ -349,7 +349,7 @@ def plan_memory(model: str, family: str, cfg: dict, recipe: dict[str, str], targ
     params: dict[str, int] = {}
     decoder_bytes = prepack = 0.0
     rows = options.get("lm_head_rows")  # a reduced vocabulary (--vocab): the lm_head keeps these rows only
-    shared = embedding.shares_head(recipe, flavour, tied(cfg), bool(rows))  # the table is the lm_head's rows
+    shared = embedding.shares_head(recipe, flavour, target.kind == "gpu", tied(cfg), bool(rows))  # one stored table
     for t in TENSORS[family](cfg):
         if rows and t.part == "lm_head":
             t = dataclasses.replace(t, shape=(t.shape[0], int(rows)))
