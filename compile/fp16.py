@@ -367,13 +367,22 @@ def cpu_emulation(model):
     """The fp16 `model` as an fp32 graph in which every fp16 tensor is rounded through fp16 by an explicit Cast pair
     (fp16 weights become fp32 with the same values). ONNX Runtime keeps lossy Casts, so on the CPU this shows what
     fp16 storage does on a GPU: each op computes from fp16 values and its result is rounded to fp16 (inf above
-    65504), as CUDA's fp16 kernels do with fp32 arithmetic inside. For checks only; the bundle ships `model`."""
+    65504), as CUDA's fp16 kernels do with fp32 arithmetic inside. For checks only; the bundle ships `model`.
+
+    Tensors computed from weights alone (a W4A16 decoder's dequantised weights, the transposed lm_head rows) are not
+    rounded: they are weights, not activations (rounding them changes each by at most fp16's 2^-11 relative step),
+    and a Cast pair on each would hold two more copies of every dequantised weight (the 4B lm_head's: 4 GB)."""
     from onnx import helper, numpy_helper
 
     model = copy.deepcopy(model)
     graph = model.graph
     ix = _Index(graph)
     halves = {name for name, t in ix.types.items() if t == FLOAT16}
+    constant = set(ix.initializers)
+    for node in graph.node:
+        if node.op_type != "Constant" and node.input and all(not i or i in constant for i in node.input):
+            constant.update(node.output)
+    halves -= constant
     for t in graph.initializer:
         if t.data_type == FLOAT16:
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
@@ -385,7 +394,8 @@ def cpu_emulation(model):
         for a in node.attribute:
             if a.name == "to" and node.op_type == "Cast" and a.i == FLOAT16:
                 a.i = FLOAT
-                halves.add(node.output[0])
+                if node.output[0] not in constant:
+                    halves.add(node.output[0])
             elif a.type == a.TENSOR and a.t.data_type == FLOAT16:  # Constant, ConstantOfShape
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
                 halves.update(node.output)
