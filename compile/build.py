@@ -309,8 +309,8 @@ def _shared_embedding(cp: ComponentPlan, comp, prep: export.Prepared, entries: d
              "pass" if evaluation["passed"] else "FAIL")
     if not evaluation["passed"]:  # per-row int8 of an embedding table: this would be a medc bug, not a choice
         raise FidelityError(f"{cp.name} read from the lm_head's int8 rows fails its gate (worst cosine "
-                            f"{evaluation['worst']['cosine']:.6f}). Nothing was written. Build with "
-                            "--precision embed_tokens=fp16 to store the table on its own.")
+                            f"{evaluation['worst']['cosine']:.6f}). Nothing was written. Build with a recipe "
+                            "whose embed_tokens is fp16 to store the table on its own.")
     evaluation["degraded"] = False
     return ComponentEntry(file=cp.file, precision=cp.precision, inputs=list(comp.inputs), outputs=list(comp.outputs),
                           quantization=info, optimizations={"optimizer": "none"}, fidelity=evaluation)

@@ -597,8 +597,8 @@ WEIGHT_DQ_TRANSPOSE = (
     "int8 weight stored as rows [N, K], dequantised per row (axis 0), then transposed into its MatMul (the lm_head "
     "stored once with the token embeddings). Relies on TensorRT propagating DequantizeLinear forward through "
     "Transpose and fusing the int8 weight-only MatMul with the per-channel axis transposed. Not run here (no "
-    "TensorRT on this machine): confirm the engine builds with trtexec on the device, or rebuild with "
-    "--precision embed_tokens=fp16 (the lm_head then keeps its own [K, N] int8 weight).")
+    "TensorRT on this machine): confirm the engine builds with trtexec on the device, or rebuild with a recipe "
+    "whose embed_tokens is fp16 (the lm_head then keeps its own [K, N] int8 weight).")
 
 
 def _dq_weight_transpose(node, g: _Graph) -> bool:
