@@ -172,6 +172,8 @@ def save_onnx(model, path: Path, external: bool = False, data_name: str | None =
     if external or size > EXTERNAL_DATA_THRESHOLD:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data_name, size_threshold=1024)
+        if path.with_name(data_name).exists():  # onnx creates it owner-only; a bundle is copied and read by others
+            os.chmod(path.with_name(data_name), 0o644)
     else:
         onnx.save(model, str(path))
 

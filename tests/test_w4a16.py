@@ -173,6 +173,7 @@ def test_tied_lm_head_is_stored_once(bundles):
     assert entry.quantization["provider"] == "CPUExecutionProvider" and entry.fidelity["passed"]
     assert manifest.components["decoder"].quantization["lm_head_rows"] == {"rows": rows_name, "scale": scale_name}
     assert not (out / "embed_tokens.onnx.data").exists()
+    assert (out / "decoder.onnx.data").stat().st_mode & 0o044 == 0o044  # readable by whoever the bundle is copied for
     graph = onnx.load(str(out / "embed_tokens.onnx"), load_external_data=False).graph
     shared = [t for t in graph.initializer if uses_external_data(t)]
     assert {t.name for t in shared} == {rows_name} | ({scale_name} & {t.name for t in shared})
