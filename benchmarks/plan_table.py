@@ -54,22 +54,27 @@ def plan_rows(models=("medgemma-4b-it", "medsiglip-448"), context: int = 4096) -
     return out
 
 
+def _gib(r: Row):
+    """A row's MiB metric by name, in GiB."""
+    return lambda name: r.metric(name).p50 * MIB / GIB
+
+
+def _floors(r: Row) -> str:
+    """The decode ceiling and vision floor cells ("-" where the plan has none)."""
+    decode = f"{r.metric('decode_ceiling_tok_s').p50:.0f}" if r.metric("decode_ceiling_tok_s") else "-"
+    vision = f"{r.metric('vision_floor_ms').p50:.1f}" if r.metric("vision_floor_ms") else "-"
+    return f"{decode} | {vision}"
+
+
 def rows(models=("medgemma-4b-it", "medsiglip-448"), context: int = 4096) -> list[str]:
     """The README's table (GiB, as `medc plan` prints them)."""
     out = ["| model | target | precision | weights GiB | KV 4k GiB | KV 32k GiB | total @4k GiB | usable GiB | fits @4k "
            "| decode ceiling tok/s | vision floor ms |", "|" + "---|" * 11]
     for r in plan_rows(models, context):
-        p = r.params
-
-        def g(name: str, r: Row = r) -> float:
-            return r.metric(name).p50 * MIB / GIB
-
+        p, g = r.params, _gib(r)
         fits = "yes" if p["fits"] else ("no" + (f" (yes at {p['largest_context']})" if p["largest_context"] else ""))
-        decode = f"{r.metric('decode_ceiling_tok_s').p50:.0f}" if r.metric("decode_ceiling_tok_s") else "-"
-        vision = f"{r.metric('vision_floor_ms').p50:.1f}" if r.metric("vision_floor_ms") else "-"
         out.append(f"| {p['model']} | {p['target']} | {p['precision']} | {g('weight_mib'):.2f} | {g('kv_mib'):.2f} | "
-                   f"{g('kv_32k_mib'):.2f} | {g('planned_mib'):.2f} | {g('usable_mib'):.1f} | {fits} | {decode} | "
-                   f"{vision} |")
+                   f"{g('kv_32k_mib'):.2f} | {g('planned_mib'):.2f} | {g('usable_mib'):.1f} | {fits} | {_floors(r)} |")
     return out
 
 
@@ -79,16 +84,10 @@ def headroom_rows(model: str = "medgemma-4b-it", contexts=(4096, 8192)) -> list[
            "tok/s | vision floor ms |", "|" + "---|" * 10]
     for context in contexts:
         for r in plan_rows((model,), context):
-            p = r.params
-
-            def g(name: str, r: Row = r) -> float:
-                return r.metric(name).p50 * MIB / GIB
-
-            decode = f"{r.metric('decode_ceiling_tok_s').p50:.0f}" if r.metric("decode_ceiling_tok_s") else "-"
-            vision = f"{r.metric('vision_floor_ms').p50:.1f}" if r.metric("vision_floor_ms") else "-"
+            p, g = r.params, _gib(r)
             out.append(f"| {p['target']} | {p['precision']} | {context} | {g('weight_mib'):.2f} | "
                        f"{g('planned_mib'):.2f} | {g('usable_mib'):.1f} | {'yes' if p['fits'] else 'no'} | "
-                       f"{g('usable_mib') - g('planned_mib'):.2f} | {decode} | {vision} |")
+                       f"{g('usable_mib') - g('planned_mib'):.2f} | {_floors(r)} |")
     return out
 
 
