@@ -334,8 +334,11 @@ def write(result: Result, fmt: str) -> str:
 
 
 def save(result: Result, stem: Path | str) -> tuple[Path, Path]:
-    """Write `stem`.json and `stem`.md (the committed form of a benchmark's results); returns both paths."""
+    """Write `stem`.json and `stem`.md (the committed form of a benchmark's results; a `stem` given with either
+    suffix means the same pair), creating its folder; returns both paths."""
     stem = Path(stem)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".md") else stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
     doc = result.to_dict()
     problems = validate(json.loads(json.dumps(doc)))
     if problems:

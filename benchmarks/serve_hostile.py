@@ -767,9 +767,7 @@ def main(argv=None) -> None:
     res["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     res["seconds"] = round(time.perf_counter() - t_start, 1)
     result = to_result(res, run)
-    stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    j, md = schema.save(result, stem)
+    j, md = schema.save(result, args.out)
     print(md.read_text())
     print(f"wrote {j} and {md}")
 

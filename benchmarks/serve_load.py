@@ -446,9 +446,7 @@ def main(argv=None) -> None:
                                          f"{', '.join(Path(b).name for b in args.bundles) or args.server}")
     print("\n".join(run.notes[2:]))
     if args.out:
-        stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        j, m = schema.save(result, stem)
+        j, m = schema.save(result, args.out)
         print(f"wrote {j} and {m}")
 
 if __name__ == "__main__":

@@ -826,6 +826,81 @@ def lint(bundle, target, as_json):
     sys.exit(1)
 
 
+@main.group()
+def export() -> None:
+    """Hand bundles to other serving engines: a Triton model repository, Kubernetes manifests."""
+
+
+@export.command(name="triton")
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="The model repository to write.")
+@click.option("--check", "check", is_flag=True,
+              help="Check the model repository given as the argument instead: every config.pbtxt against Triton's "
+                   "schema, the ONNX graphs, engines and bundles it names.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default=None,
+              help="Instance kind (KIND_GPU/KIND_CPU). Default: the bundle's target's.")
+@click.option("--instances", default=1, show_default=True, help="Instances per model.")
+@click.option("--max-batch", default=16, show_default=True, help="max_batch_size of the encoder models.")
+@click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True)
+@click.option("--queue-delay-us", default=100, show_default=True,
+              help="How long Triton's dynamic batcher may hold a request for a fuller batch.")
+@click.option("--release", default=None, help="The Triton container release to write for (default: the newest medc "
+                                              "knows); its ONNX Runtime must run the graphs.")
+@click.option("--execution-env", default=None,
+              help="EXECUTION_ENV_PATH of the Python-backend models: a conda-pack'ed .tar.gz or a folder with "
+                   "bin/activate, holding medc (default: Triton's own Python, with medc installed by the Dockerfile).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_friendly
+def export_triton(bundles, out, check, kind, instances, max_batch, dynamic_batching, queue_delay_us, release,
+                  execution_env, force):
+    """Write BUNDLES (PATH or ID=PATH) as a Triton Inference Server model repository: one model per encoder
+    component (onnxruntime_onnx, or tensorrt_plan where engines are built) and one Python-backend model per bundle
+    running medc's runtime (MedSigLIP: image bytes and texts in, embeddings and zero-shot scores out; MedGemma:
+    streamed text). `--check REPO` validates a repository instead."""
+    from medc.compile.triton import DEFAULT_RELEASE, TritonOptions, check_repository, export_repository
+
+    if check:
+        if len(bundles) != 1:
+            raise MedcError("--check takes one model repository: medc export triton --check REPO")
+        problems = check_repository(Path(bundles[0]))
+        for p in problems:
+            click.echo(f"error: {p}", err=True)
+        if problems:
+            sys.exit(1)
+        click.echo(f"{bundles[0]}: every model checks against Triton's schema and its files.")
+        return
+    if out is None:
+        raise MedcError("give the repository to write: -o REPO (or --check REPO to check one).")
+    opts = TritonOptions(kind=kind, instances=instances, max_batch=max_batch, dynamic_batching=dynamic_batching,
+                         queue_delay_us=queue_delay_us, release=release or DEFAULT_RELEASE,
+                         execution_env=execution_env)
+    models = export_repository(list(bundles), out, opts, force=force)
+    for m in models:
+        click.echo(f"{m.name}: {m.platform}" + (f" (ONNX Runtime >= {m.min_ort})" if m.min_ort else ""))
+    click.echo(f"wrote {out}: {len(models)} models; see {out}/README.md")
+
+
+@export.command(name="k8s")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Folder for the manifests.")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--image", default=None, help="Container image (default: medc-serve:VERSION or the repository's).")
+@click.option("--pvc", default=None, help="PersistentVolumeClaim holding the bundle or repository.")
+@click.option("--storage-uri", default=None, help="KServe storageUri (pvc://... or oci://...) instead of --pvc.")
+@click.option("--gpus", type=int, default=None, help="nvidia.com/gpu per pod (default: 1 for GPU targets, else 0).")
+@_friendly
+def export_k8s(source, out, namespace, image, pvc, storage_uri, gpus):
+    """Kubernetes manifests for SOURCE: a bundle gives a KServe ServingRuntime and InferenceService running
+    `medc serve`; a repository from `medc export triton` gives a Triton Deployment and Service."""
+    from medc.compile.k8s import write_manifests
+
+    written = write_manifests(source, out, namespace=namespace, image=image, pvc=pvc, storage_uri=storage_uri,
+                              gpus=gpus)
+    for p in written:
+        click.echo(str(p))
+    click.echo(f"apply with: kubectl apply -f {out}")
+
+
 @main.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Spool and results folder.")

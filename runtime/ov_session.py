@@ -9,6 +9,7 @@ a warning rather than failing: f32 is the precision bf16 approximates, so fideli
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ class OvSession:
         self.threads = threads
         self.inference_precision = inference_precision
         self._compiled = None
+        # OpenVINO's CompiledModel.__call__ reuses one infer request: calls from two server threads (the V2 route's
+        # micro-batcher beside the OpenAI route's, on one component) take turns, as a TensorRT context's do.
+        self._lock = threading.Lock()
 
     def open(self) -> "OvSession":
         if self._compiled is None:
@@ -84,5 +88,6 @@ class OvSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         compiled = self.open()._compiled
-        result = compiled(feeds)
-        return {o.get_any_name(): np.asarray(result[o]) for o in compiled.outputs}
+        with self._lock:
+            result = compiled(feeds)
+            return {o.get_any_name(): np.asarray(result[o]) for o in compiled.outputs}

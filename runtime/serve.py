@@ -4,6 +4,8 @@ The HTTP layer (this file: one route table, parsing and validation, errors, auth
 kept apart from inference (runtime/scheduler.py: micro-batching, continuous batching), which runs in worker threads,
 never on the event loop. Starlette rather than FastAPI: every bad input must come back as an OpenAI-shaped 4xx, which
 is simpler to validate by hand on seven routes than to bend pydantic's 422s into; Starlette is FastAPI's own core.
+Beside the OpenAI routes, the Open Inference Protocol's (KServe V2: what Triton clients and KServe speak) serve the
+encoder components as models of their own, with the same auth, limits and batching (their tensors: runtime/kserve.py).
 
 The event loop's CPU time per request bounds what the server answers per second on a small CPU (it holds the GIL the
 encoder threads need too), so the per-request path is kept lean: orjson for JSON (it writes float32 arrays directly;
@@ -39,7 +41,7 @@ import time
 import types
 from bisect import bisect_left
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +49,14 @@ import numpy as np
 from medc.errors import MedcError
 from medc.manifest import Manifest
 from medc.system import give_back_large_frees
-from medc.runtime import load
+from medc.runtime import kserve, load
 from medc.runtime.batch import SamplingParams, Sequence
 from medc.runtime.gemma import encode_messages
 from medc.runtime import stow
 from medc.runtime.imagelimits import ImageTooLarge, check_size
 from medc.runtime.preprocess import open_image
 from medc.runtime.scheduler import Closed, GenerationScheduler, MicroBatcher, QueueFull, gather_limit, gather_window
+from medc.runtime.session import session_kind
 from medc.runtime.textstream import TextStream
 
 log = logging.getLogger("medc.serve")
@@ -122,7 +125,7 @@ class ServeConfig:
 
 
 class ApiError(Exception):
-    """An answer other than 200, in OpenAI's error shape."""
+    """An answer other than 200, in OpenAI's error shape, or under /v2 in the Open Inference Protocol's."""
 
     TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
     CLOSE = {"Connection": "close"}  # the rest of a half-read body must not be read as the next request
@@ -132,7 +135,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers or {}
 
-    def response(self):
+    def response(self, v2: bool = False):
+        if v2:  # KServe V2: {"error": message}, which tritonclient raises as InferenceServerException(message)
+            return json_response({"error": self.message}, self.status, self.headers)
         kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return json_response({"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}},
                              self.status, self.headers)
@@ -148,12 +153,75 @@ class ServedModel:
     scheduler: GenerationScheduler | None = None
     texts: MicroBatcher | None = None
     images: MicroBatcher | None = None
+    v2: dict[str, "V2Model"] = field(default_factory=dict)  # by V2 model name, "{id}.{component}"
+
+    def encoders(self) -> list[tuple[str, MicroBatcher]]:
+        """(queue label, batcher) of every encoder queue: the OpenAI routes' text and image, one per V2 model."""
+        return [(what, b) for what, b in (("text", self.texts), ("image", self.images)) if b is not None] + [
+            (f"v2:{v.component}", v.batcher) for v in self.v2.values()]
 
     def close(self, timeout: float | None = None) -> None:
-        for worker in (self.scheduler, self.texts, self.images):
+        for worker in (self.scheduler, *(b for _, b in self.encoders())):
             if worker is not None:
                 worker.close(timeout)
         self.pipeline.close()
+
+
+@dataclass
+class V2Model:
+    """One bundle component served over the Open Inference Protocol: its graph's inputs and outputs, and the
+    micro-batcher that runs it on the pipeline's own session (rows of concurrent requests in one call)."""
+
+    signature: kserve.Signature
+    component: str
+    batcher: MicroBatcher
+
+
+# The components served over V2: stateless encoders, one call per batch of rows. The decoder (its KV cache lives in
+# the generation scheduler) and the token embeddings are parts of chat, not models of their own.
+V2_COMPONENTS = ("image_encoder", "text_encoder", "vision_encoder")
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "openvino": "openvino"}  # Triton's names
+
+
+def _v2_runner(pipeline, component: str, sig: kserve.Signature):
+    """A V2 model's micro-batcher function: the rows (one array per input each) stacked per input, the component
+    run once, its outputs in the signature's order and dtypes (a tuple: one row per item each)."""
+    names = [t.name for t in sig.inputs]
+    outputs = [(t.name, kserve.DATATYPES[t.datatype]) for t in sig.outputs]
+
+    def run(rows: list[tuple]) -> tuple:
+        got = pipeline.run_component(component, {n: np.stack([r[i] for r in rows]) for i, n in enumerate(names)})
+        return tuple(np.asarray(got[n]).astype(dtype, copy=False) for n, dtype in outputs)
+
+    return run
+
+
+def v2_models(m: ServedModel, cfg: ServeConfig) -> dict[str, V2Model]:
+    """The V2 models of one served bundle, each with its micro-batcher."""
+    out = {}
+    bundle = m.pipeline.bundle
+    for component in V2_COMPONENTS:
+        entry = bundle.manifest.components.get(component)
+        if entry is None:
+            continue
+        name = f"{m.id}.{component}"
+        try:
+            sig = kserve.Signature.from_specs(name, PLATFORMS[session_kind(bundle, component)], entry.inputs,
+                                              entry.outputs)
+        except MedcError as e:
+            log.warning("%s is not served over V2: %s", name, e)
+            continue
+        batcher = MicroBatcher(_v2_runner(m.pipeline, component, sig), name, cfg.max_batch,
+                               cfg.batch_window_ms / 1000, cfg.max_queue)
+        twin = {"image_encoder": m.images, "text_encoder": m.texts}.get(component)
+        if twin is not None:  # the same session as the OpenAI route's, measured at load: the same batch limit
+            batcher.limit, batcher.window_s = twin.limit, twin.window_s
+        else:
+            # MedGemma's vision encoder is not measured at load (chat's warm-up runs no image): batches of at most
+            # a chat request's images keep its activations within what chat already needs.
+            batcher.limit = min(cfg.max_batch, cfg.max_images)
+        out[name] = V2Model(sig, component, batcher)
+    return out
 
 
 def degraded(manifest) -> list[str]:
@@ -202,8 +270,9 @@ def load_models(specs: list[str], cfg: ServeConfig) -> list[ServedModel]:
                 log.info("%s: gathering up to %d per call, waiting up to %.2f ms for announced requests (ms per "
                          "item by batch: %s)", batcher.name, batcher.limit, batcher.window_s * 1e3,
                          ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in per_item.items()))
+        m.v2 = v2_models(m, cfg)
         models[model_id] = m
-        log.info("loaded %s (%s) from %s", model_id, m.kind, path)
+        log.info("loaded %s (%s) from %s; over V2: %s", model_id, m.kind, path, ", ".join(m.v2) or "nothing")
     return list(models.values())
 
 
@@ -245,14 +314,14 @@ class Metrics:
             out += [f'{name}{{model="{_esc(m)}"}} {v}' for (n, m), v in sorted(self.counters.items()) if n == name]
         out.append("# TYPE medc_queue_depth gauge")
         for m in models:
-            for what, worker in (("chat", m.scheduler), ("text", m.texts), ("image", m.images)):
+            for what, worker in (("chat", m.scheduler), *m.encoders()):
                 if worker is not None:
                     out.append(f'medc_queue_depth{{model="{_esc(m.id)}",queue="{what}"}} {worker.depth}')
         # Items over calls is the mean batch an encoder ran: what micro-batching achieves under the present load.
         for name, attr in (("medc_encoder_calls_total", "batches"), ("medc_encoder_items_total", "items")):
             out.append(f"# TYPE {name} counter")
             out += [f'{name}{{model="{_esc(m.id)}",queue="{what}"}} {getattr(worker, attr)}'
-                    for m in models for what, worker in (("text", m.texts), ("image", m.images)) if worker is not None]
+                    for m in models for what, worker in m.encoders()]
         out.append("# TYPE medc_generated_tokens_total counter")
         out += [f'medc_generated_tokens_total{{model="{_esc(m.id)}"}} {m.scheduler.tokens}'
                 for m in models if m.scheduler]
@@ -321,19 +390,19 @@ async def read_json(request, limit: int, timeout: float | None = None, check=Non
     from starlette.concurrency import run_in_threadpool
 
     def work():
-        if body.count(b"{") + body.count(b"[") > MAX_CONTAINERS:
-            raise ApiError(400, f"the request body holds over {MAX_CONTAINERS:,} JSON objects and arrays; medc "
-                                "refuses that many.", "too_many_json_values")
-        data = parse_json(body)
+        data = parse_json(body, large=True)
         return check(data) if check else data
 
     return await run_in_threadpool(work)
 
 
-def parse_json(body: bytes) -> dict:
-    """A body as a JSON object; anything else a 400."""
+def parse_json(body: bytes, large: bool = False) -> dict:
+    """A body as a JSON object; anything else a 400. `large`: first bounded by MAX_CONTAINERS (in a worker thread)."""
     import orjson
 
+    if large and body.count(b"{") + body.count(b"[") > MAX_CONTAINERS:
+        raise ApiError(400, f"the request body holds over {MAX_CONTAINERS:,} JSON objects and arrays; medc "
+                            "refuses that many.", "too_many_json_values")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -1102,6 +1171,100 @@ async def retrieve_instance(srv: "Server", request):
     return Response(body, media_type=f'multipart/related; type="application/dicom"; boundary={sep}')
 
 
+# -- the Open Inference Protocol (KServe V2) -----------------------------------------------------------------------
+# Triton clients (tritonclient, perf_analyzer) and KServe's V2 data plane, beside the OpenAI routes: the encoder
+# components as models of their own, named "{model id}.{component}", with their graphs' input and output names. The
+# tensors' codec is runtime/kserve.py; auth, limits and errors are the server's, errors in V2's shape.
+def _v2_model(srv: "Server", request) -> V2Model:
+    """The V2 model a path names (and its version, where it names one: only "1")."""
+    name, version = request.path_params["name"], request.path_params.get("version")
+    model = srv.v2.get(name)
+    if model is None:
+        raise ApiError(404, f"model {name[:80]!r} is not served here over V2; use one of "
+                            f"{', '.join(srv.v2) or '(none served)'}.", "model_not_found", "model")
+    if version is not None and version != kserve.VERSION:
+        raise ApiError(404, f"model {name} has no version {version[:20]!r}; each bundle is one version, "
+                            f"{kserve.VERSION!r} (or leave /versions/... out).", "model_not_found", "model")
+    return model
+
+
+def _empty():
+    """200 with an empty body: what Triton answers a health or readiness probe."""
+    from starlette.responses import Response
+
+    return Response(status_code=200)
+
+
+def _not_closing(srv: "Server") -> None:
+    if srv.closing:
+        raise ApiError(503, "shutting down.", "shutting_down", headers={"Retry-After": "5"})
+
+
+async def v2_server(srv: "Server", request):
+    from medc import __version__
+
+    return json_response({"name": "medc", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+async def v2_live(srv: "Server", request):
+    return _empty()
+
+
+async def v2_ready(srv: "Server", request):
+    _not_closing(srv)  # the models load before the server listens: ready until it begins to close
+    return _empty()
+
+
+async def v2_model(srv: "Server", request):
+    return json_response(_v2_model(srv, request).signature.metadata())
+
+
+async def v2_model_ready(srv: "Server", request):
+    _v2_model(srv, request)
+    _not_closing(srv)
+    return _empty()
+
+
+async def v2_infer(srv: "Server", request):
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import Response
+
+    model = _v2_model(srv, request)
+    model.batcher.check()
+    body = await read_body(request, srv.max_body, srv.cfg.body_timeout)
+    length = request.headers.get("inference-header-content-length")
+
+    def decode() -> kserve.InferRequest:
+        head, tail = kserve.split_body(body, length)
+        try:
+            header = parse_json(head, large=len(head) > PARSE_IN_THREAD)
+        except ApiError as e:
+            if e.code != "invalid_json":
+                raise
+            if length is None:
+                raise ApiError(400, f"{e.message} A body of JSON followed by binary tensors needs the "
+                                    "Inference-Header-Content-Length header: the JSON's length in bytes.",
+                               "invalid_json") from None
+            raise ApiError(400, f"the body's first {len(head)} bytes (Inference-Header-Content-Length) are not a "
+                                "JSON object: the header must give the JSON's length exactly, and be left out when "
+                                "no tensor is binary.", "invalid_json") from None
+        return kserve.decode_request(header, tail, model.signature, srv.cfg.max_inputs)
+
+    large = len(body) > PARSE_IN_THREAD
+    infer = await run_in_threadpool(decode) if large else decode()
+    outputs = await _encode(model.batcher, list(zip(*infer.inputs)))  # one item per row
+    srv.metrics.counters[("medc_v2_inferred_rows_total", model.signature.name)] += infer.rows
+    results = dict(zip((t.name for t in model.signature.outputs), outputs))
+    if sum(a.nbytes for a in results.values()) > PARSE_IN_THREAD:
+        content, header_length = await run_in_threadpool(kserve.encode_response, infer, model.signature, results)
+    else:
+        content, header_length = kserve.encode_response(infer, model.signature, results)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
+
+
 # -- small routes ---------------------------------------------------------------------------------------------------
 async def health(srv: "Server", request):
     return json_response({"status": "ok"})
@@ -1140,11 +1303,14 @@ def openapi_document(cfg: ServeConfig, models: list[ServedModel]) -> bytes:
 
     doc = json.loads(resources.files("medc.runtime").joinpath("openapi.json").read_text("utf-8"))
     schemas = doc["components"]["schemas"]
-    for name, keyword, field in OPENAPI_LIMITS:
-        schemas[name][keyword] = getattr(cfg, field)
+    for name, keyword, setting in OPENAPI_LIMITS:
+        schemas[name][keyword] = getattr(cfg, setting)
     # max_tokens over a model's context or over the cap is refused; the largest context served bounds them all.
     contexts = [m.pipeline.assets.max_positions for m in models if m.kind == "chat"]
     schemas["MaxTokens"]["maximum"] = min([cfg.max_tokens_cap, *([max(contexts)] if contexts else [])])
+    names = [name for m in models for name in m.v2]
+    if names:  # the V2 models served, by name: what a client (or a fuzzer) may put in a /v2/models/{name} path
+        schemas["V2ModelName"]["enum"] = names
     return orjson.dumps(doc)
 
 
@@ -1166,6 +1332,16 @@ ROUTES = [
     ("POST", "/dicomweb/studies", stow_studies, True),
     ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}", retrieve_instance, True),
     ("GET", "/openapi.json", openapi, False),
+    # KServe V2 (the Open Inference Protocol): the probes are open, as Kubernetes sends them without a key.
+    ("GET", "/v2", v2_server, True),
+    ("GET", "/v2/health/live", v2_live, False),
+    ("GET", "/v2/health/ready", v2_ready, False),
+    ("GET", "/v2/models/{name}", v2_model, True),
+    ("GET", "/v2/models/{name}/ready", v2_model_ready, True),
+    ("POST", "/v2/models/{name}/infer", v2_infer, True),
+    ("GET", "/v2/models/{name}/versions/{version}", v2_model, True),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", v2_model_ready, True),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", v2_infer, True),
 ]
 
 
@@ -1174,6 +1350,7 @@ class Server:
     def __init__(self, models: list[ServedModel], cfg: ServeConfig):
         self.models, self.cfg = models, cfg
         self.by_id = {m.id: m for m in models}
+        self.v2 = {name: v for m in models for name, v in m.v2.items()}  # KServe V2 models by name
         self.metrics = Metrics()
         self.max_body = int(cfg.max_body_mb * 2**20)
         self.inflight = 0
@@ -1225,7 +1402,11 @@ class Server:
         # Constant-time compare: the time taken tells nothing about how much of the key was right.
         return hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()) and scheme.lower() == "bearer"
 
-    def endpoint(self, path: str, handler, needs_key: bool, json_body: bool = False):
+    def endpoint(self, path: str, handler, needs_key: bool, body_type=None):
+        """The route's handler with what every route shares: request id, API key, in-flight cap, the body's
+        Content-Type (`body_type(value) -> bool`, None: not checked), errors shaped, metrics and the log line."""
+        v2 = _is_v2(path)
+
         async def run(request):
             rid = request.headers.get("x-request-id", "")
             rid = rid if _REQUEST_ID.fullmatch(rid) else new_id()
@@ -1239,24 +1420,25 @@ class Server:
                 if self.inflight > self.cfg.max_inflight:  # refused before its body is read: memory stays bounded
                     raise ApiError(503, "too many requests in progress; retry shortly.", "overloaded",
                                    headers={"Retry-After": "1"})
-                if json_body and not _is_json(request.headers.get("content-type")):
+                if body_type is not None and not body_type(request.headers.get("content-type")):
                     # text/plain, forms and multipart are what a web page may POST to any origin without asking
                     # (no CORS preflight): refusing them keeps a keyless server on loopback out of a browser's reach.
                     raise ApiError(415, "the request body must be JSON: send it with Content-Type: application/json "
-                                        "(curl: -H 'Content-Type: application/json').", "unsupported_media_type",
-                                   headers=ApiError.CLOSE)
+                                        "(curl: -H 'Content-Type: application/json')"
+                                   + (", or JSON then binary tensors as application/octet-stream." if v2 else "."),
+                                   "unsupported_media_type", headers=ApiError.CLOSE)
                 response = await handler(self, request)
             except ApiError as e:
-                response = e.response()
+                response = e.response(v2)
             except QueueFull as e:
-                response = ApiError(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}).response()
+                response = ApiError(429, str(e), "queue_full", headers={"Retry-After": str(e.retry_after)}).response(v2)
             except Closed as e:
-                response = ApiError(503, str(e), "shutting_down", headers={"Retry-After": "5"}).response()
+                response = ApiError(503, str(e), "shutting_down", headers={"Retry-After": "5"}).response(v2)
             except MedcError as e:  # the runtime's own checks of user input (template roles, sampling ranges, ...)
-                response = ApiError(400, str(e), "invalid_request").response()
+                response = ApiError(400, str(e), "invalid_request").response(v2)
             except Exception as e:  # noqa: BLE001 - a bug: a generic 500, the type name in the log, no content
                 log.error("%s %s: internal error (%s)", rid, path, type(e).__name__)
-                response = ApiError(500, f"internal error; request id {rid}.", "internal_error").response()
+                response = ApiError(500, f"internal error; request id {rid}.", "internal_error").response(v2)
             finally:
                 self.inflight -= 1
             response.headers["x-request-id"] = rid
@@ -1286,21 +1468,25 @@ class App:
 
     def __init__(self, srv: Server):
         self.state = types.SimpleNamespace(server=srv)
-        self.routes: dict[str, dict] = {}
+        self.routes: dict[str, dict] = {}  # fixed paths
         self.templates: list[tuple[re.Pattern, dict]] = []  # paths with {parameters}, tried when no path matches
+        templated: dict[str, dict] = {}  # (not in `routes`: a request for ".../{name}" itself must not match)
         self.hosts = srv.hosts
         for method, path, handler, needs_key in ROUTES:
             # STOW-RS bodies are multipart/related: no CORS-simple type either (a browser asks first), so checked
-            # by the route (415) instead of the JSON check.
-            json_body = method == "POST" and handler is not stow_studies
-            endpoint = srv.endpoint(path, handler, needs_key, json_body=json_body)
-            methods = self.routes.setdefault(path, {})
+            # by the route (415) instead of the JSON check. V2 infer bodies with binary tensors are
+            # application/octet-stream (not CORS-simple either).
+            body_type = (None if method != "POST" or handler is stow_studies
+                         else _is_v2_body if handler is v2_infer else _is_json)
+            endpoint = srv.endpoint(path, handler, needs_key, body_type)
+            methods = (templated if "{" in path else self.routes).setdefault(path, {})
             if "{" in path and not any(t[1] is methods for t in self.templates):
                 pattern = re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(path))
                 self.templates.append((re.compile(pattern), methods))
             methods[method] = endpoint
             if method == "GET":
                 methods["HEAD"] = endpoint  # as Starlette does; uvicorn sends no body for HEAD
+        self.template_prefixes = tuple({p[:p.index("{")] for p in templated})  # what a templated path starts with
 
     async def __call__(self, scope, receive, send):
         from starlette.requests import Request
@@ -1310,21 +1496,22 @@ class App:
         # scope["type"] is "http": uvicorn runs with ws="none". A trailing slash names the same route.
         path = scope["path"].rstrip("/") or "/"
         methods = self.routes.get(path)
-        if methods is None and path.startswith("/dicomweb/"):
+        if methods is None and path.startswith(self.template_prefixes):
             for pattern, candidate in self.templates:
                 if (m := pattern.fullmatch(path)) is not None:
                     methods, scope["path_params"] = candidate, m.groupdict()
                     break
         request = Request(scope, receive, send)
+        v2 = _is_v2(path)  # a Triton client reads errors under /v2 in V2's shape only
         if self.hosts is not None and (host := _wrong_host(scope, self.hosts)) is not None:
             response = ApiError(400, f"Host {host[:100]!r} is not a name of this server; call it by one of "
                                      f"{', '.join(sorted(self.hosts))}, or start it with --allowed-host NAME.",
-                                "host_not_allowed").response()
+                                "host_not_allowed").response(v2)
         elif methods is None:
-            response = ApiError(404, f"{scope['method']} {scope['path'][:100]}: Not Found.", "not_found").response()
+            response = ApiError(404, f"{scope['method']} {scope['path'][:100]}: Not Found.", "not_found").response(v2)
         elif scope["method"] not in methods:
             response = ApiError(405, f"{scope['method']} {scope['path'][:100]}: Method Not Allowed.",
-                                "method_not_allowed", headers={"Allow": ", ".join(methods)}).response()
+                                "method_not_allowed", headers={"Allow": ", ".join(methods)}).response(v2)
         else:
             response = await methods[scope["method"]](request)
         await response(scope, receive, send)
@@ -1346,6 +1533,15 @@ def _is_json(content_type: str | None) -> bool:
         return True
     mime = content_type.partition(";")[0].strip().lower()
     return mime == "application/json" or mime.endswith("+json") and "/" in mime
+
+
+def _is_v2_body(content_type: str | None) -> bool:
+    """A V2 infer body: JSON as `_is_json` takes it, or application/octet-stream (JSON then binary tensors)."""
+    return _is_json(content_type) or content_type.partition(";")[0].strip().lower() == "application/octet-stream"
+
+
+def _is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")

@@ -269,6 +269,11 @@ class Pipeline:
         """What runs `component` (opens its session)."""
         return self._sessions[component].active_providers
 
+    def run_component(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One component's graph on its own inputs, every output back (the server's V2 routes): the pipeline's own
+        session, shared with its other calls."""
+        return self._sessions[component].run(feeds)
+
 
 def open_component(bundle, name: str, threads: int | None = None, providers: list[str] | None = None,
                    config: dict[str, str] | None = None):
