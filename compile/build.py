@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medc.compile import embedding, export, fp16, optimize, planner, quantize, recipes, stream, tensorrt, vocab
+from medc.compile import adapters, embedding, export, fp16, optimize, planner, quantize, recipes, stream, tensorrt, vocab
 from medc.compile import openvino as ov_forms
 from medc.compile.loader import load, source_record
 from medc.compile.plan import BuildOptions, ComponentPlan, make_plan, resolve, without_sharing
@@ -92,6 +92,30 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         vocab.check(kept, str(opts.vocab), loaded)
         comps = vocab.reduce_components(comps, kept)
         plan = without_sharing(plan)  # the reduced lm_head has fewer rows than the table
+    peft_model = None
+    if opts.adapters:
+        if kept is not None:
+            raise MedcError("--vocab with --adapter is not supported: build the adapted model's bundle without --vocab.")
+        if streamed:
+            raise MedcError(f"adapters are merged in memory, and this build is streamed ({streamed}); build the "
+                            "adapted model on a machine with the memory for its fp32 weights.")
+        found = [adapters.read(a) for a in opts.adapters]
+        for a in found:
+            adapters.check_fits(a, loaded.hf_model)
+        step(f"applying {len(found)} adapter(s) with peft")
+        peft_model = adapters.apply(loaded.hf_model, found, opts.adapter_scale)
+        loaded.source = {**loaded.source, "adapters": [a.record(opts.adapter_scale) for a in found]}
+    slotted = []
+    if opts.adapter_slots:
+        if "decoder" not in comps or target.kind != "cpu" or streamed:
+            raise MedcError("run-time adapters (--adapter-slot) are built into the decoder of CPU targets (fp32 "
+                            "activations, ONNX Runtime's LoRA adapters); for this build merge them with --adapter.")
+        slotted = [adapters.read(a) for a in opts.adapter_slots]
+        names = [a.path.name for a in slotted]
+        if len(set(names)) != len(names):
+            raise MedcError(f"run-time adapters are named by their folders, and two are named alike ({names}).")
+        for a in slotted:
+            adapters.check_fits(a, loaded.hf_model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.medc-", dir=out.parent))
@@ -99,6 +123,7 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
     try:
         # Phase 1, torch: export every component and record the fp32 reference on held-out inputs.
         golden: dict[str, np.ndarray] = {}
+        gate_ref = None
         if streamed:  # -- streamed path (compile/stream.py): the model is empty, weights come one at a time --
             step(f"streamed build: {streamed}")
             streamer = stream.StreamedBuild(loaded, streamed)
@@ -106,17 +131,34 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
                         for cp in plan.components}
             extras, weights = streamer.extras(), streamer.on_demand()
         else:
-            prepared = {cp.name: export.prepare(cp, comps[cp.name], loaded, opts.calibration, work, golden, step)
-                        for cp in plan.components}
+            refs = {}
+            if peft_model is not None:
+                # The references are HF + peft with the adapters unmerged (as the site trained and evaluated
+                # them); the export is of the merged weights. So a bad merge fails the gate.
+                step("reference outputs of the model with its adapters applied (unmerged)")
+                refs = {cp.name: export.reference_cases(comps[cp.name], loaded) for cp in plan.components}
+                if loaded.family.gate_reference:
+                    gate_ref = loaded.family.gate_reference(loaded)
+                loaded.hf_model = adapters.merge(peft_model)
+                peft_model = None
+            prepared = {cp.name: export.prepare(cp, comps[cp.name], loaded, opts.calibration, work, golden, step,
+                                                refs.get(cp.name)) for cp in plan.components}
             extras, weights = loaded.family.extras(loaded.hf_model), contextlib.nullcontext()
-        gate_ref = None
-        if loaded.family.gate_reference:
+        if loaded.family.gate_reference and gate_ref is None:
             step("whole-model reference (greedy tokens, perplexity)")
             with weights:
                 gate_ref = loaded.family.gate_reference(loaded)
                 if kept is not None and "windows" in gate_ref:  # the reference renormalised over the list
                     gate_ref = {**gate_ref, "list_logprobs": vocab.list_logprobs(loaded.hf_model, kept,
                                                                                  gate_ref["windows"])}
+        slots, adapter_refs = None, {}
+        if opts.adapter_slots:  # while the torch model is here: which decoder MatMul each targeted module is
+            slots = adapters.slot_map(prepared["decoder"].raw, loaded.hf_model, adapters.targeted_modules(slotted))
+            for a in slotted:  # and each adapter's reference: the decoder with it applied by peft, unmerged
+                step(f"decoder: reference outputs with adapter {a.path.name}")
+                applied = adapters.apply(loaded.hf_model, [a], opts.adapter_scale)
+                adapter_refs[a.path.name] = export.reference_cases(comps["decoder"], loaded)
+                loaded.hf_model = applied.unload()
         streamer = weights = None
         # Phase 2, ONNX only: free the PyTorch model first (3.5 GB at MedSigLIP's size) so that ONNX Runtime's
         # optimisers and quantisers, which hold whole graphs in memory, have the room.
@@ -162,6 +204,13 @@ def build(opts: BuildOptions, progress=None) -> Manifest:
         manifest.build["memory_plan"] = {k: memory.to_json()[k] for k in (
             "context", "batch", "weight_bytes", "kv_bytes", "activation_bytes", "runtime_bytes", "total_bytes",
             "usable_bytes", "fits", "decode_tokens_per_s", "vision_ms")}
+        if slots is not None:
+            step(f"decoder: {len(slots)} LoRA slots, {len(slotted)} run-time adapter(s)")
+            decoder = manifest.components["decoder"]
+            manifest.generation["lora"] = adapters.build_slots(stage, decoder.file, slots, slotted, opts.adapter_scale,
+                                                               prepared["decoder"].ref_cases, work, adapter_refs,
+                                                               gate_tolerance("decoder", decoder.precision),
+                                                               opts.allow_degraded)
         if target.engine == "tensorrt":  # ONNX + optimisation profiles + trtexec lines; engines on the device
             step("TensorRT: optimisation profiles, trtexec commands, lint")
             manifest.tensorrt = tensorrt.prepare_bundle(stage, manifest, target, memory.context, opts.max_batch)

@@ -92,7 +92,7 @@ def cache_key(loaded, comp: ComponentSpec) -> str | None:
     else:
         return None
     h = hashlib.sha256(json.dumps({
-        "weights": weights, "component": comp.name, "opset": OPSET,
+        "weights": weights, "adapters": source.get("adapters"), "component": comp.name, "opset": OPSET,
         "io": [t.to_json() for t in (*comp.inputs, *comp.outputs)], "variant": comp.variant,
         "versions": [metadata.version(p) for p in ("torch", "transformers", "onnxscript", "onnx")],
     }, sort_keys=True).encode())
@@ -215,23 +215,31 @@ def add_golden(golden: dict, component: str, ref_cases: dict) -> None:
                 golden[golden_key(component, case, kind, name)] = arr
 
 
-def prepare(cp, comp: ComponentSpec, loaded, calibration_dir: Path | None, work: Path, golden: dict,
-            step) -> Prepared:
-    """The in-memory path: export `comp` (cached), run the torch reference on its golden inputs, and collect the
-    calibration data its conversion candidates need."""
+def reference_cases(comp: ComponentSpec, loaded) -> dict:
+    """The torch reference on the component's golden inputs: {case: {"in": feeds, "ref": outputs}}."""
     import torch
 
+    ref_cases, ref_module = {}, comp.reference_module(loaded.hf_model)
+    with torch.no_grad():
+        for case, feeds in comp.golden_inputs(loaded).items():
+            ref_cases[case] = {"in": feeds, "ref": comp.reference(ref_module(*module_args(ref_module, comp, feeds)))}
+    return ref_cases
+
+
+def prepare(cp, comp: ComponentSpec, loaded, calibration_dir: Path | None, work: Path, golden: dict,
+            step, ref_cases: dict | None = None) -> Prepared:
+    """The in-memory path: export `comp` (cached), run the torch reference on its golden inputs (unless given:
+    a model with adapters is referenced before they are merged), and collect the calibration data its conversion
+    candidates need."""
     module = comp.extract(loaded.hf_model)
     example = comp.dummy_inputs(loaded, 2, np.random.default_rng(loaded.spec.seed))
     step(f"{cp.name}: export")
     raw, key = work / f"{cp.name}.raw.onnx", cache_key(loaded, comp)
     if export_cached(module, comp, example, raw, key):
         log.info("%s: export reused from ~/.cache/medc/exports", cp.name)
-    step(f"{cp.name}: reference outputs")
-    ref_cases, ref_module = {}, comp.reference_module(loaded.hf_model)
-    with torch.no_grad():
-        for case, feeds in comp.golden_inputs(loaded).items():
-            ref_cases[case] = {"in": feeds, "ref": comp.reference(ref_module(*module_args(ref_module, comp, feeds)))}
+    if ref_cases is None:
+        step(f"{cp.name}: reference outputs")
+        ref_cases = reference_cases(comp, loaded)
     add_golden(golden, cp.name, ref_cases)
     calibration = None
     if {"int8-static-qdq", "ov-int8", "ov-int8-sq"} & set(cp.methods):  # the methods that calibrate ranges

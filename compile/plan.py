@@ -55,6 +55,9 @@ class BuildOptions:
     # OpenVINO builds on a CPU.
     backend: str | None = None
     vocab: Path | None = None  # a `medc vocab` list: the decoder's lm_head keeps only its rows (compile/vocab.py)
+    adapters: tuple[Path, ...] = ()  # PEFT LoRA adapter folders merged before export (compile/adapters.py)
+    adapter_scale: float = 1.0  # multiplies each adapter's alpha / r
+    adapter_slots: tuple[Path, ...] = ()  # adapters kept apart, activated per request (the decoder gets LoRA slots)
 
 
 # -- the model ------------------------------------------------------------------------------------------------------

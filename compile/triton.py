@@ -61,7 +61,7 @@ SIGLIP_IO = ([("image", "TYPE_STRING", [-1], True), ("text", "TYPE_STRING", [-1]
 GEMMA_IO = ([("text_input", "TYPE_STRING", [1], False), ("image", "TYPE_STRING", [-1], True),
              ("max_tokens", "TYPE_INT32", [1], True), ("temperature", "TYPE_FP32", [1], True),
              ("top_p", "TYPE_FP32", [1], True), ("top_k", "TYPE_INT32", [1], True), ("seed", "TYPE_INT64", [1], True),
-             ("stream", "TYPE_BOOL", [1], True)],
+             ("stream", "TYPE_BOOL", [1], True), ("adapter", "TYPE_STRING", [1], True)],
             [("text_output", "TYPE_STRING", [-1], False)])
 
 

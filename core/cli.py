@@ -103,12 +103,21 @@ def _trust(paths):
               help="Sign the bundle's manifest with this private key (from `medc keygen`).")
 @click.option("--vocab", "vocab", type=click.Path(path_type=Path, dir_okay=False),
               help="A token list from `medc vocab`: the decoder's lm_head keeps only its rows (reduced vocabulary).")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=Path),
+              help="A PEFT LoRA (or DoRA) adapter folder to merge before export (repeatable); gated against the "
+                   "base with the adapter applied unmerged.")
+@click.option("--adapter-scale", type=float, default=1.0, show_default=True,
+              help="Multiplies each adapter's strength (alpha / r).")
+@click.option("--adapter-slot", "adapter_slots", multiple=True, type=click.Path(path_type=Path),
+              help="A PEFT LoRA adapter kept apart and activated per request (`medc run --adapter NAME`, model "
+                   "BASE:NAME in medc serve); the decoder gets LoRA slots for the modules these adapters target.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and the memory check, and exit (1 if it does not fit).")
 @click.option("--stream", is_flag=True, hidden=True,
               help="Stream weights (compile/stream.py) even for a model that fits in memory (tests).")
 @_friendly
 def build(model, out, precision, recipe, flavour, target, backend, calibration, random_weights, allow_degraded, force,
-          pad_to_square, optimizer, context, max_batch, sign_key, vocab, dry_run, stream):
+          pad_to_square, optimizer, context, max_batch, sign_key, vocab, adapters, adapter_scale, adapter_slots,
+          dry_run, stream):
     """Build a bundle from MODEL: a registry name (see `medc models`), a local Hugging Face checkpoint directory, or a
     Gemma 3 GGUF file."""
     from medc.compile.build import BuildOptions, build as run_build
@@ -124,7 +133,8 @@ def build(model, out, precision, recipe, flavour, target, backend, calibration, 
                         calibration=calibration,
                         random_weights=random_weights, allow_degraded=allow_degraded, force=force,
                         pad_to_square=pad_to_square, optimizer=optimizer, stream=stream, context=context,
-                        max_batch=max_batch, sign_key=sign_key, backend=backend, vocab=vocab)
+                        max_batch=max_batch, sign_key=sign_key, backend=backend, vocab=vocab,
+                        adapters=tuple(adapters), adapter_scale=adapter_scale, adapter_slots=tuple(adapter_slots))
     if dry_run:
         from medc.compile import planner
         from medc.compile.plan import make_plan, resolve
@@ -343,10 +353,12 @@ def sign(bundle, key):
 @click.option("--slices", type=click.IntRange(min=1), default=None,
               help="MedGemma: slices of a CT/MR volume (--image SERIES_DIR)  [default: as many as the context and the "
                    "memory plan hold].")
+@click.option("--adapter", default=None, help="MedGemma: a run-time LoRA adapter of the bundle (built with "
+                                              "--adapter-slot or added with `medc adapter add`).")
 @_trust_option
 @_friendly
 def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_k, top_p, seed, target, threads,
-        as_json, dicom_config, slices, trust):
+        as_json, dicom_config, slices, adapter, trust):
     """Run a bundle: MedSigLIP zero-shot scores or embeddings; MedGemma answers (streamed).
 
     --image takes PNG, JPEG or DICOM: a .dcm file or a series folder (README, DICOM)."""
@@ -358,8 +370,11 @@ def run(bundle, images, labels, texts, prompt, max_new_tokens, temperature, top_
                 raise MedcError("a MedGemma bundle needs --prompt TEXT (and --image FILE for image questions).")
             inputs, records = _image_inputs(images, dicom_config, slices, model, prompt, max_new_tokens)
             _generate(model, prompt, inputs, dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                  top_k=top_k, top_p=top_p, seed=seed), as_json, records)
+                                                  top_k=top_k, top_p=top_p, seed=seed, adapter=adapter), as_json,
+                      records)
             return
+        if adapter:
+            raise MedcError("--adapter is for MedGemma bundles built with run-time adapters.")
         if prompt:
             raise MedcError("--prompt is for MedGemma bundles; this bundle embeds images and texts (--image, --text).")
         if slices:
@@ -595,12 +610,37 @@ def report(results, out, title):
 @click.option("--source", type=click.Path(path_type=Path, exists=True),
               help="With --reference: the checkpoint folder or GGUF file the bundle was built from (checked by "
                    "digest; default: the registry's weights folder).")
+@click.option("--retrieval", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="MedSigLIP: similar-case retrieval on a labelled folder (one sub-folder per label) instead.")
+@click.option("--dtype", type=click.Choice(["f16", "i8"]), default="f16", show_default=True,
+              help="With --retrieval: the index's vector storage.")
+@click.option("--json", "as_json", is_flag=True, help="With --retrieval: the figures as JSON.")
 @click.option("--threads", type=int, default=None)
 @_friendly
-def eval_(bundle, text_file, window, max_windows, reference, source, threads):
-    """Perplexity of a MedGemma / Gemma 3 bundle on a text file (as llama-perplexity computes it)."""
+def eval_(bundle, text_file, window, max_windows, reference, source, retrieval, dtype, as_json, threads):
+    """Perplexity of a MedGemma / Gemma 3 bundle on a text file (as llama-perplexity computes it), or with
+    --retrieval DIR, a MedSigLIP bundle's retrieval: each image of DIR queries the others through the index a site
+    would build; P@1/5/10 and the k nearest neighbours' majority-vote accuracy, and the index's recall@k against
+    exact search."""
     from medc import runtime
     from medc.runtime import evaluate
+
+    if retrieval is not None:
+        from medc.runtime.retrieval import evaluate as evaluate_retrieval
+
+        with runtime.load(bundle, threads=threads) as model:
+            res = evaluate_retrieval(model, retrieval, dtype=dtype)
+        if as_json:
+            click.echo(json.dumps(dataclasses.asdict(res), indent=2))
+            return
+        click.echo(f"{retrieval}: {res.items} images, {len(res.labels)} labels "
+                   f"({', '.join(f'{k} {v}' for k, v in res.labels.items())}); index {res.dtype}")
+        click.echo("k      P@k    majority@k   index recall@k")
+        for k in res.precision:
+            click.echo(f"{k:<5d} {res.precision[k]:6.3f}   {res.majority[k]:8.3f}   {res.recall[k]:10.3f}")
+        for name, why in res.failed:
+            click.echo(f"skipped {name}: {why}", err=True)
+        return
 
     text_file = text_file or evaluate.default_text()
     try:
@@ -662,12 +702,20 @@ def eval_(bundle, text_file, window, max_windows, reference, source, threads):
               help="application/dicom parts per STOW-RS request.")
 @click.option("--dicom-config", "serve_dicom_config", type=click.Path(path_type=Path), default=None,
               help="TOML file of per-modality DICOM recipes for DICOM images (README, DICOM).")
+@click.option("--index", "index", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Embedding index (`medc index create`) of the MedSigLIP bundle served: POST /v1/search and "
+                   "/v1/index; without it they answer 501.")
+@click.option("--index-salt-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The site's salt for Patient ID hashes, needed to add DICOM that names a patient "
+                   "(default: MEDC_INDEX_SALT_FILE).")
 @_trust_option
 @_friendly
 def serve(bundles, trust, host, port, api_key_file, max_queue, max_batch, max_concurrency, max_image_mb, max_images,
           max_body_mb, max_tokens_cap, request_timeout, max_connections, header_timeout, body_timeout, allowed_hosts,
-          threads, allow_degraded, dicom_store, max_stow_instances, serve_dicom_config=None):
-    """Serve BUNDLES over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/classify.
+          threads, allow_degraded, dicom_store, max_stow_instances, serve_dicom_config=None, index=None,
+          index_salt_file=None):
+    """Serve BUNDLES over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/embeddings, /v1/classify (and
+    with --index, similar-case search: /v1/search, /v1/index).
 
     A bundle is PATH or ID=PATH (the model id clients send; default: the model name in its manifest)."""
     try:
@@ -690,7 +738,9 @@ def serve(bundles, trust, host, port, api_key_file, max_queue, max_batch, max_co
                       max_body_mb=max_body_mb, threads=threads, allow_degraded=allow_degraded, trust=_trust(trust),
                       max_tokens_cap=max_tokens_cap, request_timeout=request_timeout, max_connections=max_connections,
                       header_timeout=header_timeout, body_timeout=body_timeout, allowed_hosts=allowed_hosts or None,
-                      dicom_store=str(dicom_store) if dicom_store else None, max_stow_instances=max_stow_instances)
+                      dicom_store=str(dicom_store) if dicom_store else None, max_stow_instances=max_stow_instances,
+                      index=str(index) if index else None,
+                      index_salt_file=str(index_salt_file) if index_salt_file else None)
     if serve_dicom_config:  # read now: a bad file fails at startup, not on the first DICOM request
         import dataclasses
 
@@ -826,6 +876,199 @@ def lint(bundle, target, as_json):
     sys.exit(1)
 
 
+@main.group(name="index")
+def index_() -> None:
+    """An embedding index of a site's images and DICOM (similar-case search; needs medc[retrieval])."""
+
+
+def _index_bundle(index, bundle, threads=None):
+    """The index's bundle: --bundle, else where it was when the index was made (checked by digest either way)."""
+    from medc import runtime
+
+    path = bundle or index.bundle.get("path")
+    if not path or not Path(path).is_dir():
+        raise MedcError(f"the bundle that made {index.path} is not at {path}; give it with --bundle BUNDLE.")
+    model = runtime.load(path, threads=threads)
+    from medc.runtime.retrieval import bundle_record
+
+    index.check_bundle(bundle_record(model))
+    return model
+
+
+@index_.command(name="create")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True),
+              help="The MedSigLIP bundle whose embeddings the index holds.")
+@click.option("--dtype", type=click.Choice(["f16", "i8"]), default="f16", show_default=True,
+              help="How the vectors are stored (i8: half the memory, a little recall).")
+@_friendly
+def index_create(index, bundle, dtype):
+    """Create an empty index at INDEX for BUNDLE's embeddings."""
+    from medc import runtime
+    from medc.runtime.retrieval import bundle_record, embedding_dim
+    from medc.runtime.vectorindex import VectorIndex
+
+    with runtime.load(bundle) as model:
+        record, dim = bundle_record(model), embedding_dim(model)
+    with VectorIndex.create(index, dim, record, dtype):
+        pass
+    click.echo(f"created {index}: {dim}-d {dtype} vectors of {record['name']} (manifest sha256 {record['sha256'][:16]}…)")
+
+
+@index_.command(name="salt")
+@click.argument("file", type=click.Path(path_type=Path))
+@_friendly
+def index_salt(file):
+    """Write a new random salt to FILE (owner-only). Keep it outside the index, and back it up: without it a
+    patient's data in the index cannot be found for deletion."""
+    import os
+    import secrets
+
+    if file.exists():
+        raise MedcError(f"{file} exists; a salt is never overwritten (the index's patient hashes depend on it).")
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    click.echo(f"wrote {file}")
+
+
+@index_.command(name="add")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True), default=None,
+              help="The index's bundle (default: where it was when the index was made).")
+@click.option("--salt-file", type=click.Path(path_type=Path), default=None,
+              help="The site's salt for Patient ID hashes (default: MEDC_INDEX_SALT_FILE).")
+@click.option("--labels-from-folders", is_flag=True, help="Label each file by its first sub-folder under a PATH.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(1, 256))
+@click.option("--threads", type=int, default=None)
+@_friendly
+def index_add(index, paths, bundle, salt_file, labels_from_folders, batch, threads):
+    """Embed and add images (PNG, JPEG), DICOM files and folders of them. Resumable: rerun after an interruption
+    and it continues where it stopped, adding nothing twice (keyed by SOP Instance UID or file sha256)."""
+    from medc.runtime.retrieval import add_paths
+    from medc.runtime.vectorindex import VectorIndex, read_salt
+
+    salt = read_salt(salt_file)
+    with VectorIndex.open(index) as idx, _index_bundle(idx, bundle, threads) as model:
+        report = add_paths(idx, model, list(paths), salt, labels_from_folders, batch)
+        total = len(idx)
+    for name, why in report.failed:
+        click.echo(f"skipped {name}: {why}", err=True)
+    click.echo(f"added {report.added}, already indexed {report.known}, failed {len(report.failed)}; "
+               f"{total} in {index}")
+    if report.failed:
+        sys.exit(2)
+
+
+@index_.command(name="info")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def index_info(index, as_json):
+    """What INDEX holds: items by modality, the bundle that made it, its size."""
+    from medc.runtime.vectorindex import VectorIndex
+
+    with VectorIndex.open(index, readonly=True) as idx:
+        info = idx.info()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(info), indent=2))
+        return
+    click.echo(f"{info.path}: {info.count} items, {info.dim}-d {info.dtype}, {info.bytes_on_disk / 2**20:.1f} MiB")
+    click.echo(f"bundle {info.bundle.get('name')} (manifest sha256 {info.bundle.get('sha256', '')[:16]}…)")
+    for modality, n in info.modalities.items():
+        click.echo(f"  {modality}: {n}")
+
+
+@index_.command(name="remove")
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--study", "studies", multiple=True, help="Study Instance UID (repeatable).")
+@click.option("--patient-id", default=None, help="Every item of this patient (by the salted hash of the ID).")
+@click.option("--salt-file", type=click.Path(path_type=Path), default=None,
+              help="With --patient-id: the site's salt (default: MEDC_INDEX_SALT_FILE).")
+@_friendly
+def index_remove(index, studies, patient_id, salt_file):
+    """Delete studies or a patient's data for real: rows deleted and the database vacuumed, vectors removed and
+    the graph rebuilt, so nothing stays in free pages, the WAL or tombstones."""
+    from medc.runtime.vectorindex import VectorIndex, patient_hash, read_salt
+
+    if not studies and patient_id is None:
+        raise MedcError("give --study UID (repeatable) or --patient-id ID.")
+    with VectorIndex.open(index) as idx:
+        who = None
+        if patient_id is not None:
+            salt = read_salt(salt_file)
+            if salt is None:
+                raise MedcError("--patient-id needs the site's salt: --salt-file FILE or MEDC_INDEX_SALT_FILE.")
+            idx.check_salt(salt)
+            who = patient_hash(salt, patient_id)
+        n = idx.remove(list(studies), who)
+        left = len(idx)
+    click.echo(f"removed {n} items; {left} left in {index}")
+
+
+@main.command()
+@click.argument("index", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None)
+@click.option("--text", default=None)
+@click.option("--like", "like", default=None, help="The SOP Instance UID (or key) of an indexed item.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--where", "where", multiple=True, help="NAME=VALUE filter (repeatable): modality, body_part, "
+                                                       "study_date, label, study_uid, series_uid.")
+@click.option("--bundle", type=click.Path(path_type=Path, exists=True), default=None,
+              help="The index's bundle (default: where it was when the index was made).")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def search(index, image, text, like, k, where, bundle, as_json):
+    """The k items of INDEX most like an image, a text ("tension pneumothorax") or an indexed instance."""
+    from medc.runtime.retrieval import parse_filters, query_vector
+    from medc.runtime.vectorindex import VectorIndex
+
+    filters = parse_filters(list(where))
+    with VectorIndex.open(index, readonly=True) as idx:  # beside a listener or a server that writes it
+        if like is not None and image is None and text is None:
+            vec, exclude = query_vector(idx, sop_uid=like)
+        else:
+            with _index_bundle(idx, bundle) as model:
+                vec, exclude = query_vector(idx, model, image=image, text=text, sop_uid=like)
+        hits = idx.search(vec, k, filters, exclude=exclude)
+    if as_json:
+        click.echo(json.dumps({"results": [h.to_json() for h in hits]}, indent=2))
+        return
+    for rank, h in enumerate(hits, 1):
+        d = h.to_json()
+        where_ = d.get("sop_uid") or d.get("path")
+        extra = ", ".join(f"{key}={d[key]}" for key in ("modality", "body_part", "study_date") if key in d)
+        labels = f" [{', '.join(d['labels'])}]" if d["labels"] else ""
+        click.echo(f"{rank:3d}  {h.score:.4f}  {where_}{labels}" + (f"  ({extra})" if extra else ""))
+
+
+@main.group()
+def adapter() -> None:
+    """Run-time LoRA adapters of a bundle (one base, many site adapters)."""
+
+
+@adapter.command(name="add")
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("adapter_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--name", default=None, help="What requests call it (default: the adapter folder's name).")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiplies the adapter's alpha / r.")
+@click.option("--sign-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Sign the adapter's record (the base manifest and its signature are not touched).")
+@_trust_option
+@_friendly
+def adapter_add(bundle, adapter_dir, name, scale, sign_key, trust):
+    """Add a PEFT LoRA adapter to a bundle built with --adapter-slot, without rebuilding the base: converted to
+    ONNX Runtime's adapter format for the bundle's slots, and recorded (records/adapter-NAME.json) with its hash."""
+    from medc.compile.adapters import add_to_bundle
+    from medc.signing import load_private
+
+    key = load_private(sign_key) if sign_key else None
+    record = add_to_bundle(bundle, adapter_dir, name, scale, key, _trust(trust))
+    click.echo(f"added {record['file']} (rank {record['rank']}, {len(record['target_modules'])} target modules); "
+               f"use it with `medc run {bundle} --adapter {Path(record['file']).name.split('.onnx_adapter')[0]}`")
+
+
 @main.group()
 def export() -> None:
     """Hand bundles to other serving engines: a Triton model repository, Kubernetes manifests."""
@@ -936,11 +1179,17 @@ def export_k8s(source, out, namespace, image, pvc, storage_uri, gpus):
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session.")
 @click.option("--inline-workers", is_flag=True, hidden=True,
               help="Infer in threads of the SCP's own process (slower C-STORE acks; for comparison).")
+@click.option("--index", "index", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="MedSigLIP: add every instance to this embedding index (`medc index create`) after inference, "
+                   "keyed by SOP Instance UID.")
+@click.option("--index-salt-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="With --index: the site's salt for Patient ID hashes, needed for instances that name a patient "
+                   "(default: MEDC_INDEX_SALT_FILE).")
 @_trust_option
 @_friendly
 def listen(bundle, out, ae_title, host, port, labels, prompt, max_new_tokens, allow_aet, forward, forward_untrusted,
            tls_cert, tls_key, tls_ca, workers, series_quiet, secondary_capture, sr_class, keep_days, dicom_config,
-           retry_failed, status_dir, threads, inline_workers, trust):
+           retry_failed, status_dir, threads, inline_workers, trust, index=None, index_salt_file=None):
     """A DICOM node: receive images by C-STORE (and answer C-ECHO), run BUNDLE on each, write a JSON result and a
     DICOM Structured Report per instance under --out, and optionally forward the SRs to a PACS."""
     try:
@@ -960,7 +1209,7 @@ def listen(bundle, out, ae_title, host, port, labels, prompt, max_new_tokens, al
                        secondary_capture=secondary_capture, sr_class=sr_class, keep_days=keep_days,
                        dicom_config=dicom_config, threads=threads,
                        trust=_trust(trust), trust_paths=[str(t) for t in trust] or None,
-                       worker_process=not inline_workers)
+                       worker_process=not inline_workers, index=index, index_salt_file=index_salt_file)
     log = logging.getLogger("medc.listen")
     if host not in ("127.0.0.1", "localhost", "::1") and not cfg.allow_aet:
         log.warning("binding %s without --allow-aet: any calling AE title that reaches it is accepted.", host)

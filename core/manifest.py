@@ -206,7 +206,13 @@ class Record:
 
     def apply(self, manifest: "Manifest") -> None:
         for key, value in self.data.items():
-            setattr(manifest, key, value)
+            if key == "lora_adapter":  # one run-time adapter added beside the build's (medc adapter add)
+                lora = manifest.generation.get("lora")
+                if not lora:
+                    raise MedcError(f"record {self.name} adds a LoRA adapter to a bundle built without LoRA slots.")
+                lora.setdefault("adapters", {}).update(value)
+            else:
+                setattr(manifest, key, value)
 
     def write(self, bundle_dir: Path, key=None) -> None:
         """Write records/NAME.json (and NAME.sig, signed by `key`, a medc.signing.PrivateKey) atomically."""
@@ -224,7 +230,7 @@ class Record:
 
 
 # What each kind of record may set in the manifest: nothing else (a record cannot rewrite fidelity or files).
-RECORD_KINDS = {"tensorrt-engines": {"tensorrt"}}
+RECORD_KINDS = {"tensorrt-engines": {"tensorrt"}, "lora-adapter": {"lora_adapter"}}
 
 
 def read_records(bundle_dir: Path) -> list[tuple[Record, dict, Signature | None]]:

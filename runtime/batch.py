@@ -36,6 +36,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # run exactly max_new_tokens (benchmarks and fidelity gates)
+    adapter: str | None = None  # a run-time LoRA adapter of the bundle (`medc build --adapter-slot`); None: the base
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -106,10 +107,11 @@ class Batch:
 
     def __init__(self, decoder: Decoder, embed: Callable[[np.ndarray], np.ndarray],
                  encode_images: Callable[[np.ndarray], np.ndarray], image_token: int | None, eos: set[int],
-                 vocab=None):
+                 vocab=None, adapters: dict | None = None):
         self.decoder, self.embed, self.encode_images = decoder, embed, encode_images
         self.image_token, self.eos = image_token, eos
         self.vocab = vocab  # a reduced-vocabulary bundle's VocabMap: logit columns -> token ids (None: the same)
+        self.adapters: dict[str, object] = dict(adapters or {})  # run-time adapter name -> its file
         self.free = list(range(decoder.slots))
         self.active: list[Sequence] = []
         self.steps = self.tokens = 0
@@ -153,10 +155,14 @@ class Batch:
                  and (s.pixel_values is not None or not self.decoder.packs)]
         for seq in alone:
             self._guarded([seq], self._prefill_alone, on_error, seq)
-        decoding = [s for s in self.active if not s.finished and not s.prefilling]
-        carried = self._carried([s for s in self.active if not s.finished and s.prefilling and s not in alone])
-        if decoding or carried:
-            self._guarded(decoding + [s for s, _ in carried], self._joint, on_error, decoding, carried)
+        # ONNX Runtime activates one adapter set per call: sequences of different adapters step in calls of their
+        # own (benchmarks/results/lora-gemma3-270m.md measures what that costs).
+        for adapter in dict.fromkeys(s.params.adapter for s in self.active if not s.finished):
+            mine = [s for s in self.active if s.params.adapter == adapter and not s.finished]
+            decoding = [s for s in mine if not s.prefilling]
+            carried = self._carried([s for s in mine if s.prefilling and s not in alone])
+            if decoding or carried:
+                self._guarded(decoding + [s for s, _ in carried], self._joint, on_error, decoding, carried)
         self.active = [s for s in self.active if not s.finished]
 
     def _guarded(self, seqs: list[Sequence], fn, on_error, *args) -> None:
@@ -197,7 +203,8 @@ class Batch:
             here = images[start:end]
             embeds[here] = seq.image_features[done:done + int(here.sum())]
             images = here
-        logits = self.decoder.step([Chunk(seq.slot, embeds, np.array([end - start - 1]), images)])[0]
+        logits = self.decoder.step([Chunk(seq.slot, embeds, np.array([end - start - 1]), images)],
+                                   self._adapter(seq))[0]
         seq.prompted = end
         if end == len(ids):
             seq.pixel_values = seq.image_features = None  # not needed again: free them
@@ -212,7 +219,7 @@ class Batch:
         for s, piece in zip([*decoding, *(s for s, _ in carried)], ids):
             chunks.append(Chunk(s.slot, embeds[start:start + len(piece)], np.array([len(piece) - 1])))
             start += len(piece)
-        logits = self.decoder.step(chunks)
+        logits = self.decoder.step(chunks, self._adapter((decoding or [s for s, _ in carried])[0]))
         self.steps += 1
         self.mixed += bool(decoding and carried)
         for seq, out in zip(decoding, logits):
@@ -221,6 +228,16 @@ class Batch:
             seq.prompted += n
             if not seq.prefilling:  # its whole prompt is in the cache now
                 self._accept(seq, out)
+
+    def _adapter(self, seq: Sequence):
+        """The file of `seq`'s run-time adapter (None: the base)."""
+        name = seq.params.adapter
+        if name is None:
+            return None
+        if name not in self.adapters:
+            raise MedcError(f"this bundle has no adapter {name!r}; it has {', '.join(self.adapters) or 'none'} "
+                            "(`medc adapter add BUNDLE DIR` adds one).")
+        return self.adapters[name]
 
     def _accept(self, seq: Sequence, logits: np.ndarray) -> None:
         """Choose the next token from [1, V] logits; emit it or finish."""

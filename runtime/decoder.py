@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +86,12 @@ def require_onnxruntime(version: tuple[int, int], why: str) -> None:
                         "or with --flavour portable (explicit attention, which older onnxruntime runs).")
 
 
+def _no_adapter(adapter, what: str) -> None:
+    if adapter is not None:
+        raise MedcError(f"run-time adapters need the decoder with LoRA slots (CPU targets, --adapter-slot); {what} "
+                        "has none: merge the adapter at build (--adapter).")
+
+
 class Decoder(ABC):
     """`slots` sequences' KV caches and the decoder graph that extends them, a step at a time."""
 
@@ -119,7 +126,7 @@ class Decoder(ABC):
                             f"{self.context}; shorten the prompt or max_new_tokens, or rebuild with --context N.")
 
     @abstractmethod
-    def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
+    def step(self, chunks: list[Chunk], adapter: Path | None = None) -> list[np.ndarray]:
         """One step: each chunk's tokens added to its slot. Returns each chunk's logits [len(logits_at), V]."""
 
     def close(self) -> None:
@@ -156,7 +163,7 @@ class SlotDecoder(Decoder):
         tokens plus that padded width to fit the cache: a slot deep in its context narrows what a prompt may carry."""
         return max(0, self.context - int(self.lengths.max()))
 
-    def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
+    def step(self, chunks: list[Chunk], adapter: Path | None = None) -> list[np.ndarray]:
         lo, hi = min(c.slot for c in chunks), max(c.slot for c in chunks) + 1
         width = max(len(c.embeds) for c in chunks)
         wanted = max(len(c.logits_at) for c in chunks)
@@ -172,11 +179,11 @@ class SlotDecoder(Decoder):
                 if len(chunks) > 1 or self.lengths[c.slot]:
                     raise MedcError("a prompt with images is prefilled alone, from an empty slot.")
                 rows, bias = image_attention(c.images, int(self.gen["sliding_window"]))
-        logits = self._run(lo, hi, embeds, new, index, rows, bias)
+        logits = self._run(lo, hi, embeds, new, index, rows, bias, adapter)
         return [logits[c.slot - lo, :len(c.logits_at)] for c in chunks]
 
     def _run(self, lo: int, hi: int, embeds: np.ndarray, new: np.ndarray, logits_index: np.ndarray,
-             image_rows=None, image_bias=None) -> np.ndarray:
+             image_rows=None, image_bias=None, adapter: Path | None = None) -> np.ndarray:
         """One decoder call over slots [lo, hi): row r adds new[r] tokens (right-padded rows of `embeds`, 0 = idle).
         Returns logits [hi - lo, L, V] at `logits_index` rows; the slots' caches are updated in place."""
         cache = self.cache
@@ -198,7 +205,7 @@ class SlotDecoder(Decoder):
         for name, arr in feeds.items():
             binding.bind_cpu_input(name, np.require(arr, requirements="C"))
         binding.bind_output("logits", "cpu")
-        self.session.run_bound(binding)
+        self.session.run_bound(binding, adapter)
         cache.lengths[lo:hi] = total
         return binding.get_outputs()[-1].numpy()
 
@@ -233,7 +240,8 @@ class ExplicitDecoder(Decoder):
             slots, past, mask = self._batch
             self._batch = ([-1 if s == slot else s for s in slots], past, mask)
 
-    def step(self, chunks: list[Chunk]) -> list[np.ndarray]:
+    def step(self, chunks: list[Chunk], adapter: Path | None = None) -> list[np.ndarray]:
+        _no_adapter(adapter, "the explicit-attention decoder")
         decode = [c for c in chunks if len(c.embeds) == 1 and self.lengths[c.slot] and c.images is None
                   and len(c.logits_at) == 1 and c.logits_at[0] == 0]
         out = {id(c): self._alone(c) for c in chunks if not any(c is d for d in decode)}

@@ -298,6 +298,25 @@ def _items(source, name) -> list[_Item]:
     raise MedcError(f"cannot read DICOM from a {type(source).__name__}; pass a path, bytes or a file object.")
 
 
+def read_header(source, name: str | None = None):
+    """A DICOM file's (path) or Part 10 bytes' header as a pydicom Dataset, without its pixel data; MedcError for
+    what is not readable, naming `name` (or the file), never its content."""
+    pydicom = _pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    what = name or (Path(source).name if isinstance(source, (str, Path)) else "the DICOM data")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(source))
+    else:
+        src = source if hasattr(source, "read") else str(source)
+
+    try:
+        return pydicom.dcmread(src, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+            NotImplementedError, OverflowError) as e:
+        raise MedcError(f"{what} is truncated or corrupt ({type(e).__name__}); re-export it from the PACS.") from None
+
+
 def _read(src, what: str, pydicom, header_only: bool = False):
     from pydicom.errors import InvalidDicomError
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from pathlib import Path
+
 import numpy as np
 
 from medc.errors import MedcError
@@ -245,7 +247,13 @@ class GemmaPipeline(Pipeline):
     def batch(self, slots: int) -> Batch:
         """The sampling loop over a new decoder of `slots` slots (runtime/batch.py)."""
         return Batch(self.decoder(slots), self.embed, self.encode_images, self.assets.special_ids.get("image"),
-                     self.eos_ids, self.vocab)
+                     self.eos_ids, self.vocab, self.adapters)
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Run-time LoRA adapters (`medc build --adapter-slot`, `medc adapter add`): name -> file in the bundle."""
+        lora = self.gen.get("lora") or {}
+        return {name: self.bundle.file(a["file"]) for name, a in lora.get("adapters", {}).items()}
 
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], images=None, params: SamplingParams | None = None, **kw) -> str | list[str]:
@@ -269,6 +277,9 @@ class GemmaPipeline(Pipeline):
         """Yields, per position of the answers, the new token of each prompt (None once that prompt has stopped)."""
         params = params or SamplingParams(**kw)
         params.validate()
+        if params.adapter is not None and params.adapter not in self.adapters:
+            raise MedcError(f"this bundle has no adapter {params.adapter!r}; it has "
+                            f"{', '.join(self.adapters) or 'none'} (`medc adapter add BUNDLE DIR` adds one).")
         if images is not None and prompts and images and not isinstance(images[0], (list, tuple)):
             images = [list(images)] * len(prompts) if len(prompts) == 1 else [[im] for im in images]
         ids = [encode_prompt(self.assets, p, len(images[i]) if images else 0) for i, p in enumerate(prompts)]

@@ -20,8 +20,11 @@ an orphan of a killed listener is finishing) and exits when the listener's end o
 
 A result JSON is written last, after the SR, and marks an instance done: after a kill at any point a restart finds
 every instance either still in incoming/ (inferred again: the SR's UIDs derive from the source and the bundle, so a
-redo writes the same instance) or with its result (moved on, not inferred again). Log lines carry hashed UIDs,
-sizes and timings only; exception messages (which may quote dataset values) go to failed/SOP.json, not to the log.
+redo writes the same instance) or with its result (moved on, not inferred again). With --index (MedSigLIP), the
+worker adds each instance's image embedding (the one zero-shot used) to the embedding index, keyed by its SOP Instance
+UID, before writing its result: an instance with a result is in the index, and a redo adds nothing twice. Log lines
+carry hashed UIDs, sizes and timings only; exception messages (which may quote dataset values) go to
+failed/SOP.json, not to the log.
 """
 
 from __future__ import annotations
@@ -121,9 +124,14 @@ class ListenConfig:
     max_backoff_s: float = 300.0
     worker_process: bool = True  # False: inference in threads of the SCP's process (slower acks; for comparison)
     trust_paths: list[str] | None = None  # what the worker process loads `trust` from (else MEDC_TRUSTED_KEYS)
+    index: Path | None = None  # MedSigLIP: add every instance's image embedding to this embedding index (--index)
+    index_salt_file: Path | None = None  # the site's salt for Patient ID hashes; None: MEDC_INDEX_SALT_FILE, if set
 
     def __post_init__(self):
         self.out = Path(self.out)
+        # Paths, also when they come back from the JSON line that configures the worker process.
+        self.index = Path(self.index).resolve() if self.index else None
+        self.index_salt_file = Path(self.index_salt_file).resolve() if self.index_salt_file else None
         if len(self.ae_title.encode()) > 16 or not self.ae_title.strip():
             raise MedcError(f"--ae-title {self.ae_title!r} must be 1 to 16 characters.")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -167,6 +175,8 @@ class Listener:
         self.clinical_use = self.manifest.model.get("clinical_use", True) is not False and \
             self.manifest.model.get("source", {}).get("kind") not in ("random", "tiny")
         self.family = self.manifest.model.get("family")
+        if cfg.index is not None:
+            self._check_index_config(warn=not worker_only)
         if cfg.forward and not (self.clinical_use and not self.degraded) and not cfg.forward_untrusted:
             why = "random weights" if not self.clinical_use else f"a degraded bundle ({', '.join(self.degraded)})"
             raise MedcError(f"--forward would send SRs from {why} to a PACS; they say NOT FOR CLINICAL USE in their "
@@ -199,6 +209,26 @@ class Listener:
         self.ack_ms: list[float] = []
         self._child: subprocess.Popen | None = None
         self.worker_restarts = 0
+        self._index = None  # runtime.vectorindex.VectorIndex, opened by the process that infers (_open_index)
+        self._index_lock = threading.Lock()  # one SQLite connection and one graph, shared by the worker threads
+        self._index_saves = None
+        self._salt: bytes | None = None
+
+    def _check_index_config(self, warn: bool) -> None:
+        """--index, refused at startup: for MedSigLIP bundles only (the index holds image embeddings), and with a
+        salt file that reads. The bundle and salt are checked against the index by the process that infers."""
+        from medc.runtime.vectorindex import DB_NAME, read_salt
+
+        if self.family != "siglip":
+            raise MedcError(f"--index needs a MedSigLIP bundle: an embedding index holds MedSigLIP image "
+                            f"embeddings, and {self.bundle} is a {self.family} model. Run a second `medc listen` "
+                            "with the MedSigLIP bundle that made the index, or leave --index out.")
+        if not (self.cfg.index / DB_NAME).is_file():
+            raise MedcError(f"--index {self.cfg.index} is not an embedding index; create one with `medc index create "
+                            f"{self.cfg.index} --bundle {self.bundle}`.")
+        if read_salt(self.cfg.index_salt_file) is None and warn:
+            log.warning("--index without --index-salt-file (or MEDC_INDEX_SALT_FILE): instances that name a patient "
+                        "fail until it is given (then `medc listen --retry-failed`).")
 
     def _read_counters(self, name: str) -> dict | None:
         for n in (name, "status.json"):
@@ -247,6 +277,8 @@ class Listener:
         self.pipeline = load(self.bundle, threads=self.cfg.threads, trust=self.cfg.trust)
         if self.family == "siglip":
             self._text_embeds = self.pipeline.embed_texts(self.cfg.labels)
+        if self.cfg.index is not None:
+            self._open_index()
         for p in sorted((self.root / "incoming").glob("*.dcm"), key=lambda p: p.stat().st_mtime):
             self._enqueue(p.stem)
         for i in range(max(1, self.cfg.workers)):
@@ -327,6 +359,7 @@ class Listener:
             self.queue.put(None)
         for t in self._threads:
             t.join(60)
+        self._close_index()
         self.write_status()
 
     def _spawn(self, fn, name: str) -> None:
@@ -344,6 +377,7 @@ class Listener:
             self.queue.put(None)
         for t in self._threads:
             t.join(timeout)
+        self._close_index()
         self.write_status()
         if self.pipeline is not None:
             self.pipeline.close()
@@ -366,6 +400,57 @@ class Listener:
             self.path("failed", p.stem + ".json").unlink(missing_ok=True)
             n += 1
         return n
+
+    # -- the embedding index (--index) --
+    def _open_index(self) -> None:
+        """In the process that infers (the only one that opens the index): refuse another bundle's index or another
+        salt before the first instance."""
+        from medc.runtime.retrieval import Checkpointer, bundle_record
+        from medc.runtime.vectorindex import VectorIndex, read_salt
+
+        salt = read_salt(self.cfg.index_salt_file)
+        index = VectorIndex.open(self.cfg.index)
+        try:
+            index.check_bundle(bundle_record(self.pipeline))
+            if salt is not None:
+                try:
+                    index.check_salt(salt)
+                except MedcError:
+                    raise MedcError(f"this is not the salt index {self.cfg.index} was made with: its patients' "
+                                    "hashes would not match. Give the site's salt file (--index-salt-file FILE or "
+                                    "MEDC_INDEX_SALT_FILE).") from None
+        except BaseException:
+            index.close()
+            raise
+        self._index, self._salt, self._index_saves = index, salt, Checkpointer()
+
+    def _index_item(self, ds):
+        """The instance's index item from its header, before inference: an instance that cannot be indexed (it
+        names a patient and there is no salt) fails without spending inference on it."""
+        from medc.runtime.retrieval import SaltRequired, dicom_item
+
+        try:
+            return dicom_item(ds, self._salt, name="the instance")
+        except SaltRequired:
+            raise MedcError("the instance names a patient, and --index needs the site's salt to hash its Patient ID "
+                            "(the hash is how a patient's data is found and deleted later): restart medc listen "
+                            "with --index-salt-file FILE (or MEDC_INDEX_SALT_FILE; `medc index salt FILE` makes "
+                            "one), then `medc listen --retry-failed`.") from None
+
+    def _index_add(self, item, embedding: np.ndarray) -> None:
+        """Durable when it returns (SQLite commits the row and its vector); an instance indexed before is skipped,
+        so a redo after a kill adds nothing twice."""
+        with self._index_lock:
+            if self._index is None:  # a worker still inferring when stop() gave up waiting for it
+                raise MedcError("the index was closed while this instance was inferred (medc listen stopped); "
+                                "`medc listen --retry-failed` adds it.")
+            self._index_saves.added(self._index, self._index.add([item], embedding))
+
+    def _close_index(self) -> None:
+        with self._index_lock:
+            if self._index is not None:
+                self._index.close()  # writes the graph: a restart has nothing to re-add from SQLite
+                self._index = None
 
     # -- the SCP --
     def _ssl_context(self):
@@ -473,7 +558,8 @@ class Listener:
                 move(src, d / src.name)
                 log.info("instance %s waits for series %s to complete", uid_hash(sop), uid_hash(series))
                 return
-            self._infer([ds], [src], key=sop)
+            item = self._index_item(ds) if self._index is not None else None
+            self._infer([ds], [src], key=sop, item=item)
             if self.family == "siglip" and _UID.fullmatch(str(ds.get("SeriesInstanceUID", ""))):
                 self._note_for_series(str(ds.SeriesInstanceUID), sop, src.stat().st_mtime)
         except Exception as e:  # noqa: BLE001  (any failure is recorded with its reason, the instance kept)
@@ -483,7 +569,10 @@ class Listener:
         log.info("inferred %s in %.0f ms", uid_hash(sop), (time.perf_counter() - t0) * 1e3)
         self.write_status()
 
-    def _infer(self, datasets: list, paths: list[Path], key: str, folder: Path | None = None) -> dict:
+    def _infer(self, datasets: list, paths: list[Path], key: str, folder: Path | None = None, item=None) -> dict:
+        """The model on these instances; their SR, then their result JSON, written last. `item`: this instance's
+        index item, added with its image embedding before the result is written, so an instance with a result is
+        in the index (a kill in between: the redo's add is skipped as known)."""
         from medc.runtime.dicom import read_dicom, read_volume
         from medc.runtime.gemma import max_slices
         from medc.runtime.sr import AiResult
@@ -501,8 +590,11 @@ class Listener:
         pixels = [im.pixels for im in images]
         if self.family == "siglip":
             p = self.pipeline
-            probs = 1.0 / (1.0 + np.exp(-p.logits(p.embed_images(pixels[:1]), self._text_embeds)))
+            image_embeds = p.embed_images(pixels[:1])
+            probs = 1.0 / (1.0 + np.exp(-p.logits(image_embeds, self._text_embeds)))
             result.scores = {label: float(v) for label, v in zip(self.cfg.labels, probs[0])}
+            if item is not None:  # the embedding zero-shot used: the instance is embedded once
+                self._index_add(item, image_embeds)
         else:
             result.prompt = self.cfg.prompt
             with self._model_lock:

@@ -41,6 +41,7 @@ import time
 import types
 from bisect import bisect_left
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,8 @@ class ServeConfig:
     dicom_store: str | None = None  # folder of POST /dicomweb/studies (STOW-RS); None: the route answers 501
     max_stow_instances: int = 64  # application/dicom parts per STOW-RS request
     dicom: object = None  # runtime.dicom.DicomConfig for DICOM images (--dicom-config); None: the built-in recipes
+    index: str | None = None  # embedding index folder of POST /v1/search and /v1/index (--index); None: they answer 501
+    index_salt_file: str | None = None  # the site's salt for Patient ID hashes; None: MEDC_INDEX_SALT_FILE, if set
 
 
 class ApiError(Exception):
@@ -470,8 +473,13 @@ def decode_image(url, max_bytes: int, param: str, prep=None, dicom=None, slices:
     scale; DICOM -> its middle frame as uint8 RGB, by `dicom` (a DicomConfig; None: the built-in recipes), or with
     `slices` K a list: a CT/MR multi-frame instance's K evenly spaced frames (runtime/dicom.py read_volume; one
     frame for other modalities). Every failure is a 4xx naming the problem, never the content."""
-    from PIL import UnidentifiedImageError
+    mime, data = data_url_bytes(url, max_bytes, param)
+    return decode_bytes(mime, data, param, prep, dicom, slices)
 
+
+def data_url_bytes(url, max_bytes: int, param: str) -> tuple[str, bytes]:
+    """A data URL's media type (lower case) and its bytes, decoded from base64: a type medc reads, the size
+    within `max_bytes`. Every failure is a 4xx naming the problem, never the content."""
     if not isinstance(url, str):
         raise ApiError(400, f"{param} must be a data URL string.", "invalid_type", param)
     if url.startswith(("http://", "https://")):
@@ -489,9 +497,15 @@ def decode_image(url, max_bytes: int, param: str, prep=None, dicom=None, slices:
     if len(payload) * 3 // 4 > max_bytes:
         raise ApiError(413, f"an image is over the {max_bytes / 2**20:g} MiB limit.", "image_too_large", param)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return mime, base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"{param}: the base64 data is malformed.", "invalid_image", param) from None
+
+
+def decode_bytes(mime: str, data: bytes, param: str, prep=None, dicom=None, slices: int | None = None):
+    """`decode_image` for bytes already taken from a data URL (`data_url_bytes`)."""
+    from PIL import UnidentifiedImageError
+
     if mime == "application/dicom":
         return _decode_dicom(data, param, dicom, slices)
     try:
@@ -521,11 +535,13 @@ def _decode_dicom(data: bytes, param: str, config=None, k: int | None = None):
         raise ApiError(400, str(e), "invalid_image", param) from None
 
 
-def _pixels(pipeline, urls: list, cfg: ServeConfig, key: str) -> np.ndarray:
-    """In a worker thread (one of `Server.decoding`'s): decode and preprocess every image -> float32 [N, 3, H, W]."""
+def _pixels(pipeline, urls: list, cfg: ServeConfig, key: str, one: bool = False) -> np.ndarray:
+    """In a worker thread (one of `Server.decoding`'s): decode and preprocess every image -> float32 [N, 3, H, W].
+    `one`: `urls` is the single image of a request key that takes one (errors name `key`, not `key[0]`)."""
     limit, prep = int(cfg.max_image_mb * 2**20), pipeline.preprocess
     dicom = getattr(cfg, "dicom", None)
-    return np.stack([prep.one(decode_image(u, limit, f"{key}[{i}]", prep, dicom)) for i, u in enumerate(urls)])
+    return np.stack([prep.one(decode_image(u, limit, key if one else f"{key}[{i}]", prep, dicom))
+                     for i, u in enumerate(urls)])
 
 
 # -- chat -----------------------------------------------------------------------------------------------------------
@@ -721,8 +737,18 @@ _FINISH = {"timeout": "length"}  # finish reasons clients know: a request cut at
 
 
 def _chat_request(srv: "Server", body: dict) -> tuple[ServedModel, ChatRequest]:
-    model = srv.pick(body.get("model"), "chat")
-    return model, parse_chat(body, model, srv.cfg)
+    """The model (BASE or BASE:ADAPTER, a run-time LoRA adapter of BASE's bundle) and the parsed request."""
+    name, adapter = body.get("model"), None
+    if isinstance(name, str) and ":" in name and name not in srv.by_id:
+        name, _, adapter = name.partition(":")
+    model = srv.pick(name, "chat")
+    if adapter is not None and adapter not in model.pipeline.adapters:
+        have = ", ".join(f"{model.id}:{a}" for a in model.pipeline.adapters) or "none"
+        raise ApiError(404, f"model {model.id!r} has no adapter {adapter[:80]!r} (its adapters: {have}).",
+                       "model_not_found", "model")
+    chat = parse_chat(body, model, srv.cfg)
+    chat.sampling["adapter"] = adapter
+    return model, chat
 
 
 async def chat_completions(srv: "Server", request):
@@ -773,6 +799,9 @@ class _Reply:
         self.srv, self.request, self.model, self.seq, self.events, self.text = srv, request, model, seq, events, text
         self.id, self.created, self.t0 = f"chatcmpl-{new_id()}", int(time.time()), time.perf_counter()
         self.timer = timer
+        # The name the request used: BASE:ADAPTER for a run-time adapter's answer.
+        adapter = seq.params.adapter
+        self.name = f"{model.id}:{adapter}" if adapter else model.id
 
     def usage(self) -> dict:
         n, m = len(self.seq.ids), len(self.text.ids)
@@ -802,11 +831,11 @@ class _Reply:
             self.seq.cancel()  # a no-op once it finished; otherwise (this task cancelled) it stops decoding
         self.done()
         return json_response({"id": self.id, "object": "chat.completion", "created": self.created,
-                             "model": self.model.id, "choices": [{"index": 0, "finish_reason": finish, "message": {
+                             "model": self.name, "choices": [{"index": 0, "finish_reason": finish, "message": {
                                  "role": "assistant", "content": "".join(pieces)}}], "usage": self.usage()})
 
     def _event(self, choices: list, **extra) -> bytes:
-        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model.id,
+        return _sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.name,
                      "choices": choices, **extra})
 
     async def stream(self, usage_in_stream: bool):
@@ -856,14 +885,15 @@ async def _encode(batcher: MicroBatcher, items: list):
     return await batcher.submit(items)
 
 
-async def _images(srv: "Server", model: ServedModel, value, key: str) -> np.ndarray:
+async def _images(srv: "Server", model: ServedModel, value, key: str, one: bool = False) -> np.ndarray:
+    """The image embeddings of a request's images (`one`: `value` is a single data URL, not an array of them)."""
     from starlette.concurrency import run_in_threadpool
 
-    urls = _image_urls(value, key, srv.cfg.max_images)
+    urls = [value] if one else _image_urls(value, key, srv.cfg.max_images)
     model.images.check()
     async with srv.decoding:
         with model.images.coming():
-            pixels = await run_in_threadpool(_pixels, model.pipeline, urls, srv.cfg, key)
+            pixels = await run_in_threadpool(_pixels, model.pipeline, urls, srv.cfg, key, one)
     srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(urls)
     return await _encode(model.images, list(pixels))
 
@@ -920,6 +950,290 @@ async def classify(srv: "Server", request):
              "labels": [{"label": labels[j], "score": float(row[j])} for j in np.argsort(-row, kind="stable")]}
             for i, row in enumerate(probs)]
     return json_response({"object": "list", "model": model.id, "data": data})
+
+
+# -- similar-case search: an embedding index (--index) -------------------------------------------------------------
+MAX_K = 100
+MAX_SOP_CHARS = 128  # a UID has at most 64; an image's key is "sha256:" and 64 hex digits
+_SEARCH_KEYS = {"model", "image", "text", "sop_uid", "k", "filters", "user"}
+_INDEX_KEYS = {"model", "images", "labels", "user"}  # no server-side paths: a client sends its images inline
+_ITEM_FIELDS = ("sop_uid", "study_uid", "series_uid", "modality", "body_part", "study_date")
+
+
+@dataclass
+class SearchIndex:
+    """The server's embedding index and the served model whose bundle made its vectors.
+
+    The index is one SQLite connection and one in-memory graph: every call on it runs in `pool`, a single thread, so
+    calls are serialised and none (SQLite, HNSW, a checkpoint that rewrites the graph file) runs on the event loop;
+    requests waiting for the index hold no thread of the shared pool that decodes images."""
+
+    index: object  # runtime.vectorindex.VectorIndex
+    model: ServedModel
+    salt: bytes | None
+    pool: ThreadPoolExecutor
+    saves: object  # runtime.retrieval.Checkpointer: when the graph file is rewritten
+    closed: bool = False
+
+    async def run(self, fn, *args):
+        """fn(*args) in the index's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._call, fn, args)
+
+    def _call(self, fn, args):
+        if self.closed:
+            raise Closed("the server is shutting down; its index is closed.")
+        return fn(*args)
+
+    def add(self, items: list, vectors: np.ndarray) -> set[str]:
+        """In the index's thread: add the items not indexed yet; returns the keys that already were (another
+        request may have added one since this request looked)."""
+        before = self.index.known([it.key for it in items])
+        self.saves.added(self.index, self.index.add(items, vectors))
+        return before
+
+    def find(self, vector, sop_uid: str | None, k: int, filters: dict[str, str]) -> list:
+        """In the index's thread: the k nearest hits to `vector`, or with `sop_uid` to that indexed item (itself
+        left out)."""
+        exclude = None
+        if sop_uid is not None:
+            try:
+                exclude = self.index.find_sop(sop_uid)
+            except MedcError:
+                raise ApiError(404, "no indexed item has this SOP Instance UID (or key).", "item_not_found",
+                               "sop_uid") from None
+            vector = self.index.vector(exclude)
+        return self.index.search(vector, k, filters, exclude)
+
+    def close(self) -> None:
+        """Write the graph and close the index, after the calls in progress."""
+        def shut():
+            if not self.closed:
+                self.closed = True
+                self.index.close()
+
+        self.pool.submit(shut).result()
+        self.pool.shutdown()
+
+
+def open_search_index(models: list[ServedModel], cfg: ServeConfig) -> SearchIndex | None:
+    """--index: the index opened, the served MedSigLIP model whose bundle made it found by manifest digest, the
+    site's salt read and checked against the index. Refused here, at startup, never on a first request."""
+    if cfg.index is None:
+        return None
+    from medc.runtime.retrieval import Checkpointer
+    from medc.runtime.vectorindex import VectorIndex, read_salt
+
+    salt = read_salt(cfg.index_salt_file)
+    try:
+        index = VectorIndex.open(cfg.index)
+    except MedcError as e:
+        if "open in another process" not in str(e):
+            raise
+        # A listener (or `medc index add`) writes it: search what it adds, as it adds it; adding is its job.
+        index = VectorIndex.open(cfg.index, readonly=True)
+        log.warning("index %s is written by another process (a listener?): this server searches it, and POST "
+                    "/v1/index answers 409.", cfg.index)
+    try:
+        model = _index_owner(index, models)
+        if salt is not None:
+            try:
+                index.check_salt(salt)
+            except MedcError:
+                raise MedcError(f"this is not the salt index {cfg.index} was made with: its patients' hashes would "
+                                "not match. Give the site's salt file (--index-salt-file FILE or "
+                                "MEDC_INDEX_SALT_FILE).") from None
+    except BaseException:
+        index.close()
+        raise
+    log.info("index %s: %d items, searched and added to with %s", cfg.index, len(index), model.id)
+    if salt is None:
+        log.warning("--index without --index-salt-file (or MEDC_INDEX_SALT_FILE): POST /v1/index refuses DICOM "
+                    "instances that name a patient.")
+    return SearchIndex(index, model, salt, ThreadPoolExecutor(1, thread_name_prefix="medc-index"), Checkpointer())
+
+
+def _index_owner(index, models: list[ServedModel]) -> ServedModel:
+    """The served MedSigLIP model whose bundle made `index`'s vectors (embeddings of two builds are not comparable)."""
+    from medc.runtime.retrieval import bundle_record
+
+    siglips = [m for m in models if m.kind == "embeddings"]
+    if not siglips:
+        raise MedcError(f"--index {index.path} needs the MedSigLIP bundle that made it among the bundles served; "
+                        "none of them is a MedSigLIP bundle.")
+    refusals = []
+    for m in siglips:
+        try:
+            index.check_bundle(bundle_record(m.pipeline))
+            return m
+        except MedcError as e:
+            refusals.append(e)
+    if len(siglips) == 1:
+        raise refusals[0]
+    mine = index.bundle
+    raise MedcError(f"index {index.path} holds embeddings of bundle {mine.get('name')!r} (manifest sha256 "
+                    f"{mine.get('sha256', '?')[:16]}…), which none of the MedSigLIP bundles served "
+                    f"({', '.join(m.id for m in siglips)}) is: embeddings of two builds are not comparable. Serve the "
+                    "bundle that made the index, or create a new index for one of these.")
+
+
+def _search_index(srv: "Server") -> SearchIndex:
+    if srv.search is None:
+        raise ApiError(501, "this server has no embedding index: start medc serve with --index INDEX (made with "
+                            "`medc index create INDEX --bundle BUNDLE`).", "index_not_configured")
+    return srv.search
+
+
+def _index_model(srv: "Server", name) -> ServedModel:
+    """The index's model; `model` may be left out, and when given must name it."""
+    owner = srv.search.model
+    if name is None:
+        return owner
+    model = srv.pick(name, "embeddings")
+    if model is not owner:
+        raise ApiError(400, f"the index holds embeddings of {owner.id!r}; those of {model.id!r} are not comparable "
+                            f"with them: send model {owner.id!r}, or leave model out.", "invalid_value", "model")
+    return model
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    model: ServedModel
+    image: str | None  # exactly one of image, text and sop_uid
+    text: str | None
+    sop_uid: str | None
+    k: int
+    filters: dict[str, str]
+
+
+def _search_request(srv: "Server", body: dict) -> SearchQuery:
+    from medc.runtime.vectorindex import FILTERS
+
+    _check_keys(body, _SEARCH_KEYS)
+    model = _index_model(srv, body.get("model"))
+    given = [key for key in ("image", "text", "sop_uid") if body.get(key) is not None]
+    if len(given) != 1:
+        raise ApiError(400, "give exactly one query: image (a data URL), text, or sop_uid (the SOP Instance UID of an "
+                            "indexed instance, or an item's key).", "invalid_value", given[1] if given else None)
+    for key, limit in (("text", MAX_TEXT_CHARS), ("sop_uid", MAX_SOP_CHARS)):
+        value = _get(body, key, str)
+        if value is not None and (not value.strip() or len(value) > limit):
+            raise ApiError(400, f"{key} must be 1 to {limit:,} characters, not only whitespace.", "invalid_value", key)
+    filters = _get(body, "filters", dict, {})
+    for name, value in filters.items():
+        if name not in FILTERS:
+            raise ApiError(400, f"cannot filter on {name[:64]!r}; filters: {', '.join(FILTERS)} (e.g. "
+                                '{"modality": "CT"}).', "invalid_value", "filters")
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT_CHARS:
+            raise ApiError(400, f"filters.{name} must be a string of 1 to {MAX_TEXT_CHARS:,} characters, not only "
+                                "whitespace.", "invalid_type", "filters")
+    return SearchQuery(model, body.get("image"), body.get("text"), body.get("sop_uid"),
+                       _get(body, "k", int, 10, 1, MAX_K), filters)
+
+
+async def search(srv: "Server", request):
+    """The k indexed items most like an image, a text or an indexed instance, best first (cosine)."""
+    index = _search_index(srv)
+    q = await read_json(request, srv.max_body, srv.cfg.body_timeout, lambda b: _search_request(srv, b))
+    vector = None
+    if q.image is not None:  # through the model's batchers: a query batches with other requests' images and texts
+        vector = (await _images(srv, q.model, q.image, "image", one=True))[0]
+    elif q.text is not None:
+        vectors, _ = await _encode(q.model.texts, [q.text])
+        vector = vectors[0]
+    hits = await index.run(index.find, vector, q.sop_uid, q.k, q.filters)
+    return json_response({"object": "list", "model": q.model.id, "results": [h.to_json() for h in hits]})
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """One image of POST /v1/index: its bytes as sent and the item they make (pixels not decoded yet)."""
+
+    param: str
+    mime: str
+    data: bytes
+    item: object  # runtime.vectorindex.Item
+
+
+def _index_request(srv: "Server", body: dict) -> tuple[ServedModel, list, tuple[str, ...]]:
+    _check_keys(body, _INDEX_KEYS)
+    model = _index_model(srv, body.get("model"))
+    urls = _image_urls(body.get("images"), "images", srv.cfg.max_images)
+    labels = ()
+    if body.get("labels") is not None:
+        labels = tuple(_strings(body["labels"], "labels", srv.cfg.max_inputs))
+        if not all(label.strip() for label in labels):
+            raise ApiError(400, "labels must not be empty strings.", "invalid_value", "labels")
+    return model, urls, labels
+
+
+def _uploads(urls: list, cfg: ServeConfig, salt: bytes | None, labels: tuple[str, ...]) -> list[_Upload]:
+    """In a worker thread (one of `Server.decoding`'s): each data URL checked and its item made, as `medc index add`
+    makes it from a file: a DICOM instance's from its header (keyed by SOP Instance UID), a PNG's or JPEG's from the
+    sha256 of its bytes. Known items are skipped before any pixels are decoded."""
+    from medc.runtime.retrieval import SaltRequired, describe_bytes
+
+    limit, out = int(cfg.max_image_mb * 2**20), []
+    for i, url in enumerate(urls):
+        param = f"images[{i}]"
+        mime, data = data_url_bytes(url, limit, param)
+        try:
+            item = describe_bytes(data, mime == "application/dicom", param, salt, labels)
+        except SaltRequired:
+            raise ApiError(400, f"{param} is a DICOM instance that names a patient, and this server has no salt to "
+                                "hash its Patient ID with (the hash is how a patient's data is found and deleted "
+                                "later): start medc serve with --index-salt-file FILE, or set MEDC_INDEX_SALT_FILE "
+                                "(`medc index salt FILE` makes one).", "salt_required", param) from None
+        except MedcError as e:
+            raise ApiError(400, str(e), "invalid_image", param) from None
+        out.append(_Upload(param, mime, data, item))
+    return out
+
+
+def _upload_pixels(pipeline, uploads: list[_Upload], cfg: ServeConfig) -> np.ndarray:
+    """In a worker thread (one of `Server.decoding`'s): the uploads decoded and preprocessed -> float32 [N, 3, H, W]."""
+    prep, dicom = pipeline.preprocess, getattr(cfg, "dicom", None)
+    return np.stack([prep.one(decode_bytes(u.mime, u.data, u.param, prep, dicom)) for u in uploads])
+
+
+async def index_add(srv: "Server", request):
+    """Images (PNG, JPEG, DICOM) embedded and added to the index, each once: a DICOM instance by its SOP Instance
+    UID, an image by the sha256 of its bytes. `labels` go to the items added; an item already indexed keeps its own."""
+    from starlette.concurrency import run_in_threadpool
+
+    index = _search_index(srv)
+    if index.index.readonly:
+        raise ApiError(409, f"index {srv.cfg.index} is written by another process (a listener or `medc index add`): "
+                            "this server only searches it. Send the images to that process, or stop it and restart "
+                            "this server to add here.", "index_read_only", headers=ApiError.CLOSE)
+    model, urls, labels = await read_json(request, srv.max_body, srv.cfg.body_timeout,
+                                          lambda b: _index_request(srv, b))
+    model.images.check()
+    async with srv.decoding:
+        uploads = await run_in_threadpool(_uploads, urls, srv.cfg, index.salt, labels)
+    known = await index.run(index.index.known, [u.item.key for u in uploads])
+    new: dict[str, _Upload] = {}  # by key: an image sent twice in one request is embedded once
+    for u in uploads:
+        if u.item.key not in known:
+            new.setdefault(u.item.key, u)
+    raced: set[str] = set()
+    if new:
+        todo = list(new.values())
+        async with srv.decoding:
+            with model.images.coming():
+                pixels = await run_in_threadpool(_upload_pixels, model.pipeline, todo, srv.cfg)
+        srv.metrics.counters[("medc_images_encoded_total", model.id)] += len(todo)
+        vectors = await _encode(model.images, list(pixels))
+        raced = await index.run(index.add, [u.item for u in todo], vectors)
+    added = set(new) - raced
+    srv.metrics.counters[("medc_index_items_added_total", model.id)] += len(added)
+    items, seen = [], set()
+    for i, u in enumerate(uploads):
+        item = u.item
+        items.append({"index": i, "key": item.key, "added": item.key in added and item.key not in seen,
+                      **{f: getattr(item, f) for f in _ITEM_FIELDS if getattr(item, f) is not None}})
+        seen.add(item.key)
+    return json_response({"object": "index.add", "model": model.id, "added": len(added),
+                         "known": len(uploads) - len(added), "items": items})
 
 
 # -- DICOMweb: STOW-RS in, Structured Reports out -------------------------------------------------------------------
@@ -1277,8 +1591,13 @@ async def ready(srv: "Server", request):
 
 
 async def list_models(srv: "Server", request):
-    return json_response({"object": "list", "data": [{"id": m.id, "object": "model", "created": m.created,
-                                                     "owned_by": "medc", "kind": m.kind} for m in srv.models]})
+    data = []
+    for m in srv.models:
+        data.append({"id": m.id, "object": "model", "created": m.created, "owned_by": "medc", "kind": m.kind})
+        adapters = m.pipeline.adapters if m.kind == "chat" else {}
+        data += [{"id": f"{m.id}:{a}", "object": "model", "created": m.created, "owned_by": "medc", "kind": m.kind,
+                  "parent": m.id} for a in adapters]  # run-time LoRA adapters: BASE:ADAPTER
+    return json_response({"object": "list", "data": data})
 
 
 async def metrics(srv: "Server", request):
@@ -1329,6 +1648,8 @@ ROUTES = [
     ("POST", "/v1/chat/completions", chat_completions, True),
     ("POST", "/v1/embeddings", embeddings, True),
     ("POST", "/v1/classify", classify, True),
+    ("POST", "/v1/search", search, True),
+    ("POST", "/v1/index", index_add, True),
     ("POST", "/dicomweb/studies", stow_studies, True),
     ("GET", "/dicomweb/studies/{study}/series/{series}/instances/{instance}", retrieve_instance, True),
     ("GET", "/openapi.json", openapi, False),
@@ -1361,6 +1682,7 @@ class Server:
         self.decoding = asyncio.Semaphore(cfg.decode_concurrency or _cores())
         self.openapi = openapi_document(cfg, models)  # built once, answered by GET /openapi.json
         self.store = Path(cfg.dicom_store) if cfg.dicom_store else None  # STOW-RS: instances/ and sr/ under it
+        self.search = open_search_index(models, cfg)  # --index: /v1/search and /v1/index; None: they answer 501
         self._sr_info: dict[str, dict] = {}
 
     def sr_info(self, model: ServedModel) -> dict:
@@ -1455,6 +1777,8 @@ class Server:
         self.closing = True
         for m in self.models:
             m.close(self.cfg.shutdown_timeout)
+        if self.search is not None:  # after the models: a request still embedding adds to the index at its end
+            self.search.close()
 
 
 class App:
@@ -1626,6 +1950,12 @@ def serve(bundles: list[str], cfg: ServeConfig, on_ready=None) -> None:
 
     give_back_large_frees()  # images decoded in bursts: their memory returns to the OS after each burst
     models = load_models(bundles, cfg)
+    try:
+        app = create_app(models, cfg)  # opens --index: refused now (another bundle's, another salt), not later
+    except BaseException:
+        for m in models:
+            m.close(cfg.shutdown_timeout)
+        raise
     if on_ready:
         on_ready(models)
-    uvicorn.Server(uvicorn_config(create_app(models, cfg), cfg)).run()
+    uvicorn.Server(uvicorn_config(app, cfg)).run()

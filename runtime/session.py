@@ -63,6 +63,7 @@ class OrtSession:
         # (the vision encoder), so its peak is not held beside the decoder's (the planner counts the larger only).
         self.release_activations = False
         self._sess = None
+        self._adapters: dict[Path | None, dict] = {}  # LoRA adapter file (None: the base's zeros) -> its OrtValues
 
     def open(self) -> "OrtSession":
         if self._sess is None:
@@ -138,8 +139,36 @@ class OrtSession:
         binds its KV cache, runtime/decoder.py)."""
         return self.open()._sess.io_binding()
 
-    def run_bound(self, binding) -> None:
-        self.open()._sess.run_with_iobinding(binding)
+    def run_bound(self, binding, adapter: Path | None = None) -> None:
+        """`adapter`: a LoRA adapter file (ONNX Runtime's format) active for this run only (None: the base).
+
+        ONNX Runtime applies an adapter activated in RunOptions to `run` but not to `run_with_iobinding`, so its
+        tensors are bound here as the inputs they override; a graph with LoRA slots gets them every run (the
+        adapter's, or zeros for the base), since a binding keeps what was bound last."""
+        sess = self.open()._sess
+        slots = self._lora_params(None)
+        if slots:
+            params = self._lora_params(adapter) if adapter is not None else slots
+            for name in slots:
+                binding.bind_ortvalue_input(name, params[name])
+        elif adapter is not None:
+            raise MedcError(f"{self.path.name} has no LoRA slots; this bundle takes no run-time adapter.")
+        sess.run_with_iobinding(binding)
+
+    def _lora_params(self, adapter: Path | None) -> dict:
+        """The OrtValues of an adapter file ({} for a graph without slots); None: the slots' zeros (the base)."""
+        if adapter in self._adapters:
+            return self._adapters[adapter]
+        import onnxruntime as ort
+
+        if adapter is None:
+            sess = self.open()._sess  # the slots are overridable initializers, not among get_inputs()
+            inputs = [i for i in sess.get_overridable_initializers() if i.name.startswith("lora.")]
+            params = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros(i.shape, np.float32)) for i in inputs}
+        else:  # loaded once; its tensors stay in memory for every run that binds them
+            params = ort.AdapterFormat.read_adapter(str(adapter)).get_parameters()
+        self._adapters[adapter] = params
+        return params
 
 
 def _preload_cuda_libraries(ort) -> None:

@@ -152,7 +152,8 @@ class SiglipModel(_BundleModel):
 class GemmaModel(_BundleModel):
     """Decoupled. Inputs: `text_input` (BYTES [1], the user's message, rendered with the bundle's chat template),
     optional `image` (BYTES, PNG/JPEG/DICOM), `max_tokens` (INT32), `temperature`, `top_p` (FP32), `top_k` (INT32),
-    `seed` (INT64), `stream` (BOOL: a response per text delta; otherwise one). Output `text_output` (BYTES [1]).
+    `seed` (INT64), `stream` (BOOL: a response per text delta; otherwise one), `adapter` (BYTES: a run-time LoRA
+    adapter of the bundle). Output `text_output` (BYTES [1]).
     Every request ends with a response flagged final (empty when streamed)."""
 
     def initialize(self, args: dict) -> None:
@@ -200,7 +201,11 @@ class GemmaModel(_BundleModel):
         if len(ids) + max_tokens > pipe.assets.max_positions:
             raise MedcError(f"the prompt's {len(ids)} tokens + max_tokens {max_tokens} exceed this build's context "
                             f"of {pipe.assets.max_positions} tokens; shorten the prompt or lower max_tokens.")
-        params = SamplingParams(max_new_tokens=max_tokens,
+        adapter = pb.get_input_tensor_by_name(request, "adapter")  # a run-time LoRA adapter of the bundle
+        adapter = _strings(adapter)[0] if adapter is not None else None
+        if adapter is not None and adapter not in pipe.adapters:
+            raise MedcError(f"this bundle has no adapter {adapter[:80]!r}; it has {', '.join(pipe.adapters) or 'none'}.")
+        params = SamplingParams(max_new_tokens=max_tokens, adapter=adapter,
                                 temperature=_scalar(pb, request, "temperature", float, 0.0),
                                 top_k=_scalar(pb, request, "top_k", int, 0),
                                 top_p=_scalar(pb, request, "top_p", float, 1.0),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import collections
 import copy
+import hashlib
+import importlib.util
 import io
 import json
 from importlib import resources
@@ -28,6 +30,7 @@ from medc.runtime.serve import OPENAPI_LIMITS, ROUTES, ServeConfig  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+HAS_INDEX = importlib.util.find_spec("usearch") is not None  # the retrieval extra: the fuzzed server gets an index
 # The fuzzed server's limits: smaller than the defaults, so the served document must carry them.
 LIMITS = dict(max_images=3, max_inputs=16, max_messages=7, max_content_parts=12, max_stops=3, max_stop_chars=32,
               max_tokens_cap=200, max_image_mb=1.0, max_body_mb=4.0, max_queue=64)
@@ -109,10 +112,26 @@ class Contract:
         return out
 
 
+def _index(bundle, images, folder) -> str | None:
+    """An embedding index of `images` for `bundle` (the fuzz then reaches /v1/search and /v1/index with one); None
+    without the retrieval extra (those routes answer 501, as documented)."""
+    if not HAS_INDEX:
+        return None
+    from medc.runtime import load
+    from medc.runtime.retrieval import add_paths, bundle_record, embedding_dim
+    from medc.runtime.vectorindex import VectorIndex
+
+    with load(bundle) as pipe, VectorIndex.create(folder, embedding_dim(pipe), bundle_record(pipe)) as idx:
+        add_paths(idx, pipe, images)
+    return str(folder)
+
+
 @pytest.fixture(scope="module")
-def server(bundle_fp32, gemma_fp32, tmp_path_factory):
+def server(bundle_fp32, gemma_fp32, real_images, tmp_path_factory):
+    # No salt: POST /v1/index refuses DICOM that names a patient (400 salt_required), which the live answers check.
+    index = _index(bundle_fp32, real_images, tmp_path_factory.mktemp("index") / "index")
     s = ThreadServer([bundle_fp32, gemma_fp32], api_key=KEY, dicom_store=str(tmp_path_factory.mktemp("dicom")),
-                     **LIMITS)
+                     index=index, **LIMITS)
     yield s
     s.stop()
 
@@ -209,6 +228,14 @@ def _png(size=(32, 24)) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _dicom_url() -> str:
+    """A pydicom test file (it names a patient) as a data URL."""
+    from pydicom.data import get_testdata_file
+
+    with open(get_testdata_file("CT_small.dcm"), "rb") as f:
+        return "data:application/dicom;base64," + base64.b64encode(f.read()).decode()
+
+
 def test_live_answers_match_document(server, served):
     c = Contract(served)
     u = server.url
@@ -232,6 +259,15 @@ def test_live_answers_match_document(server, served):
         ("POST", "/v1/classify", {"images": [_png()], "labels": ["normal", "pneumothorax"]}, AUTH),
         ("POST", "/v1/classify", {"images": [example], "labels": "effusion"}, AUTH),
     ]
+    if server.state.search is not None:  # similar-case search (an index of the real images)
+        calls += [
+            ("POST", "/v1/index", {"images": [example, _png(), example], "labels": ["fuzzed"]}, AUTH),
+            ("POST", "/v1/index", {"model": "medsiglip-tiny", "images": [_png()], "labels": "x", "user": "u"}, AUTH),
+            ("POST", "/v1/search", {"text": "a retinal photograph", "k": 3}, AUTH),
+            ("POST", "/v1/search", {"image": example, "filters": {"label": "fuzzed"}, "model": None}, AUTH),
+            ("POST", "/v1/search", {"sop_uid": "sha256:" + hashlib.sha256(base64.b64decode(example.split(",")[1]))
+                                    .hexdigest(), "k": 100, "filters": None}, AUTH),
+        ]
     with httpx.Client(timeout=60) as client:
         for method, path, body, headers in calls:
             r = client.request(method, u + path, json=body, headers={**headers, "x-request-id": "req-1.a_B"})
@@ -245,6 +281,11 @@ def test_live_answers_match_document(server, served):
         gif = "data:image/gif;base64,R0lGODlhAQABAAAAACw="
         errors = [
             ("GET", "/v1/models", None, {}, 401),
+            *([("POST", "/v1/search", {"sop_uid": "1.2.3"}, AUTH, 404),
+               ("POST", "/v1/search", {"text": "x", "model": "medgemma-tiny"}, AUTH, 404),
+               ("POST", "/v1/search", {"text": "x", "filters": {"modality": ""}}, AUTH, 400),
+               ("POST", "/v1/index", {"images": [_dicom_url()]}, AUTH, 400)] if server.state.search else
+              [("POST", "/v1/search", {"text": "x"}, AUTH, 501), ("POST", "/v1/index", {"images": [example]}, AUTH, 501)]),
             ("POST", "/v1/embeddings", {"input": "x", "frobnicate": 1}, AUTH, 400),
             ("POST", "/v1/embeddings", {"input": "x", "model": "gpt-4"}, AUTH, 404),
             ("POST", "/v1/classify", {"images": [gif], "labels": ["a"]}, AUTH, 415),
@@ -394,6 +435,8 @@ def test_fuzz_reached_every_operation():
         codes = SEEN[f"{method} {path}"]
         # A fuzzer makes no DICOM file (nor the UIDs of an SR this server wrote), nor a tensor a V2 model takes:
         # tests/test_stow.py and tests/test_kserve.py (and test_live_answers_match_document) answer 200 there.
-        assert codes[200] >= 1 or path.startswith("/dicomweb/") or path.endswith("/infer"), (path, codes)
+        # Without the retrieval extra the server has no index: /v1/search and /v1/index answer 501.
+        assert codes[200] >= 1 or path.startswith("/dicomweb/") or path.endswith("/infer") or (
+            path in ("/v1/search", "/v1/index") and not HAS_INDEX), (path, codes)
         if method == "POST":
             assert sum(n for code, n in codes.items() if 400 <= code < 500) >= 1, (path, codes)

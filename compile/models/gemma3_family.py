@@ -9,6 +9,7 @@ Decoder forms (`FORMS`, recorded as the manifest's `generation.attention`; the r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -204,6 +205,9 @@ def _reference_cache(loaded) -> Path | None:
     digest = loaded.source.get("sha256")
     if not digest:
         return None
+    adapters = loaded.source.get("adapters")
+    if adapters:  # the reference is of the base with its adapters applied: another model
+        digest = hashlib.sha256(json.dumps([digest, adapters], sort_keys=True).encode()).hexdigest()
     key = (f"{digest[:16]}-{metadata.version('transformers')}-{GATE_NEW_TOKENS}-{GATE_WINDOWS}-{len(GATE_PROMPTS)}"
            f"-top{GATE_TOP_K}")
     return cache_dir() / "gate-reference" / key / "reference.json"
