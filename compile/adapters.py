@@ -124,14 +124,29 @@ def adapter_rank(shape, part: str) -> int:
 
 
 def apply(model, adapters: list[Adapter], scale: float = 1.0):
-    """Inject the adapters into `model` (in place, unmerged, all active); returns the PeftModel around it."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+    """Inject the adapters into `model` (in place, unmerged, all active); returns the PeftModel around it. The
+    weights are read from safetensors here, not through peft's from_pretrained, which would also accept a pickle."""
+    import dataclasses
 
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
     names = [f"adapter{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0], is_trainable=False)
-    for name, a in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(str(a.path), adapter_name=name, is_trainable=False)
+    peft_model = None
+    for name, a in zip(names, adapters):
+        raw = json.loads((a.path / CONFIG).read_text())
+        config = LoraConfig(**{k: v for k, v in raw.items() if k in known and k != "peft_type"})
+        config.inference_mode = True
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+        result = set_peft_model_state_dict(peft_model, load_file(str(a.path / WEIGHTS)), adapter_name=name)
+        if getattr(result, "unexpected_keys", None):
+            raise MedcError(f"adapter {a.path.name} holds tensors peft does not place in this model "
+                            f"({result.unexpected_keys[0]}); it does not fit the base.")
     peft_model.base_model.set_adapter(names)  # every adapter active: their deltas add up, as a merge adds them
     if scale != 1.0:
         for module in peft_model.modules():

@@ -203,8 +203,7 @@ class Batch:
             here = images[start:end]
             embeds[here] = seq.image_features[done:done + int(here.sum())]
             images = here
-        logits = self.decoder.step([Chunk(seq.slot, embeds, np.array([end - start - 1]), images)],
-                                   self._adapter(seq))[0]
+        logits = self._step([Chunk(seq.slot, embeds, np.array([end - start - 1]), images)], seq)[0]
         seq.prompted = end
         if end == len(ids):
             seq.pixel_values = seq.image_features = None  # not needed again: free them
@@ -219,7 +218,7 @@ class Batch:
         for s, piece in zip([*decoding, *(s for s, _ in carried)], ids):
             chunks.append(Chunk(s.slot, embeds[start:start + len(piece)], np.array([len(piece) - 1])))
             start += len(piece)
-        logits = self.decoder.step(chunks, self._adapter((decoding or [s for s, _ in carried])[0]))
+        logits = self._step(chunks, (decoding or [s for s, _ in carried])[0])
         self.steps += 1
         self.mixed += bool(decoding and carried)
         for seq, out in zip(decoding, logits):
@@ -228,6 +227,11 @@ class Batch:
             seq.prompted += n
             if not seq.prefilling:  # its whole prompt is in the cache now
                 self._accept(seq, out)
+
+    def _step(self, chunks: list[Chunk], seq: Sequence) -> list[np.ndarray]:
+        """One decoder call, with `seq`'s run-time adapter active (every sequence of the call shares it)."""
+        adapter = self._adapter(seq)
+        return self.decoder.step(chunks) if adapter is None else self.decoder.step(chunks, adapter)
 
     def _adapter(self, seq: Sequence):
         """The file of `seq`'s run-time adapter (None: the base)."""

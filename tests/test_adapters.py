@@ -163,10 +163,22 @@ def test_int8_base_with_a_merged_adapter_is_gated_against_hf_with_peft(gemma_ada
     assert m.components["decoder"].precision == "int8" and all(c.fidelity["passed"] for c in m.components.values())
 
 
-def test_real_270m_adapter_merged_and_at_run_time_give_hf_with_peft_greedy_tokens(gguf_file, tmp_path):
+def test_int8_base_with_run_time_adapters_is_gated_per_adapter(decoder_adapters, tmp_path):
+    """QLoRA-style: the int8 base keeps its weights, each fp32 adapter beside it is gated against HF + peft."""
+    out = tmp_path / "int8-slots"
+    build(BuildOptions(model="medgemma-tiny", out=out, precision="int8", adapter_slots=tuple(decoder_adapters)))
+    lora = Manifest.read(out).generation["lora"]
+    for name, record in lora["adapters"].items():
+        assert record["fidelity"]["passed"] and record["fidelity"]["tolerance"]["min_cosine"] == 0.99, name
+    with load(out) as m:
+        base = m.generate_ids([QUESTION], max_new_tokens=8, ignore_eos=True)[0]
+        assert m.generate_ids([QUESTION], max_new_tokens=8, ignore_eos=True, adapter="style0")[0] != base
+
+
+def test_real_270m_adapter_merged_gives_hf_with_peft_greedy_tokens(gguf_file, tmp_path):
     """A random LoRA on Gemma 3 270M's real weights, strong enough to change greedy tokens: the build's own
-    whole-model gate compares the merged bundle to HF + peft (unmerged) on greedy tokens and perplexity; the base
-    built with the adapter kept apart answers the same tokens with the adapter active, and the base's without."""
+    whole-model gate compares the merged bundle to HF + peft (unmerged) on greedy tokens and perplexity. (The
+    run-time form against the merged one: the tiny tests below at fp32, benchmarks/lora.py on this model.)"""
     loaded = loader.load(str(gguf_file))
     adapter = make_adapter(loaded.hf_model, tmp_path / "lora270", ["q_proj", "v_proj"], r=8, alpha=16, seed=2,
                            b_scale=0.02)
@@ -174,19 +186,13 @@ def test_real_270m_adapter_merged_and_at_run_time_give_hf_with_peft_greedy_token
     build(BuildOptions(model=str(gguf_file), out=out, adapters=(adapter,)))
     gate = Manifest.read(out).build["generation_gate"]
     assert gate["passed"] and gate["greedy_identical"] and abs(gate["perplexity_increase"]) < 1e-4
-    slotted = tmp_path / "slotted"
-    build(BuildOptions(model=str(gguf_file), out=slotted, adapter_slots=(adapter,)))
-    assert Manifest.read(slotted).build["generation_gate"]["passed"]  # the base, gated with empty slots
     peft_model = PeftModel.from_pretrained(loaded.hf_model, str(adapter)).eval()
     prompt = "The capital of France is"
     with load(out) as adapted:
         got = adapted.generate_ids([prompt], max_new_tokens=16, ignore_eos=True)[0]
     assert got == hf_greedy(peft_model, loaded, prompt, 16)
-    with load(slotted) as base:
-        assert base.generate_ids([prompt], max_new_tokens=16, ignore_eos=True, adapter="lora270")[0] == got
-        plain = base.generate_ids([prompt], max_new_tokens=16, ignore_eos=True)[0]
     with peft_model.disable_adapter():
-        assert plain == hf_greedy(peft_model, loaded, prompt, 16) != got  # the adapter changed the answer
+        assert got != hf_greedy(peft_model, loaded, prompt, 16)  # the adapter changed the answer
 
 
 # -- adapters at run time -------------------------------------------------------------------------------------------
